@@ -1,0 +1,51 @@
+"""hbtrio: AO-style process workers on Trio.
+
+One long-lived worker per process keeps its state in memory, computes slot
+after slot and fans each slot's result out to every task waiting for it;
+structured concurrency makes sure nothing leaks, hangs or gets corrupted when
+callers cancel, time out or crash. See ``docs/`` and the README.
+"""
+
+from ._codec import decode as decode
+from ._codec import encode as encode
+from ._dedup import ExecutionInfo as ExecutionInfo
+from ._devices import Counter as Counter
+from ._devices import run_in_thread as run_in_thread
+from ._engine import Engine as Engine
+from ._engine import EngineStats as EngineStats
+from ._engine import open_engine as open_engine
+from ._exceptions import ComputeError as ComputeError
+from ._exceptions import EngineClosed as EngineClosed
+from ._exceptions import HbTrioError as HbTrioError
+from ._exceptions import InternalError as InternalError
+from ._exceptions import InvalidMessage as InvalidMessage
+from ._exceptions import LeaderDied as LeaderDied
+from ._exceptions import ProcessNotFound as ProcessNotFound
+from ._exceptions import SlotNotScheduled as SlotNotScheduled
+from ._exceptions import StoreError as StoreError
+from ._exceptions import UnknownDevice as UnknownDevice
+from ._message import FrozenList as FrozenList
+from ._message import Message as Message
+from ._message import freeze as freeze
+from ._message import message_id as message_id
+from ._process import ProcessRuntime as ProcessRuntime
+from ._process import compute_slot as compute_slot
+from ._scheduler import Scheduler as Scheduler
+from ._scheduler import verify_schedule as verify_schedule
+from ._sqlite import SQLiteStore as SQLiteStore
+from ._store import MemoryStore as MemoryStore
+from ._store import SlotResult as SlotResult
+from ._store import Store as Store
+from ._store import StoreStatistics as StoreStatistics
+from ._worker import WorkerInfo as WorkerInfo
+
+__version__ = "0.1.0"
+
+# Present public names as hbtrio's own (tracebacks, reprs, docs).
+for _name, _obj in list(globals().items()):
+    if not _name.startswith("_") and getattr(_obj, "__module__", "").startswith("hbtrio._"):
+        try:
+            _obj.__module__ = "hbtrio"
+        except (AttributeError, TypeError):  # pragma: no cover - builtins
+            pass
+del _name, _obj

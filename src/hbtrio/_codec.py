@@ -1,0 +1,43 @@
+"""Canonical CBOR: the one place where messages become bytes and back.
+
+Encoding follows RFC 8949 deterministic encoding (cbor2's ``canonical=True``:
+shortest-form integers and floats, map keys sorted by their encoded bytes), so
+equal messages encode to equal bytes whatever their key order. Decoding
+returns read-only messages. Nothing here blocks or checkpoints; callers that
+encode large states off the event loop do so from a thread.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import cbor2
+
+from ._exceptions import InvalidMessage
+
+if TYPE_CHECKING:
+    from ._message import Message
+
+__all__ = ["decode", "encode"]
+
+
+def encode(value: Any) -> bytes:
+    """Canonical CBOR bytes of a frozen message (or any message value)."""
+    try:
+        return cbor2.dumps(value, canonical=True)
+    except (cbor2.CBOREncodeError, TypeError, ValueError) as exc:
+        raise InvalidMessage(f"cannot encode as CBOR: {exc}") from exc
+
+
+def decode(data: bytes) -> Message:
+    """Decode canonical CBOR bytes into a read-only `Message`.
+
+    Raises `InvalidMessage` when the bytes are not CBOR or not a message.
+    """
+    from ._message import freeze
+
+    try:
+        value = cbor2.loads(data)
+    except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as exc:
+        raise InvalidMessage(f"not valid CBOR: {exc}") from exc
+    return freeze(value, what="decoded CBOR")

@@ -1,0 +1,118 @@
+"""Deduplicated generic resolution: identical concurrent calls execute once.
+
+Theory of operation
+-------------------
+An `Execution` is keyed by the full message IDs of the base and the request.
+The first caller creates it and starts its task in the engine's root nursery:
+the execution belongs to the engine, not to that caller. Every caller, the
+first included, then parks in `Execution.wait`. When the device call ends,
+every parked caller is rescheduled with the outcome (each with an exception
+object of its own on failure) and the execution leaves the engine's table.
+
+Invariants: ``waiters`` holds exactly the tasks parked in ``wait``; an
+execution is in the engine's table while it runs and has waiters.
+
+Cancellation: a cancelled caller removes only itself. When the last one
+leaves, the execution is cancelled and leaves the table at once, so a later
+identical call starts afresh instead of joining a dying execution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import outcome
+import trio
+
+from ._devices import call_maybe_async
+from ._exceptions import ComputeError, InvalidMessage
+from ._message import freeze
+
+if TYPE_CHECKING:
+    from ._engine import Engine
+
+__all__ = ["Execution", "ExecutionInfo"]
+
+
+@attrs.frozen
+class ExecutionInfo:
+    """What `Engine.executions` tells about one resolution in flight."""
+
+    group: str
+    device: str
+    path: str
+    waiting: int
+    started_at: float
+
+
+@attrs.define(eq=False)
+class Execution:
+    key: tuple[str, str]
+    group: str
+    engine: Engine
+    device: str
+    path: str
+    # Invariant: exactly the tasks parked in wait(); insertion-ordered.
+    waiters: dict[trio.lowlevel.Task, None] = attrs.field(factory=dict)
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    started_at: float = attrs.field(factory=trio.current_time)
+
+    def info(self) -> ExecutionInfo:
+        return ExecutionInfo(self.group, self.device, self.path, len(self.waiters), self.started_at)
+
+    def _leave_table(self) -> None:
+        table = self.engine._executions
+        if table.get(self.key) is self:
+            del table[self.key]
+
+    async def run(self, fn: Callable[..., Any], is_async: bool, *args: Any) -> None:
+        """The execution's task: call the device once and fan the outcome out."""
+        result: outcome.Outcome[Any] | None = None
+        with self.scope:
+            try:
+                value = await call_maybe_async(fn, is_async, *args)
+                result = outcome.Value(_freeze_result(value))
+            except Exception as exc:
+                error = exc
+                result = outcome.Error(error)
+        self._leave_table()
+        if result is None:  # cancelled: nobody waits any more (or the engine is closing)
+            return
+        self.engine._executions_run += 1
+        reschedule = trio.lowlevel.reschedule
+        waiters, self.waiters = self.waiters, {}
+        for task in waiters:
+            reschedule(task, result if isinstance(result, outcome.Value) else outcome.Error(self._error(result.error)))
+
+    def _error(self, exc: BaseException) -> BaseException:
+        fresh = ComputeError(
+            f"{self.device} {self.path} failed: {exc!r}", phase="compute", attempted_slot=None
+        )
+        fresh.__cause__ = exc
+        return fresh
+
+    async def wait(self) -> Any:
+        """Park until the execution ends; return its result. Cancellation-atomic."""
+        task = trio.lowlevel.current_task()
+        self.waiters[task] = None
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            del self.waiters[task]
+            if not self.waiters:
+                self._leave_table()
+                self.scope.cancel()
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+def _freeze_result(value: object) -> object:
+    if isinstance(value, dict | tuple | list) or hasattr(value, "keys"):
+        return freeze(value, what="result") if not isinstance(value, list | tuple) else freeze(
+            {"_": value}, what="result"
+        )["_"]
+    if value is None or type(value) in (str, bytes, int, float, bool):
+        return value
+    raise InvalidMessage(f"result: a {type(value).__name__} is not a message value")

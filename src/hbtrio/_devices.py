@@ -1,0 +1,179 @@
+"""Execution devices: the registry, the calling convention and the built-in devices.
+
+A device is any object with ``init(process)`` and ``compute(state, assignment)``
+(plain functions or ``async def``), optionally ``snapshot(state)`` and
+``restore(snapshot)``. Devices reached only through ``resolve`` need none of
+these. Whether each method is async is decided once, when the device is
+registered, so the per-slot path does not inspect anything.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final
+
+import attrs
+import trio
+
+from ._exceptions import InvalidMessage, UnknownDevice
+from ._message import Message
+
+__all__ = ["Counter", "DeviceInfo", "Devices", "call_maybe_async", "run_in_thread"]
+
+PROCESS_DEVICE: Final = "process@1.0"
+
+
+def _is_async(fn: object) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - async callable objects
+    )
+
+
+async def call_maybe_async(fn: Callable[..., Any], is_async: bool, *args: Any) -> Any:
+    """Call ``fn(*args)``, awaiting it when ``is_async``. Not a checkpoint by itself."""
+    if is_async:
+        return await fn(*args)
+    return fn(*args)
+
+
+@attrs.frozen
+class DeviceInfo:
+    """A registered device with its methods looked up once."""
+
+    name: str
+    obj: object
+    init: Callable[..., Any] | None
+    init_async: bool
+    compute: Callable[..., Any] | None
+    compute_async: bool
+    snapshot: Callable[..., Any] | None
+    snapshot_async: bool
+    restore: Callable[..., Any] | None
+    restore_async: bool
+    #: True when the device promises to return valid messages built from frozen
+    #: parts (the built-in devices do); the engine then skips the value check.
+    trusted: bool
+
+    @classmethod
+    def of(cls, name: str, obj: object) -> DeviceInfo:
+        def method(attr: str) -> tuple[Callable[..., Any] | None, bool]:
+            fn = getattr(obj, attr, None)
+            if fn is None:
+                return None, False
+            if not callable(fn):
+                raise TypeError(f"device {name!r}: {attr} is not callable")
+            return fn, _is_async(fn)
+
+        init, init_async = method("init")
+        compute, compute_async = method("compute")
+        snapshot, snapshot_async = method("snapshot")
+        restore, restore_async = method("restore")
+        return cls(
+            name=name,
+            obj=obj,
+            init=init,
+            init_async=init_async,
+            compute=compute,
+            compute_async=compute_async,
+            snapshot=snapshot,
+            snapshot_async=snapshot_async,
+            restore=restore,
+            restore_async=restore_async,
+            trusted=bool(getattr(obj, "hbtrio_trusted", False)),
+        )
+
+    def method(self, path: object) -> tuple[Callable[..., Any], bool]:
+        """The public method named ``path`` for a generic resolution."""
+        if type(path) is not str or not path.isidentifier() or path.startswith("_"):
+            raise InvalidMessage(f"path: {path!r} is not a device method name")
+        fn = getattr(self.obj, path, None)
+        if fn is None or not callable(fn):
+            raise InvalidMessage(f"path: device {self.name!r} has no method {path!r}")
+        return fn, _is_async(fn)
+
+
+class Devices:
+    """Name -> device. The built-in devices are always there; extras may override none of them."""
+
+    def __init__(self, extra: Mapping[str, object] | None = None) -> None:
+        self._devices: dict[str, DeviceInfo] = {"counter@1.0": DeviceInfo.of("counter@1.0", Counter())}
+        for name, obj in (extra or {}).items():
+            if type(name) is not str or not name:
+                raise TypeError(f"device names must be non-empty str, not {name!r}")
+            if name == PROCESS_DEVICE:
+                raise ValueError(f"{PROCESS_DEVICE!r} is the engine's own device")
+            self._devices[name] = DeviceInfo.of(name, obj)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._devices
+
+    def get(self, name: object) -> DeviceInfo:
+        """The device registered as ``name``; `UnknownDevice` otherwise."""
+        try:
+            return self._devices[name]  # type: ignore[index]
+        except (KeyError, TypeError):
+            raise UnknownDevice(name) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._devices)
+
+
+class Counter:
+    """``counter@1.0``: state ``{"count": 0}``; each assignment adds its body's ``"n"``.
+
+    A body without ``"n"`` adds nothing; an ``"n"`` that is not an ``int``
+    makes the slot fail with `ComputeError`.
+    """
+
+    hbtrio_trusted: Final = True
+
+    def init(self, process: Message) -> dict[str, Any]:
+        return {"count": 0}
+
+    def compute(self, state: Message, assignment: Message) -> dict[str, Any]:
+        n = assignment["body"].get("n", 0)
+        if type(n) is not int:
+            raise TypeError(f'counter@1.0: body "n" must be an int, not {type(n).__name__}')
+        return {**state, "count": state["count"] + n}
+
+
+class _InThread:
+    """Runs a device's methods in worker threads (see `run_in_thread`)."""
+
+    def __init__(self, device: object, limiter: trio.CapacityLimiter | None) -> None:
+        self._device = device
+        self._limiter = limiter
+        for attr in ("init", "compute", "snapshot", "restore"):
+            fn = getattr(device, attr, None)
+            if fn is not None:
+                setattr(self, attr, self._wrap(fn))
+
+    def _wrap(self, fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+        if _is_async(fn):
+            raise TypeError("run_in_thread takes a device with plain (non-async) methods")
+
+        @functools.wraps(fn)
+        async def in_thread(*args: Any) -> Any:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+        return in_thread
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._device, name)
+
+
+def run_in_thread(device: object, *, limiter: trio.CapacityLimiter | None = None) -> object:
+    """Wrap a CPU-heavy device so its methods run in threads, off the event loop.
+
+    The event loop keeps serving every other process while a slot computes.
+    ``limiter`` bounds how many of its calls run at once (trio's default
+    limiter otherwise). Waiting for a thread is not cancellable: a worker that
+    is being stopped waits for the slot in progress to finish.
+
+    Example::
+
+        engine_devices = {"heavy@1.0": hbtrio.run_in_thread(HeavyDevice())}
+    """
+    return _InThread(device, limiter)

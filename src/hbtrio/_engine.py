@@ -1,0 +1,423 @@
+"""The engine: `open_engine` and the `Engine` it yields.
+
+Supervision tree::
+
+    open_engine()                 root nursery
+     |-- GroupWorker.run "pid-A"  one task per live process worker
+     |-- GroupWorker.run "pid-B"
+     '-- Execution.run (key)      one task per deduplicated resolution in flight
+
+Callers never own engine tasks: they park on a worker's broadcaster or on an
+execution, inside their own cancel scopes. Leaving the block asks every worker
+to stop (each stores a snapshot first), waits for them, cancels what is left,
+and closes the store; afterwards every method raises `EngineClosed`.
+
+Checkpoints: every async method checks for cancellation on entry. Calls that
+park or do I/O are schedule points too. Calls answered synchronously from
+memory (a stored result, an idle worker one slot away) skip the trip through
+the scheduler, but yield to it at least once per millisecond of such answers,
+so a loop of them cannot starve other tasks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, Final, final
+
+import attrs
+import trio
+
+from ._dedup import Execution, ExecutionInfo
+from ._devices import PROCESS_DEVICE, Devices
+from ._exceptions import EngineClosed, InvalidMessage, LeaderDied, SlotNotScheduled
+from ._message import Message, freeze, message_id, validate_pid, validate_slot
+from ._process import compute_slot, validate_definition
+from ._scheduler import Scheduler
+from ._store import MemoryStore, Store
+from ._worker import GroupWorker, Phase, Reroute, WorkerInfo
+
+__all__ = ["Engine", "EngineStats", "open_engine"]
+
+#: How many workers one request may lose before it gives up with `LeaderDied`.
+MAX_TRIES: Final = 3
+#: Longest a fast-path caller runs without yielding to the scheduler (seconds).
+YIELD_EVERY: Final = 0.001
+
+
+@attrs.frozen
+class EngineStats:
+    """Counters of one engine since it opened (`Engine.stats`)."""
+
+    slots_computed: int
+    cache_hits: int
+    workers_started: int
+    workers_stopped: int
+    deduplicated: int
+    leader_deaths: int
+    requests: int
+    executions: int
+    live_workers: int
+    waiters: int
+
+
+class _WorkersView(Mapping[str, WorkerInfo]):
+    """Read-only live view: process ID -> `WorkerInfo` of its live worker."""
+
+    def __init__(self, workers: dict[str, GroupWorker]) -> None:
+        self._workers = workers
+
+    def __getitem__(self, group: str) -> WorkerInfo:
+        return self._workers[group].info()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._workers))
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def __repr__(self) -> str:
+        return f"<workers {len(self)} live>"
+
+
+class _ExecutionsView(Mapping[str, ExecutionInfo]):
+    def __init__(self, executions: dict[tuple[str, str], Execution]) -> None:
+        self._executions = executions
+
+    def _by_group(self) -> dict[str, Execution]:
+        return {e.group: e for e in self._executions.values()}
+
+    def __getitem__(self, group: str) -> ExecutionInfo:
+        return self._by_group()[group].info()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._by_group()))
+
+    def __len__(self) -> int:
+        return len(self._executions)
+
+
+@final
+class Engine:
+    """Runs processes: made by `open_engine`, usable only inside its block."""
+
+    def __init__(
+        self,
+        store: Store,
+        devices: Devices,
+        nursery: trio.Nursery,
+        *,
+        max_idle: float,
+        cache_frequency: int,
+        shutdown_grace: float,
+    ) -> None:
+        self._store = store
+        self._devices = devices
+        self._nursery = nursery
+        self._max_idle = max_idle
+        self._cache_frequency = cache_frequency
+        self._shutdown_grace = shutdown_grace
+        self._scheduler = Scheduler(store)
+        self._workers: dict[str, GroupWorker] = {}
+        self._executions: dict[tuple[str, str], Execution] = {}
+        self._closed = False
+        self._next_yield = 0.0
+        # counters
+        self._slots_computed = 0
+        self._cache_hits = 0
+        self._workers_started = 0
+        self._workers_stopped = 0
+        self._deduplicated = 0
+        self._leader_deaths = 0
+        self._requests = 0
+        self._executions_run = 0
+        self.workers: Mapping[str, WorkerInfo] = _WorkersView(self._workers)
+        """Process ID -> `WorkerInfo` of each live process worker (a read-only live view)."""
+        self.executions: Mapping[str, ExecutionInfo] = _ExecutionsView(self._executions)
+        """Group name -> `ExecutionInfo` of each deduplicated resolution in flight."""
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Engine {state} store={self._store!r} workers={len(self._workers)}>"
+
+    @property
+    def store(self) -> Store:
+        """The engine's store."""
+        return self._store
+
+    def stats(self) -> EngineStats:
+        """A frozen record of the engine's counters. Never blocks."""
+        return EngineStats(
+            slots_computed=self._slots_computed,
+            cache_hits=self._cache_hits,
+            workers_started=self._workers_started,
+            workers_stopped=self._workers_stopped,
+            deduplicated=self._deduplicated,
+            leader_deaths=self._leader_deaths,
+            requests=self._requests,
+            executions=self._executions_run,
+            live_workers=len(self._workers),
+            waiters=sum(len(w.waiters) for w in self._workers.values())
+            + sum(len(e.waiters) for e in self._executions.values()),
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosed("the engine's open_engine block has exited")
+
+    async def _fast_return(self) -> None:
+        """The schedule point of a call answered from memory: at most one per millisecond."""
+        now = time.perf_counter()
+        if now >= self._next_yield:
+            self._next_yield = now + YIELD_EVERY
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    # processes and schedules -------------------------------------------------------------------
+
+    async def spawn(self, definition: Mapping[str, Any]) -> str:
+        """Store a process definition as slot 0 and return its ID (``message_id(definition)``).
+
+        Spawning the same definition again returns the same ID and changes
+        nothing. Raises `InvalidMessage` or `UnknownDevice`. Checkpoints;
+        cancellation-safe: a cancelled spawn either stored the process or not,
+        and spawning again is harmless either way.
+        """
+        self._check_open()
+        definition = validate_definition(definition, self._devices)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        pid, _created = await self._scheduler.spawn(definition)
+        await trio.lowlevel.checkpoint()
+        return pid
+
+    async def schedule(self, pid: str, message: Mapping[str, Any]) -> int:
+        """Assign the next slot to ``message``; it is durable in the store when this returns.
+
+        Raises `InvalidMessage`, `ProcessNotFound` or `StoreError`. Checkpoints.
+        Cancellation-safe: a cancelled call assigned nothing, or returned.
+        """
+        return (await self.schedule_many(pid, [message]))[0]
+
+    async def schedule_many(self, pid: str, messages: list[Mapping[str, Any]]) -> list[int]:
+        """Assign consecutive slots to ``messages`` in one durable write; returns the slots."""
+        self._check_open()
+        validate_pid(pid)
+        if not isinstance(messages, list | tuple):
+            raise InvalidMessage("messages must be a list of messages")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        return await self._scheduler.schedule(pid, messages)
+
+    async def latest_slot(self, pid: str) -> int:
+        """The latest scheduled slot of ``pid``. Raises `ProcessNotFound`. Checkpoints."""
+        self._check_open()
+        validate_pid(pid)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            latest = self._scheduler.latest_nowait(pid)
+        except trio.WouldBlock:
+            return await self._scheduler.latest(pid)
+        await self._fast_return()
+        return latest
+
+    # computing -----------------------------------------------------------------------------------
+
+    async def compute(self, pid: str, slot: int) -> Message:
+        """The state of ``pid`` after slots 0..``slot``; ``state["at-slot"] == slot``.
+
+        Answers from the stored result when there is one (never waiting behind
+        a busy worker); otherwise waits for the process's worker, starting it
+        if needed. Raises `InvalidMessage`, `ProcessNotFound`,
+        `SlotNotScheduled`, `ComputeError`, or `LeaderDied` after losing
+        `MAX_TRIES` workers. Cancellation-safe: cancelling the caller removes
+        only its wait; the worker goes on to the slot anyway.
+        """
+        self._check_open()
+        validate_pid(pid)
+        validate_slot(slot)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._requests += 1
+        worker = self._workers.get(pid)
+        if worker is not None:
+            if worker.slot == slot and worker.state is not None:
+                await self._fast_return()
+                return worker.state
+            state = worker.try_inline(slot)
+            if state is not None:
+                await self._fast_return()
+                return state
+        store = self._store
+        try:
+            stored = store.get_result_nowait(pid, slot)
+        except trio.WouldBlock:
+            stored = await store.get_result(pid, slot)
+        if stored is not None:
+            self._cache_hits += 1
+            await self._fast_return()
+            return stored
+        try:
+            latest = self._scheduler.latest_nowait(pid)
+        except trio.WouldBlock:
+            latest = await self._scheduler.latest(pid)
+        if slot > latest:
+            raise SlotNotScheduled(pid, latest + 1, latest)
+        return await self._wait_worker(pid, slot)
+
+    async def _wait_worker(self, pid: str, slot: int) -> Message:
+        deaths = 0
+        while True:
+            self._check_open()
+            worker = self._workers.get(pid)
+            if worker is None:
+                worker = self._start_worker(pid, slot)
+            try:
+                return await worker.request(slot)
+            except Reroute:
+                # The worker is past this slot and its stored result is missing:
+                # recompute it from the nearest earlier snapshot, here.
+                return await compute_slot(
+                    self._store, self._devices, pid, slot, cache_frequency=self._cache_frequency
+                )
+            except LeaderDied:
+                deaths += 1
+                if deaths >= MAX_TRIES:
+                    raise LeaderDied(
+                        f"slot {slot} of {pid}: lost its worker {deaths} times in a row"
+                    ) from None
+
+    def _start_worker(self, pid: str, slot: int) -> GroupWorker:
+        worker = GroupWorker(pid, self, target=slot)
+        self._workers[pid] = worker
+        self._workers_started += 1
+        self._nursery.start_soon(worker.run, name=f"hbtrio worker {pid}")
+        return worker
+
+    async def now(self, pid: str) -> Message:
+        """The state at the latest scheduled slot of ``pid`` (see `compute`)."""
+        return await self.compute(pid, await self.latest_slot(pid))
+
+    async def stop(self, pid: str) -> None:
+        """Stop ``pid``'s worker after it stores a snapshot; a no-op without a worker.
+
+        Requests waiting on it re-route to a fresh worker. Checkpoints.
+        Cancelling the caller stops only the wait: the worker still stops.
+        """
+        self._check_open()
+        validate_pid(pid)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        worker = self._workers.get(pid)
+        if worker is None:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        await self._stop_worker(worker)
+
+    async def _stop_worker(self, worker: GroupWorker) -> None:
+        if worker.stopped is None:
+            worker.stopped = trio.Event()
+        worker.stop_requested = True
+        worker.wake()
+        await worker.stopped.wait()
+
+    # generic resolution --------------------------------------------------------------------------
+
+    async def resolve(self, base: Mapping[str, Any], request: Mapping[str, Any]) -> Any:
+        """Call ``device.<request["path"]>(base, request)`` once for all identical concurrent calls.
+
+        ``base["device"]`` names the device. For ``"process@1.0"``, the paths
+        ``compute`` (with ``"slot"``) and ``now`` go to the process workers.
+        The execution belongs to the engine: it survives the cancellation of
+        the caller that started it while others wait, and is cancelled when
+        its last waiter leaves. A device failure raises `ComputeError` (the
+        device's exception as ``__cause__``) in every caller. Checkpoints.
+        """
+        self._check_open()
+        base = freeze(base, what="base")
+        request = freeze(request, what="request")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        device_name = base.get("device")
+        path = request.get("path")
+        if device_name == PROCESS_DEVICE:
+            pid = message_id(base)
+            if path == "compute":
+                return await self.compute(pid, request.get("slot"))  # type: ignore[arg-type]
+            if path == "now":
+                return await self.now(pid)
+            raise InvalidMessage(f"path: {PROCESS_DEVICE} resolves 'compute' and 'now', not {path!r}")
+        device = self._devices.get(device_name)
+        fn, is_async = device.method(path)
+        base_id, request_id = message_id(base), message_id(request)
+        key = (base_id, request_id)
+        execution = self._executions.get(key)
+        if execution is None:
+            group = message_id({"base": base_id, "request": request_id})
+            execution = Execution(key, group, self, device.name, path)  # type: ignore[arg-type]
+            self._executions[key] = execution
+            self._nursery.start_soon(execution.run, fn, is_async, base, request, name=f"hbtrio resolve {group}")
+        else:
+            self._deduplicated += 1
+        return await execution.wait()
+
+    # shutdown ----------------------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        """Stop every worker (each stores a snapshot) and wait for them."""
+        self._closed = True
+        async with trio.open_nursery() as nursery:
+            for worker in list(self._workers.values()):
+                if worker.phase is not Phase.STOPPED:
+                    nursery.start_soon(self._stop_worker, worker)
+
+
+@asynccontextmanager
+async def open_engine(
+    store: Store | None = None,
+    *,
+    devices: Mapping[str, object] | None = None,
+    max_idle: float = 300.0,
+    cache_frequency: int = 1,
+    shutdown_grace: float = 30.0,
+) -> AsyncIterator[Engine]:
+    """Run an engine for the duration of an ``async with`` block.
+
+    Args:
+        store: where processes live; ``None`` means a new `MemoryStore`.
+        devices: extra execution devices by name (``counter@1.0`` is built in).
+        max_idle: seconds a worker waits for a request before it stores a
+            snapshot and exits.
+        cache_frequency: a full, restorable snapshot is stored every this many
+            slots (every slot's result is always stored).
+        shutdown_grace: seconds leaving the block waits for workers to store
+            their snapshots before cancelling them.
+
+    Entering opens the store (blocking until it is ready). Leaving stops every
+    worker cleanly (each stores a snapshot of its latest state first), waits
+    for them, cancels any resolution still in flight, and closes the store;
+    no task outlives the block. Afterwards every method raises `EngineClosed`.
+    """
+    if type(cache_frequency) is not int or cache_frequency < 1:
+        raise ValueError(f"cache_frequency must be an int >= 1, not {cache_frequency!r}")
+    if not max_idle > 0:
+        raise ValueError(f"max_idle must be > 0, not {max_idle!r}")
+    registry = Devices(devices)
+    store = MemoryStore() if store is None else store
+    if not isinstance(store, Store):
+        raise TypeError(f"store must be an hbtrio Store, not {type(store).__name__}")
+    await store.open()
+    try:
+        async with trio.open_nursery() as nursery:
+            engine = Engine(
+                store,
+                registry,
+                nursery,
+                max_idle=max_idle,
+                cache_frequency=cache_frequency,
+                shutdown_grace=shutdown_grace,
+            )
+            try:
+                yield engine
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(shutdown_grace):
+                    await engine._shutdown()
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(shutdown_grace):
+            await store.close()

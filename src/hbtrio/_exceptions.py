@@ -1,0 +1,111 @@
+"""The public error set. Every error hbtrio raises on purpose derives from `HbTrioError`."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ComputeError",
+    "EngineClosed",
+    "HbTrioError",
+    "InternalError",
+    "InvalidMessage",
+    "LeaderDied",
+    "ProcessNotFound",
+    "SlotNotScheduled",
+    "StoreError",
+    "UnknownDevice",
+]
+
+
+class HbTrioError(Exception):
+    """Base class of every error hbtrio raises on purpose."""
+
+
+class InvalidMessage(HbTrioError, ValueError):
+    """A message, slot or process definition is malformed.
+
+    The text names the offending key as a path, for example ``body.items[2]``.
+    """
+
+
+class ProcessNotFound(HbTrioError, LookupError):
+    """A process ID that was never spawned in this engine's store."""
+
+    def __init__(self, pid: str) -> None:
+        super().__init__(f"no process with ID {pid!r}")
+        self.pid = pid
+
+
+class UnknownDevice(HbTrioError, LookupError):
+    """A device name that no registered device answers to."""
+
+    def __init__(self, name: object) -> None:
+        super().__init__(f"no device registered as {name!r}")
+        self.name = name
+
+
+class ComputeError(HbTrioError):
+    """A device failed while computing a slot.
+
+    Attributes:
+        phase: ``"compute"`` when the device raised or returned an invalid state,
+            ``"get-schedule"`` when the slot's assignment could not be had.
+        attempted_slot: the slot that could not be computed (``None`` for a
+            generic resolution that has no slot).
+        pid: the process ID, when there is one.
+
+    The device's own exception is ``__cause__``. The worker that raised it keeps
+    its last good state and goes on serving requests.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        phase: str,
+        attempted_slot: int | None,
+        pid: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.phase = phase
+        self.attempted_slot = attempted_slot
+        self.pid = pid
+
+
+class SlotNotScheduled(ComputeError):
+    """``compute`` for a slot beyond the latest scheduled one.
+
+    ``attempted_slot`` is the first slot that has no assignment.
+    """
+
+    def __init__(self, pid: str, attempted_slot: int, latest: int) -> None:
+        super().__init__(
+            f"slot {attempted_slot} of process {pid} is not scheduled (latest is {latest})",
+            phase="get-schedule",
+            attempted_slot=attempted_slot,
+            pid=pid,
+        )
+        self.latest = latest
+
+
+class LeaderDied(HbTrioError):
+    """The worker a request waited on went away before answering.
+
+    Requests re-route to a fresh worker on their own; a caller sees this only
+    when the same request loses its worker several times in a row.
+    """
+
+
+class EngineClosed(HbTrioError):
+    """The engine's ``open_engine`` block has exited."""
+
+
+class StoreError(HbTrioError):
+    """The store failed (disk full, locked database, I/O error).
+
+    The store's own exception is ``__cause__``. Nothing the failed call was
+    asked to make durable was made durable.
+    """
+
+
+class InternalError(HbTrioError):
+    """Something that should never happen happened: please report it as a bug."""

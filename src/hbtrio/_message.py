@@ -1,0 +1,204 @@
+"""Messages: validation, read-only (frozen) messages and message IDs.
+
+A message is a mapping from ``str`` keys to values, where a value is ``bytes``,
+``str``, ``int``, ``float``, ``bool``, ``None``, a list (or tuple) of values, or
+a nested message. `freeze` checks a candidate once and returns a `Message`: a
+read-only ``dict`` whose lists became tuples and whose nested mappings are
+`Message` too, so nothing reachable from it can be mutated through the normal
+mapping and sequence APIs. A `Message` is trusted as it is: freezing one again
+costs nothing, and freezing a mapping built from frozen parts only looks at its
+top level. That is what keeps read-only states cheap on the per-slot hot path.
+
+Nothing here blocks or checkpoints.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, NoReturn
+
+from ._codec import encode
+from ._exceptions import InvalidMessage
+
+__all__ = ["FrozenList", "Message", "freeze", "message_id", "validate_slot"]
+
+#: Deepest nesting a message may have (deeper input is rejected, not recursed into).
+MAX_DEPTH = 100
+
+
+def _read_only(self: object, *args: object, **kwargs: object) -> NoReturn:
+    raise TypeError(f"{type(self).__name__} is read-only; build a new message instead")
+
+
+class Message(dict[str, Any]):
+    """A read-only message: a ``dict`` that refuses every mutation.
+
+    ``Message(mapping)`` validates and deep-freezes its argument (raising
+    `InvalidMessage` naming the bad key). Reading is as fast as a ``dict``;
+    ``msg | {"k": v}`` returns a new plain ``dict`` to build the next message
+    from. It is a ``dict`` so that ``json``, ``cbor2`` and equality with plain
+    dicts just work.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        dict.__init__(self, _freeze_map(dict(*args, **kwargs), "", set(), 0))
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _read_only
+    __ior__ = _read_only  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Message({dict.__repr__(self)})"
+
+    def __copy__(self) -> Message:
+        return self
+
+    def __deepcopy__(self, memo: object) -> Message:
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Message, (dict(self),))
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        raise TypeError("unhashable type: 'Message' (use message_id for identity)")
+
+
+class _Frozen(Message):
+    """A `Message` built from already-frozen parts: no validation pass."""
+
+    __slots__ = ()
+    __init__ = dict.__init__  # type: ignore[assignment]
+
+
+_Frozen.__name__ = _Frozen.__qualname__ = "Message"
+
+
+class FrozenList(tuple[Any, ...]):
+    """A list value inside a `Message`: a tuple whose items are frozen too."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
+_SCALARS: frozenset[type] = frozenset({str, bytes, int, float, bool, type(None)})
+_TRUSTED: frozenset[type] = frozenset({_Frozen, Message, FrozenList}) | _SCALARS
+
+
+def _where(path: str) -> str:
+    return path or "the message"
+
+
+def _child(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _freeze_value(value: object, path: str, active: set[int], depth: int) -> object:
+    t = type(value)
+    if t in _TRUSTED:
+        return value
+    if isinstance(value, Mapping):
+        return _freeze_map(value, path, active, depth + 1)
+    if t is list or t is tuple:
+        return _freeze_list(value, path, active, depth + 1)  # type: ignore[arg-type]
+    raise InvalidMessage(
+        f"{_where(path)}: a {t.__name__} is not a message value "
+        "(use bytes, str, int, float, bool, None, a list or a mapping with str keys)"
+    )
+
+
+def _enter(obj: object, path: str, active: set[int], depth: int) -> int:
+    if depth > MAX_DEPTH:
+        raise InvalidMessage(f"{_where(path)}: nested deeper than {MAX_DEPTH} levels")
+    oid = id(obj)
+    if oid in active:
+        raise InvalidMessage(f"{_where(path)}: the message contains itself (a cycle)")
+    active.add(oid)
+    return oid
+
+
+def _freeze_list(items: Iterable[object], path: str, active: set[int], depth: int) -> FrozenList:
+    oid = _enter(items, path, active, depth)
+    out = FrozenList(
+        [_freeze_value(v, f"{path}[{i}]", active, depth) for i, v in enumerate(items)]
+    )
+    active.discard(oid)
+    return out
+
+
+def _freeze_map(m: Mapping[Any, Any], path: str, active: set[int], depth: int) -> Message:
+    oid = _enter(m, path, active, depth)
+    out: dict[str, object] = {}
+    for key, value in m.items():
+        if type(key) is not str:
+            raise InvalidMessage(
+                f"{_where(path)}: key {key!r} is a {type(key).__name__}; message keys must be str"
+            )
+        if type(value) in _TRUSTED:
+            out[key] = value
+        else:
+            out[key] = _freeze_value(value, _child(path, key), active, depth)
+    active.discard(oid)
+    return _Frozen(out)
+
+
+def freeze(message: object, *, what: str = "message") -> Message:
+    """Validate ``message`` and return it as a read-only `Message`.
+
+    A `Message` is returned as it is. Otherwise ``message`` must be a mapping
+    with ``str`` keys whose values are message values; anything else raises
+    `InvalidMessage` whose text names the bad key (``what`` names the whole).
+    """
+    if isinstance(message, Message):
+        return message
+    if not isinstance(message, Mapping):
+        raise InvalidMessage(
+            f"{what} must be a mapping with str keys, not {type(message).__name__}"
+        )
+    try:
+        return _freeze_map(message, "", set(), 0)
+    except InvalidMessage as exc:
+        raise InvalidMessage(f"{what}: {exc}") from None
+    except RecursionError:
+        raise InvalidMessage(f"{what}: nested too deeply") from None
+
+
+def message_id(message: Mapping[str, Any]) -> str:
+    """The ID of ``message``: SHA-256 of its canonical CBOR without ``"priv"``.
+
+    Returned as unpadded base64url (43 characters). Equal messages have equal
+    IDs whatever their key order. Raises `InvalidMessage` for a bad message.
+    """
+    frozen = freeze(message)
+    if "priv" in frozen:
+        frozen = _Frozen({k: v for k, v in frozen.items() if k != "priv"})
+    return id_of_bytes(encode(frozen))
+
+
+def id_of_bytes(data: bytes) -> str:
+    """Unpadded base64url SHA-256 of ``data``."""
+    return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode("ascii")
+
+
+def validate_slot(slot: object, *, what: str = "slot") -> int:
+    """Return ``slot`` if it is a non-negative ``int`` (not a bool), else raise `InvalidMessage`."""
+    if type(slot) is not int:
+        raise InvalidMessage(f"{what} must be an int, not {type(slot).__name__}")
+    if slot < 0:
+        raise InvalidMessage(f"{what} must be >= 0, not {slot}")
+    return slot
+
+
+_PID_RE = re.compile(r"[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]")
+
+
+def validate_pid(pid: object) -> str:
+    """Return ``pid`` if it is a well-formed message ID, else raise `InvalidMessage`."""
+    if type(pid) is not str or _PID_RE.fullmatch(pid) is None:
+        raise InvalidMessage(f"process ID must be a 43-character base64url ID, not {pid!r:.60}")
+    return pid

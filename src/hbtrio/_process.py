@@ -1,0 +1,300 @@
+"""The process device: slot computation for one process, usable without any worker.
+
+`ProcessRuntime` knows how to make a process's initial state, restore it from a
+snapshot, apply assignments one at a time through the execution device, and
+store each slot's result (and, every ``cache_frequency`` slots, a snapshot).
+It holds no state of its own between calls and starts no task: the engine's
+workers drive it, and `compute_slot` drives it once for a single request.
+
+Every device failure becomes `ComputeError` with ``phase``, ``attempted_slot``
+and the device's exception as ``__cause__``; a missing assignment becomes
+`SlotNotScheduled`. A failed slot leaves the caller's last good state intact:
+states are immutable, and a new one only exists once a slot fully applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Final
+
+import attrs
+import trio
+
+from ._devices import PROCESS_DEVICE, DeviceInfo, Devices, call_maybe_async
+from ._exceptions import ComputeError, InvalidMessage, ProcessNotFound, SlotNotScheduled, StoreError
+from ._message import _TRUSTED, Message, _Frozen, freeze
+from ._store import SlotResult, Store
+
+__all__ = ["ProcessRuntime", "compute_slot", "validate_definition"]
+
+#: Slots applied between two looks at the outside world (store backpressure, new requests).
+CHUNK: Final = 512
+
+_set = dict.__setitem__
+
+
+def validate_definition(definition: object, devices: Devices) -> Message:
+    """Check a process definition and return it frozen.
+
+    It must be a message whose ``"device"`` is ``"process@1.0"`` and whose
+    ``"execution-device"`` names a registered device (`UnknownDevice` if not).
+    """
+    msg = freeze(definition, what="definition")
+    if msg.get("device") != PROCESS_DEVICE:
+        raise InvalidMessage(f'definition: "device" must be {PROCESS_DEVICE!r}, not {msg.get("device")!r}')
+    name = msg.get("execution-device")
+    if type(name) is not str:
+        raise InvalidMessage('definition: "execution-device" must be a device name (str)')
+    devices.get(name)
+    return msg
+
+
+def adopt_state(new: object, slot: int, trusted: bool) -> Message:
+    """Turn what a device returned into the read-only state at ``slot``.
+
+    A fresh ``dict`` whose values are already frozen is checked at its top
+    level only; anything else is validated and frozen in full.
+    """
+    if type(new) is dict:
+        if not trusted:
+            for key, value in new.items():
+                if type(key) is not str or type(value) not in _TRUSTED:
+                    new = freeze(new, what="state")
+                    break
+        state = _Frozen(new)
+    elif isinstance(new, Mapping):
+        state = _Frozen(freeze(new, what="state"))
+    else:
+        raise InvalidMessage(f"state must be a mapping, not {type(new).__name__}")
+    _set(state, "at-slot", slot)
+    return state
+
+
+@attrs.define(eq=False)
+class ProcessRuntime:
+    """Computation for one process: restore, apply, store. Holds no mutable state."""
+
+    pid: str
+    definition: Message
+    device: DeviceInfo
+    store: Store
+    cache_frequency: int
+
+    @classmethod
+    async def load(cls, pid: str, store: Store, devices: Devices, cache_frequency: int) -> ProcessRuntime:
+        """Look up ``pid``'s definition. Raises `ProcessNotFound` or `UnknownDevice`."""
+        definition = await store.get_process(pid)
+        if definition is None:
+            raise ProcessNotFound(pid)
+        device = devices.get(definition["execution-device"])
+        if device.init is None or device.compute is None:
+            raise InvalidMessage(
+                f"device {device.name!r} has no init/compute: it cannot execute a process"
+            )
+        return cls(pid, definition, device, store, cache_frequency)
+
+    def _fail(self, slot: int, exc: BaseException, what: str = "compute") -> ComputeError:
+        return ComputeError(
+            f"process {self.pid}: {what} failed at slot {slot}: {exc!r}",
+            phase="compute",
+            attempted_slot=slot,
+            pid=self.pid,
+        )
+
+    # states ----------------------------------------------------------------------------------
+
+    async def initial(self) -> Message:
+        """The state at slot 0: the device's ``init`` of the definition."""
+        d = self.device
+        assert d.init is not None
+        try:
+            new = await call_maybe_async(d.init, d.init_async, self.definition)
+            return adopt_state(new, 0, d.trusted)
+        except (Exception, trio.TooSlowError) as exc:
+            raise self._fail(0, exc, "init") from exc
+
+    async def snapshot_of(self, state: Message) -> Message:
+        """The restorable form of ``state`` (the state itself without a ``snapshot`` method)."""
+        d = self.device
+        if d.snapshot is None:
+            return state
+        try:
+            snap = await call_maybe_async(d.snapshot, d.snapshot_async, state)
+            frozen = freeze(snap, what="snapshot")
+        except Exception as exc:
+            raise self._fail(state["at-slot"], exc, "snapshot") from exc
+        return frozen
+
+    async def restore(self, at_most: int) -> Message:
+        """The state at the latest snapshot at or below ``at_most`` (or the initial state)."""
+        found = await self.store.latest_snapshot(self.pid, at_most)
+        if found is None:
+            return await self.initial()
+        slot, snap = found
+        d = self.device
+        if d.restore is None:
+            return snap if snap.get("at-slot") == slot else adopt_state(dict(snap), slot, True)
+        try:
+            new = await call_maybe_async(d.restore, d.restore_async, snap)
+            return adopt_state(new, slot, d.trusted)
+        except Exception as exc:
+            raise self._fail(slot, exc, "restore") from exc
+
+    # assignments ---------------------------------------------------------------------------------
+
+    async def assignments(self, start: int, stop: int) -> list[Message]:
+        """Assignments ``start..stop-1``; `SlotNotScheduled` if ``start`` is not scheduled.
+
+        Answers from memory when it can (no checkpoint then).
+        """
+        store, pid = self.store, self.pid
+        try:
+            first = store.get_assignment_nowait(pid, start)
+            if first is None:
+                raise self._not_scheduled(start, await store.latest_slot(pid))
+            if stop == start + 1:
+                return [first]
+            out = [first]
+            for slot in range(start + 1, stop):
+                a = store.get_assignment_nowait(pid, slot)
+                if a is None:
+                    break
+                out.append(a)
+            return out
+        except trio.WouldBlock:
+            pass
+        try:
+            got = await store.get_assignments(pid, start, stop)
+        except StoreError as exc:
+            raise ComputeError(
+                f"process {pid}: could not read the schedule at slot {start}: {exc}",
+                phase="get-schedule",
+                attempted_slot=start,
+                pid=pid,
+            ) from exc
+        if not got:
+            raise self._not_scheduled(start, await store.latest_slot(pid))
+        return got
+
+    def _not_scheduled(self, slot: int, latest: int) -> SlotNotScheduled:
+        return SlotNotScheduled(self.pid, latest + 1 if slot > latest else slot, latest)
+
+    # applying slots ------------------------------------------------------------------------------
+
+    def apply_sync(
+        self,
+        state: Message,
+        assignments: list[Message],
+        results: list[SlotResult],
+        on_slot: Callable[[int, Message], None] | None,
+    ) -> Message:
+        """Apply ``assignments`` in order with a plain (non-async) device.
+
+        Appends each slot's result to ``results`` and calls ``on_slot`` after
+        each slot. Returns the last good state; on a device failure raises
+        `ComputeError` after the slots before it were appended. Never
+        checkpoints: nothing can interrupt a slot halfway.
+        """
+        d = self.device
+        compute, trusted, freq = d.compute, d.trusted, self.cache_frequency
+        assert compute is not None and d.snapshot is None
+        append = results.append
+        for a in assignments:
+            slot = a["slot"]
+            try:
+                state = adopt_state(compute(state, a), slot, trusted)
+            except Exception as exc:
+                raise self._fail(slot, exc) from exc
+            append((slot, state, state if slot % freq == 0 else None))
+            if on_slot is not None:
+                on_slot(slot, state)
+        return state
+
+    async def apply_async(
+        self,
+        state: Message,
+        assignments: list[Message],
+        results: list[SlotResult],
+        on_slot: Callable[[int, Message], None] | None,
+    ) -> Message:
+        """Like `apply_sync`, for any device (async methods, ``snapshot`` hooks).
+
+        Cancellation between or inside device calls leaves ``state`` at the
+        last slot that fully applied.
+        """
+        d = self.device
+        compute, is_async, freq = d.compute, d.compute_async, self.cache_frequency
+        assert compute is not None
+        for a in assignments:
+            slot = a["slot"]
+            try:
+                new = await call_maybe_async(compute, is_async, state, a)
+                new_state = adopt_state(new, slot, d.trusted)
+            except Exception as exc:
+                raise self._fail(slot, exc) from exc
+            snap = await self.snapshot_of(new_state) if slot % freq == 0 else None
+            state = new_state
+            results.append((slot, state, snap))
+            if on_slot is not None:
+                on_slot(slot, state)
+        return state
+
+    @property
+    def plain(self) -> bool:
+        """True when slots can be applied synchronously (`apply_sync`)."""
+        return not self.device.compute_async and self.device.snapshot is None
+
+    async def advance(
+        self,
+        state: Message,
+        target: int,
+        on_slot: Callable[[int, Message], None] | None = None,
+    ) -> Message:
+        """Apply slots after ``state["at-slot"]`` up to ``target``, storing each result.
+
+        Checkpoints between chunks. On failure raises `ComputeError`; the
+        slots before the failing one are stored.
+        """
+        slot = state["at-slot"]
+        while slot < target:
+            batch = await self.assignments(slot + 1, min(target, slot + CHUNK) + 1)
+            results: list[SlotResult] = []
+            try:
+                if self.plain:
+                    state = self.apply_sync(state, batch, results, on_slot)
+                else:
+                    state = await self.apply_async(state, batch, results, on_slot)
+            finally:
+                if results:
+                    self.store.put_results_nowait(self.pid, results)
+            slot = state["at-slot"]
+            await self.store.wait_writable()
+            await trio.lowlevel.checkpoint()
+        return state
+
+
+async def compute_slot(
+    store: Store, devices: Devices, pid: str, slot: int, *, cache_frequency: int = 1
+) -> Message:
+    """The state of ``pid`` at ``slot``, computed without a worker.
+
+    Answers from the stored result when there is one; otherwise restores the
+    nearest snapshot at or below ``slot`` and replays the assignments after it,
+    storing what it computes. Checkpoints; cancellation leaves the store with
+    the slots computed so far (each complete).
+    """
+    try:
+        stored = store.get_result_nowait(pid, slot)
+    except trio.WouldBlock:
+        stored = await store.get_result(pid, slot)
+    if stored is not None:
+        await trio.lowlevel.checkpoint()
+        return stored
+    runtime = await ProcessRuntime.load(pid, store, devices, cache_frequency)
+    state = await runtime.restore(slot)
+    if state["at-slot"] < slot:
+        state = await runtime.advance(state, slot)
+    else:
+        await trio.lowlevel.checkpoint()
+    return state
+

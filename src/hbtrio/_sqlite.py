@@ -1,0 +1,609 @@
+"""`SQLiteStore`: the embedded default store, one SQLite file in WAL mode.
+
+Theory of operation
+-------------------
+All SQLite work runs on one dedicated thread that owns the connection; the
+event loop never touches the file. Callers submit jobs to a queue and park;
+the thread takes every job waiting in the queue, runs them in one transaction
+(each write inside its own savepoint, so one failing job does not undo the
+others), commits once, and reschedules the parked tasks with their outcomes.
+Concurrent writes therefore share commits (group commit), and thousands of
+computed slots cost a handful of commits.
+
+Results and snapshots are written behind: `put_results_nowait` records them in
+an in-memory pending table (readable at once) and makes sure one flush job is
+queued; when its commit lands, the committed entries leave the pending table.
+`wait_writable` blocks producers while more than ``max_pending`` results wait,
+so a fast worker cannot outrun the disk without bound. Assignments are written
+through: `append_assignments` returns only after its commit.
+
+Cancellation: a job that has not started is withdrawn (the call raises
+`trio.Cancelled` and nothing was written); a job already running completes and
+its caller gets the result (trio then raises the cancellation at the caller's
+next checkpoint). Either way the store matches what the caller was told.
+
+Schema (version 1, in ``PRAGMA user_version``), readable with the ``sqlite3``
+shell; message columns hold canonical CBOR::
+
+    processes(id INTEGER PRIMARY KEY, pid TEXT UNIQUE, definition BLOB)
+    assignments(proc, slot, message_id TEXT, assignment BLOB)   -- PK (proc, slot)
+    results(proc, slot, state BLOB)                             -- PK (proc, slot)
+    snapshots(proc, slot, snapshot BLOB NULL)                   -- NULL: the result is the snapshot
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import attrs
+import outcome
+import trio
+
+from ._codec import decode, encode
+from ._exceptions import StoreError
+from ._message import Message
+from ._store import SlotResult, Store, StoreStatistics
+
+__all__ = ["SQLiteStore"]
+
+SCHEMA_VERSION: Final = 1
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS processes (
+    id INTEGER PRIMARY KEY,
+    pid TEXT NOT NULL UNIQUE,
+    definition BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS assignments (
+    proc INTEGER NOT NULL REFERENCES processes(id),
+    slot INTEGER NOT NULL,
+    message_id TEXT NOT NULL,
+    assignment BLOB NOT NULL,
+    PRIMARY KEY (proc, slot)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS results (
+    proc INTEGER NOT NULL REFERENCES processes(id),
+    slot INTEGER NOT NULL,
+    state BLOB NOT NULL,
+    PRIMARY KEY (proc, slot)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS snapshots (
+    proc INTEGER NOT NULL REFERENCES processes(id),
+    slot INTEGER NOT NULL,
+    snapshot BLOB,
+    PRIMARY KEY (proc, slot)
+) WITHOUT ROWID;
+"""
+
+_PENDING, _RUNNING, _WITHDRAWN = 0, 1, 2
+
+
+@attrs.define(eq=False)
+class _Job:
+    fn: Callable[[sqlite3.Connection], Any]
+    write: bool
+    # Exactly one of task (a parked caller) and callback (write-behind) is set.
+    task: trio.lowlevel.Task | None = None
+    callback: Callable[[outcome.Outcome[Any]], None] | None = None
+    # Guarded by the store's lock: _PENDING -> _RUNNING (thread) or -> _WITHDRAWN (caller).
+    state: int = _PENDING
+    result: outcome.Outcome[Any] | None = None
+
+    def deliver(self) -> None:
+        assert self.result is not None
+        if self.task is not None:
+            trio.lowlevel.reschedule(self.task, self.result)
+        elif self.callback is not None:
+            self.callback(self.result)
+
+
+_STOP: Final = object()
+
+
+@attrs.define(eq=False)
+class _Proc:
+    """What the store keeps in memory about one process (event-loop thread only)."""
+
+    rowid: int
+    definition: Message
+    latest: int  # highest durable assignment slot
+    result_high: int  # highest slot with a result, durable or pending
+    # Recently appended assignments, until their slot's result is stored.
+    assignments: dict[int, Message] = attrs.field(factory=dict)
+    # Results and snapshots written behind, until their commit lands.
+    pending: dict[int, Message] = attrs.field(factory=dict)
+    pending_snapshots: dict[int, Message] = attrs.field(factory=dict)
+
+
+class SQLiteStore(Store):
+    """The embedded store: one SQLite file, WAL mode, a dedicated I/O thread.
+
+    Args:
+        path: the database file (created if missing).
+        synchronous: SQLite's ``synchronous`` setting. ``"FULL"`` (the default)
+            makes every commit survive power loss; ``"NORMAL"`` survives a crash
+            of this process but not of the machine, and commits faster.
+        max_pending: how many computed results may wait to be written before
+            `wait_writable` blocks the workers producing them.
+
+    The engine opens and closes the store; a closed store can be opened again.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "FULL",
+        max_pending: int = 20_000,
+    ) -> None:
+        if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA", "OFF"):
+            raise ValueError(f"synchronous must be FULL, NORMAL, EXTRA or OFF, not {synchronous!r}")
+        if max_pending < 1:
+            raise ValueError("max_pending must be >= 1")
+        self.path = os.fspath(path)
+        self._synchronous = synchronous.upper()
+        self._max_pending = max_pending
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._procs: dict[str, _Proc] = {}
+        # Write-behind state (event-loop thread only).
+        self._outbox: list[tuple[int, int, Message | None, Message | None, bool]] = []
+        self._flushing = False
+        self._pending_count = 0
+        self._drained: trio.Event | None = None
+        self._write_error: BaseException | None = None
+        # Counters (commits is written by the I/O thread, read anywhere).
+        self._commits = 0
+        self._results_written = 0
+        self._assignments_written = 0
+        self._reads = 0
+
+    def __repr__(self) -> str:
+        state = "open" if self._thread is not None else "closed"
+        return f"<SQLiteStore {self.path!r} {state}>"
+
+    # lifecycle ------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Start the I/O thread and create or check the schema. Idempotent."""
+        if self._thread is not None:
+            return
+        self._token = trio.lowlevel.current_trio_token()
+        self._queue = queue.SimpleQueue()
+        ready: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+        thread = threading.Thread(target=self._serve, args=(ready,), name=f"hbtrio-sqlite:{self.path}", daemon=True)
+        thread.start()
+        error = await trio.to_thread.run_sync(ready.get)
+        if error is not None:
+            await trio.to_thread.run_sync(thread.join)
+            raise StoreError(f"cannot open {self.path}: {error}") from error
+        self._thread = thread
+
+    async def close(self) -> None:
+        """Write everything pending, then stop the I/O thread."""
+        thread = self._thread
+        if thread is None:
+            return
+        try:
+            await self.flush()
+        finally:
+            self._queue.put(_STOP)
+            self._thread = None
+            await trio.to_thread.run_sync(thread.join)
+            self._procs.clear()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            conn.close()
+            raise StoreError(f"schema version {version} is newer than this hbtrio ({SCHEMA_VERSION})")
+        if version < SCHEMA_VERSION:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executescript(_SCHEMA.replace("BEGIN", ""))
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT") if conn.in_transaction else None
+        return conn
+
+    # the I/O thread ---------------------------------------------------------------------------
+
+    def _serve(self, ready: queue.SimpleQueue[BaseException | None]) -> None:
+        try:
+            conn = self._connect()
+        except BaseException as exc:
+            ready.put(exc)
+            return
+        ready.put(None)
+        try:
+            while True:
+                jobs = [self._queue.get()]
+                while len(jobs) < 4096:
+                    try:
+                        jobs.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                stop = any(j is _STOP for j in jobs)
+                self._run_batch(conn, [j for j in jobs if j is not _STOP])
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
+        with self._lock:
+            jobs = [j for j in jobs if j.state == _PENDING]
+            for j in jobs:
+                j.state = _RUNNING
+        if not jobs:
+            return
+        writes = [j for j in jobs if j.write]
+        if writes:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                for j in writes:
+                    j.result = outcome.Error(StoreError(f"cannot write {self.path}: {exc}"))
+                    j.result.error.__cause__ = exc
+        for j in jobs:
+            if j.result is not None:
+                continue
+            if j.write:
+                conn.execute("SAVEPOINT job")
+            try:
+                j.result = outcome.Value(j.fn(conn))
+            except sqlite3.Error as exc:
+                err = StoreError(f"{self.path}: {exc}")
+                err.__cause__ = exc
+                j.result = outcome.Error(err)
+            except Exception as exc:
+                j.result = outcome.Error(exc)
+            if j.write:
+                if isinstance(j.result, outcome.Error):
+                    conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
+        if writes and conn.in_transaction:
+            try:
+                conn.execute("COMMIT")
+                self._commits += 1
+            except sqlite3.Error as exc:
+                conn.execute("ROLLBACK") if conn.in_transaction else None
+                for j in writes:
+                    if isinstance(j.result, outcome.Value):
+                        err = StoreError(f"commit to {self.path} failed: {exc}")
+                        err.__cause__ = exc
+                        j.result = outcome.Error(err)
+        assert self._token is not None
+        for j in jobs:
+            try:
+                self._token.run_sync_soon(j.deliver)
+            except trio.RunFinishedError:  # pragma: no cover - the engine left without closing us
+                return
+
+    # submitting jobs (event-loop thread) -------------------------------------------------------
+
+    def _submit(self, job: _Job) -> None:
+        if self._thread is None:
+            raise StoreError(f"{self!r} is not open")
+        self._queue.put(job)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], Any], *, write: bool) -> Any:
+        """Run ``fn(conn)`` on the I/O thread and return its result. Always checkpoints."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        job = _Job(fn, write, task=trio.lowlevel.current_task())
+        self._submit(job)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            with self._lock:
+                if job.state == _PENDING:
+                    job.state = _WITHDRAWN
+                    return trio.lowlevel.Abort.SUCCEEDED
+            return trio.lowlevel.Abort.FAILED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def _proc(self, pid: str) -> _Proc | None:
+        proc = self._procs.get(pid)
+        if proc is not None:
+            return proc
+
+        def load(conn: sqlite3.Connection) -> tuple[int, bytes, int, int] | None:
+            row = conn.execute("SELECT id, definition FROM processes WHERE pid = ?", (pid,)).fetchone()
+            if row is None:
+                return None
+            (latest,) = conn.execute("SELECT MAX(slot) FROM assignments WHERE proc = ?", (row[0],)).fetchone()
+            (high,) = conn.execute("SELECT MAX(slot) FROM results WHERE proc = ?", (row[0],)).fetchone()
+            return row[0], row[1], -1 if latest is None else latest, -1 if high is None else high
+
+        self._reads += 1
+        found = await self._run(load, write=False)
+        if found is None:
+            return None
+        proc = self._procs.get(pid)  # loaded by another task while we waited
+        if proc is None:
+            rowid, definition, latest, high = found
+            proc = self._procs[pid] = _Proc(rowid, decode(definition), latest, high)
+        return proc
+
+    def _loaded(self, pid: str) -> _Proc:
+        proc = self._procs.get(pid)
+        if proc is None:
+            raise StoreError(f"process {pid} is not loaded in {self!r}")
+        return proc
+
+    # processes ----------------------------------------------------------------------------------
+
+    async def put_process(self, pid: str, definition: Message, assignment: Message) -> bool:
+        def put(conn: sqlite3.Connection) -> int | None:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO processes (pid, definition) VALUES (?, ?)",
+                (pid, encode(definition)),
+            )
+            if cur.rowcount == 0:
+                return None
+            rowid = cur.lastrowid
+            conn.execute(
+                "INSERT INTO assignments (proc, slot, message_id, assignment) VALUES (?, 0, ?, ?)",
+                (rowid, assignment["message-id"], encode(assignment)),
+            )
+            return rowid
+
+        rowid = await self._run(put, write=True)
+        if rowid is None:
+            return False
+        self._assignments_written += 1
+        self._procs[pid] = _Proc(rowid, definition, 0, -1, {0: assignment})
+        return True
+
+    async def get_process(self, pid: str) -> Message | None:
+        proc = await self._proc(pid)
+        return None if proc is None else proc.definition
+
+    # assignments --------------------------------------------------------------------------------
+
+    async def append_assignments(self, pid: str, assignments: Sequence[Message]) -> None:
+        proc = await self._proc(pid)
+        if proc is None:
+            raise StoreError(f"process {pid} is not in the store")
+        if not assignments:
+            return
+        rows = [(proc.rowid, a["slot"], a["message-id"], encode(a)) for a in assignments]
+        first = rows[0][1]
+
+        def append(conn: sqlite3.Connection) -> None:
+            (latest,) = conn.execute("SELECT MAX(slot) FROM assignments WHERE proc = ?", (proc.rowid,)).fetchone()
+            if latest != first - 1:
+                raise StoreError(f"assignment for slot {first} does not follow slot {latest}")
+            conn.executemany(
+                "INSERT INTO assignments (proc, slot, message_id, assignment) VALUES (?, ?, ?, ?)", rows
+            )
+
+        await self._run(append, write=True)
+        self._assignments_written += len(rows)
+        proc.latest = max(proc.latest, assignments[-1]["slot"])
+        cache = proc.assignments
+        for a in assignments:
+            cache[a["slot"]] = a
+
+    async def latest_slot(self, pid: str) -> int:
+        proc = await self._proc(pid)
+        return -1 if proc is None else proc.latest
+
+    async def get_assignments(self, pid: str, start: int, stop: int) -> list[Message]:
+        proc = await self._proc(pid)
+        if proc is None:
+            return []
+        start, stop = max(start, 0), min(stop, proc.latest + 1)
+        if start >= stop:
+            return []
+        cache = proc.assignments
+        if all(s in cache for s in (start, stop - 1)) and all(s in cache for s in range(start, stop)):
+            await trio.lowlevel.checkpoint()
+            return [cache[s] for s in range(start, stop)]
+        rowid = proc.rowid
+
+        def read(conn: sqlite3.Connection) -> list[Message]:
+            rows = conn.execute(
+                "SELECT assignment FROM assignments WHERE proc = ? AND slot >= ? AND slot < ? ORDER BY slot",
+                (rowid, start, stop),
+            )
+            return [decode(r[0]) for r in rows]
+
+        self._reads += 1
+        return await self._run(read, write=False)  # type: ignore[no-any-return]
+
+    def get_assignment_nowait(self, pid: str, slot: int) -> Message | None:
+        proc = self._procs.get(pid)
+        if proc is None:
+            raise trio.WouldBlock
+        if slot > proc.latest:
+            return None
+        found = proc.assignments.get(slot)
+        if found is None:
+            raise trio.WouldBlock
+        return found
+
+    # results and snapshots ------------------------------------------------------------------------
+
+    def put_results_nowait(self, pid: str, results: Sequence[SlotResult]) -> None:
+        proc = self._loaded(pid)
+        rowid, pending, snaps, cache, outbox = (
+            proc.rowid,
+            proc.pending,
+            proc.pending_snapshots,
+            proc.assignments,
+            self._outbox,
+        )
+        for slot, state, snapshot in results:
+            pending[slot] = state
+            cache.pop(slot, None)
+            if snapshot is not None:
+                snaps[slot] = snapshot
+                outbox.append((rowid, slot, state, None if snapshot is state else snapshot, True))
+            else:
+                outbox.append((rowid, slot, state, None, False))
+        if results:
+            proc.result_high = max(proc.result_high, results[-1][0])
+        self._pending_count += len(results)
+        self._results_written += len(results)
+        self._kick()
+
+    async def put_snapshot(self, pid: str, slot: int, snapshot: Message) -> None:
+        proc = await self._proc(pid)
+        if proc is None:
+            raise StoreError(f"process {pid} is not in the store")
+        proc.pending_snapshots[slot] = snapshot
+        state = proc.pending.get(slot)
+        self._outbox.append((proc.rowid, slot, None, None if snapshot is state else snapshot, True))
+        self._kick()
+
+    def _kick(self) -> None:
+        """Queue one flush job for the outbox unless one is already on its way."""
+        if self._flushing or not self._outbox or self._thread is None:
+            return
+        batch, self._outbox = self._outbox, []
+        self._flushing = True
+
+        def write(conn: sqlite3.Connection) -> None:
+            results, snaps = [], []
+            for rowid, slot, state, snapshot, is_snap in batch:
+                if state is not None:
+                    results.append((rowid, slot, encode(state)))
+                if is_snap:
+                    snaps.append((rowid, slot, None if snapshot is None else encode(snapshot)))
+            conn.executemany("INSERT OR REPLACE INTO results (proc, slot, state) VALUES (?, ?, ?)", results)
+            conn.executemany("INSERT OR REPLACE INTO snapshots (proc, slot, snapshot) VALUES (?, ?, ?)", snaps)
+
+        def done(result: outcome.Outcome[Any]) -> None:
+            self._flushing = False
+            if isinstance(result, outcome.Error):
+                # Keep everything pending (still readable) and retry on the next kick or flush.
+                self._write_error = result.error
+                self._outbox[:0] = batch
+            else:
+                self._write_error = None
+                self._committed(batch)
+                self._kick()
+            if self._drained is not None and (
+                self._pending_count <= self._max_pending // 2 or self._write_error is not None
+            ):
+                self._drained.set()
+                self._drained = None
+
+        self._submit(_Job(write, True, callback=done))
+
+    def _committed(self, batch: list[tuple[int, int, Message | None, Message | None, bool]]) -> None:
+        by_row = {p.rowid: p for p in self._procs.values()}
+        for rowid, slot, state, _snapshot, is_snap in batch:
+            proc = by_row.get(rowid)
+            if proc is None:
+                continue
+            if state is not None:
+                self._pending_count -= 1
+                if proc.pending.get(slot) is state:
+                    del proc.pending[slot]
+            if is_snap:
+                proc.pending_snapshots.pop(slot, None)
+
+    async def wait_writable(self) -> None:
+        """Block while more than ``max_pending`` results wait for the disk. Not a checkpoint otherwise."""
+        while self._pending_count > self._max_pending:
+            if self._write_error is not None:
+                raise StoreError(f"writing results to {self.path} failed: {self._write_error}") from self._write_error
+            if self._drained is None:
+                self._drained = trio.Event()
+            self._kick()
+            await self._drained.wait()
+
+    async def flush(self) -> None:
+        """Return once every result and snapshot stored so far is durable. Checkpoints."""
+        if self._thread is None:
+            await trio.lowlevel.checkpoint()
+            return
+        self._kick()
+        # Jobs run in order: once this no-op write commits, earlier batches have too.
+        while True:
+            await self._run(lambda conn: None, write=True)
+            if not self._flushing and not self._outbox:
+                break
+            if self._write_error is not None and not self._flushing:
+                self._kick()
+                await self._run(lambda conn: None, write=True)
+                if self._write_error is not None:
+                    raise StoreError(f"writing to {self.path} failed: {self._write_error}") from self._write_error
+
+    def get_result_nowait(self, pid: str, slot: int) -> Message | None:
+        proc = self._procs.get(pid)
+        if proc is None:
+            raise trio.WouldBlock
+        found = proc.pending.get(slot)
+        if found is not None:
+            return found
+        if slot > proc.result_high:
+            return None
+        raise trio.WouldBlock
+
+    async def get_result(self, pid: str, slot: int) -> Message | None:
+        proc = await self._proc(pid)
+        if proc is None:
+            return None
+        try:
+            found = self.get_result_nowait(pid, slot)
+        except trio.WouldBlock:
+            pass
+        else:
+            await trio.lowlevel.checkpoint()
+            return found
+        rowid = proc.rowid
+
+        def read(conn: sqlite3.Connection) -> Message | None:
+            row = conn.execute("SELECT state FROM results WHERE proc = ? AND slot = ?", (rowid, slot)).fetchone()
+            return None if row is None else decode(row[0])
+
+        self._reads += 1
+        return await self._run(read, write=False)  # type: ignore[no-any-return]
+
+    async def latest_snapshot(self, pid: str, at_most: int) -> tuple[int, Message] | None:
+        proc = await self._proc(pid)
+        if proc is None:
+            return None
+        pending = [s for s in proc.pending_snapshots if s <= at_most]
+        best = max(pending, default=-1)
+        rowid = proc.rowid
+
+        def read(conn: sqlite3.Connection) -> tuple[int, Message] | None:
+            row = conn.execute(
+                "SELECT s.slot, s.snapshot, r.state FROM snapshots s LEFT JOIN results r"
+                " ON r.proc = s.proc AND r.slot = s.slot"
+                " WHERE s.proc = ? AND s.slot <= ? AND s.slot > ? ORDER BY s.slot DESC LIMIT 1",
+                (rowid, at_most, best),
+            ).fetchone()
+            if row is None:
+                return None
+            blob = row[1] if row[1] is not None else row[2]
+            return None if blob is None else (row[0], decode(blob))
+
+        self._reads += 1
+        found: tuple[int, Message] | None = await self._run(read, write=False)
+        if found is not None:
+            return found
+        if best < 0:
+            return None
+        return best, proc.pending_snapshots[best]
+
+    def statistics(self) -> StoreStatistics:
+        return StoreStatistics(
+            commits=self._commits,
+            pending_results=self._pending_count,
+            results_written=self._results_written,
+            assignments_written=self._assignments_written,
+            reads=self._reads,
+        )

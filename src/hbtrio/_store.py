@@ -1,0 +1,246 @@
+"""The store interface and the in-memory store.
+
+A store keeps, per process: the definition, the assignments (slot 0 is the
+definition itself), the result of every computed slot, and snapshots (full,
+restorable states) at some slots. It answers "latest snapshot at or below slot
+N" without listing slots.
+
+Theory of operation
+-------------------
+The engine's hot paths call the synchronous ``*_nowait`` methods. They answer
+from memory and raise `trio.WouldBlock` when the answer needs I/O; the engine
+then awaits the async twin. Results are written behind (`put_results_nowait`
+returns at once and the store makes them durable in batches); `wait_writable`
+applies backpressure when too much is pending, and `flush` waits until all of
+it is durable. Assignments are different: `append_assignments` returns only
+once they are durable. A result is readable (from memory) as soon as
+`put_results_nowait` returns, so "stored" means "readable" for the engine.
+
+Store methods are not checkpoints unless they say so: the async ones only
+yield when they actually wait for I/O. All of them are cancellation-safe in
+trio's sense: a write that raised `trio.Cancelled` did not happen.
+"""
+
+from __future__ import annotations
+
+import abc
+import bisect
+from collections.abc import Sequence
+
+import attrs
+
+from ._exceptions import StoreError
+from ._message import Message
+
+__all__ = ["MemoryStore", "SlotResult", "Store", "StoreStatistics"]
+
+
+#: One computed slot on its way to the store: ``(slot, state, snapshot)``.
+#: ``snapshot`` is ``None`` when the slot is not a snapshot point, the ``state``
+#: object itself when the state is its own restorable form, and a separate
+#: message when the device converts states for storage. A plain tuple: one is
+#: made per computed slot.
+SlotResult = tuple[int, Message, Message | None]
+
+
+@attrs.frozen
+class StoreStatistics:
+    """Counters of a store since it was created."""
+
+    commits: int = 0
+    pending_results: int = 0
+    results_written: int = 0
+    assignments_written: int = 0
+    reads: int = 0
+
+
+class Store(abc.ABC):
+    """What the engine needs from a store. Subclass it to add a backend."""
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Acquire resources (threads, files). Called by the engine on entry; idempotent."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Make everything durable and release resources. The store may be opened again."""
+
+    # processes -----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def put_process(self, pid: str, definition: Message, assignment: Message) -> bool:
+        """Store a definition and its slot-0 assignment, durably and atomically.
+
+        Returns ``False`` (changing nothing) when ``pid`` is already stored.
+        """
+
+    @abc.abstractmethod
+    async def get_process(self, pid: str) -> Message | None:
+        """The definition of ``pid``, or ``None``."""
+
+    # assignments ---------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def append_assignments(self, pid: str, assignments: Sequence[Message]) -> None:
+        """Durably append assignments whose slots continue the process's schedule.
+
+        Either all of them are durable when this returns, or none is and it
+        raises `StoreError` (also when the first slot is not ``latest + 1``).
+        """
+
+    @abc.abstractmethod
+    async def latest_slot(self, pid: str) -> int:
+        """The highest assigned slot of ``pid`` (``-1`` if it has none)."""
+
+    @abc.abstractmethod
+    async def get_assignments(self, pid: str, start: int, stop: int) -> list[Message]:
+        """The assignments for slots ``start`` up to ``stop`` (exclusive) that exist, in order."""
+
+    @abc.abstractmethod
+    def get_assignment_nowait(self, pid: str, slot: int) -> Message | None:
+        """The assignment at ``slot`` (``None`` if not scheduled); `trio.WouldBlock` if it needs I/O."""
+
+    # results and snapshots -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def put_results_nowait(self, pid: str, results: Sequence[SlotResult]) -> None:
+        """Store computed slots, written behind. Readable at once; never blocks."""
+
+    async def wait_writable(self) -> None:  # noqa: B027 - optional hook
+        """Block while too many results wait to be written (backpressure)."""
+
+    @abc.abstractmethod
+    def get_result_nowait(self, pid: str, slot: int) -> Message | None:
+        """The stored state at ``slot`` (``None`` if absent); `trio.WouldBlock` if it needs I/O."""
+
+    @abc.abstractmethod
+    async def get_result(self, pid: str, slot: int) -> Message | None:
+        """The stored state at ``slot``, or ``None``."""
+
+    @abc.abstractmethod
+    async def put_snapshot(self, pid: str, slot: int, snapshot: Message) -> None:
+        """Store a restorable snapshot at ``slot`` (written behind, like results)."""
+
+    @abc.abstractmethod
+    async def latest_snapshot(self, pid: str, at_most: int) -> tuple[int, Message] | None:
+        """The snapshot with the highest slot ``<= at_most``, as ``(slot, snapshot)``."""
+
+    async def flush(self) -> None:  # noqa: B027 - optional hook
+        """Return once everything stored so far is durable."""
+
+    def statistics(self) -> StoreStatistics:
+        """Counters for introspection and benchmarks."""
+        return StoreStatistics()
+
+
+@attrs.define(eq=False)
+class _Proc:
+    definition: Message
+    # assignments[i] is slot i: the list never has holes.
+    assignments: list[Message]
+    results: dict[int, Message] = attrs.field(factory=dict)
+    # Sorted ascending; snapshots[s] exists for every s in snapshot_slots.
+    snapshot_slots: list[int] = attrs.field(factory=list)
+    snapshots: dict[int, Message] = attrs.field(factory=dict)
+
+
+class MemoryStore(Store):
+    """A store in process memory: fast, and gone with the process.
+
+    Every method answers at once; none blocks or checkpoints. A `MemoryStore`
+    outlives the engines that use it, so a new engine on the same object
+    continues where the last one stopped.
+    """
+
+    def __init__(self) -> None:
+        self._procs: dict[str, _Proc] = {}
+        self._results_written = 0
+        self._assignments_written = 0
+
+    def __repr__(self) -> str:
+        return f"<MemoryStore processes={len(self._procs)}>"
+
+    def _proc(self, pid: str) -> _Proc:
+        try:
+            return self._procs[pid]
+        except KeyError:
+            raise StoreError(f"process {pid} is not in the store") from None
+
+    async def put_process(self, pid: str, definition: Message, assignment: Message) -> bool:
+        if pid in self._procs:
+            return False
+        self._procs[pid] = _Proc(definition, [assignment])
+        self._assignments_written += 1
+        return True
+
+    async def get_process(self, pid: str) -> Message | None:
+        proc = self._procs.get(pid)
+        return None if proc is None else proc.definition
+
+    async def append_assignments(self, pid: str, assignments: Sequence[Message]) -> None:
+        proc = self._proc(pid)
+        expected = len(proc.assignments)
+        for offset, assignment in enumerate(assignments):
+            if assignment["slot"] != expected + offset:
+                raise StoreError(
+                    f"assignment for slot {assignment['slot']} does not follow slot {expected - 1}"
+                )
+        proc.assignments.extend(assignments)
+        self._assignments_written += len(assignments)
+
+    async def latest_slot(self, pid: str) -> int:
+        proc = self._procs.get(pid)
+        return -1 if proc is None else len(proc.assignments) - 1
+
+    async def get_assignments(self, pid: str, start: int, stop: int) -> list[Message]:
+        proc = self._procs.get(pid)
+        return [] if proc is None else proc.assignments[max(start, 0) : max(stop, 0)]
+
+    def get_assignment_nowait(self, pid: str, slot: int) -> Message | None:
+        proc = self._procs.get(pid)
+        if proc is None or slot >= len(proc.assignments):
+            return None
+        return proc.assignments[slot]
+
+    def put_results_nowait(self, pid: str, results: Sequence[SlotResult]) -> None:
+        proc = self._proc(pid)
+        stored = proc.results
+        for slot, state, snapshot in results:
+            stored[slot] = state
+            if snapshot is not None:
+                self._add_snapshot(proc, slot, snapshot)
+        self._results_written += len(results)
+
+    def get_result_nowait(self, pid: str, slot: int) -> Message | None:
+        proc = self._procs.get(pid)
+        return None if proc is None else proc.results.get(slot)
+
+    async def get_result(self, pid: str, slot: int) -> Message | None:
+        return self.get_result_nowait(pid, slot)
+
+    async def put_snapshot(self, pid: str, slot: int, snapshot: Message) -> None:
+        self._add_snapshot(self._proc(pid), slot, snapshot)
+
+    @staticmethod
+    def _add_snapshot(proc: _Proc, slot: int, snapshot: Message) -> None:
+        if slot not in proc.snapshots:
+            slots = proc.snapshot_slots
+            if not slots or slots[-1] < slot:
+                slots.append(slot)
+            else:
+                bisect.insort(slots, slot)
+        proc.snapshots[slot] = snapshot
+
+    async def latest_snapshot(self, pid: str, at_most: int) -> tuple[int, Message] | None:
+        proc = self._procs.get(pid)
+        if proc is None:
+            return None
+        i = bisect.bisect_right(proc.snapshot_slots, at_most)
+        if i == 0:
+            return None
+        slot = proc.snapshot_slots[i - 1]
+        return slot, proc.snapshots[slot]
+
+    def statistics(self) -> StoreStatistics:
+        return StoreStatistics(
+            results_written=self._results_written,
+            assignments_written=self._assignments_written,
+        )

@@ -1,0 +1,349 @@
+"""Group workers: one long-lived task per process, holding its state in memory.
+
+Theory of operation
+-------------------
+A worker is started by the first request for its process that cannot be
+answered from the store. It restores the latest snapshot at or below the
+lowest slot anybody waits for, then loops:
+
+- while ``target`` (the highest slot ever requested of it) is ahead of
+  ``slot``, it applies the next chunk of assignments, stores each result,
+  publishes each slot to the broadcaster, and checkpoints;
+- otherwise it parks until a request wakes it or ``max_idle`` seconds pass
+  without a request, and then it stops.
+
+``target`` only grows: a request whose caller gave up (a timeout, a cancelled
+scope) still gets computed, so a later request finds it stored.
+
+On the way out (idle, `stop`, engine shutdown) the worker stores a snapshot of
+its latest state, leaves the engine's registry and hands every remaining
+waiter `LeaderDied`, which makes them re-route to a fresh worker. A crash in
+the engine's own code does the same without the snapshot, and counts as a
+leader death. A device failure is not a crash: the waiters for the failing
+slot and later ones get `ComputeError`, the worker keeps its last good state
+and waits for the next request.
+
+Fast path: a request to an idle worker (parked, nobody waiting, a plain device,
+assignments in memory) is applied by the requesting task itself, inside
+`GroupWorker.try_inline`, without waking anyone. That code never checkpoints,
+so a cancellation can never leave a half-applied slot.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from typing import TYPE_CHECKING, Final
+
+import attrs
+import trio
+
+from ._broadcast import SlotBroadcaster
+from ._exceptions import ComputeError, HbTrioError, LeaderDied, StoreError
+from ._message import Message
+from ._process import CHUNK, ProcessRuntime
+from ._store import SlotResult
+
+if TYPE_CHECKING:
+    from ._engine import Engine
+
+__all__ = ["GroupWorker", "Phase", "Reroute", "WorkerInfo"]
+
+log = logging.getLogger("hbtrio")
+
+#: Most slots a requesting task applies itself on the fast path.
+INLINE_MAX: Final = 8
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class Reroute(Exception):
+    """Internal: the worker cannot serve this slot; ask the engine again (not a leader death)."""
+
+
+@attrs.frozen
+class WorkerInfo:
+    """What `Engine.workers` tells about one live worker (a snapshot in time)."""
+
+    group: str
+    pid: str
+    phase: str
+    slot: int
+    target: int
+    waiting: int
+    idle_seconds: float
+    computed: int
+    started_at: float
+
+
+def _copy_compute_error(exc: ComputeError) -> ComputeError:
+    fresh = ComputeError(str(exc), phase=exc.phase, attempted_slot=exc.attempted_slot, pid=exc.pid)
+    fresh.__cause__ = exc.__cause__
+    return fresh
+
+
+@attrs.define(eq=False, repr=False)
+class GroupWorker:
+    """The worker of one process. Its fields change only on the event loop, between awaits."""
+
+    pid: str
+    engine: Engine
+    # Invariant: state is None until restored; afterwards state["at-slot"] == slot.
+    state: Message | None = None
+    slot: int = -1
+    # Invariant: target >= every slot a parked waiter asked of this worker.
+    target: int = -1
+    waiters: SlotBroadcaster = attrs.field(factory=SlotBroadcaster)
+    phase: Phase = Phase.STARTING
+    runtime: ProcessRuntime | None = None
+    # True while slots are being applied (by the worker or an inline request).
+    busy: bool = False
+    # The worker task while parked idle; rescheduling it wakes the worker.
+    parked: trio.lowlevel.Task | None = None
+    stop_requested: bool = False
+    stopped: trio.Event | None = None
+    last_request: float = 0.0
+    started_at: float = 0.0
+    computed: int = 0
+
+    def __repr__(self) -> str:
+        return f"<GroupWorker {self.pid[:12]}… {self.phase.value} slot={self.slot} target={self.target}>"
+
+    def info(self) -> WorkerInfo:
+        now = trio.current_time()
+        return WorkerInfo(
+            group=self.pid,
+            pid=self.pid,
+            phase=self.phase.value,
+            slot=self.slot,
+            target=self.target,
+            waiting=len(self.waiters),
+            idle_seconds=max(0.0, now - self.last_request) if not self.waiters else 0.0,
+            computed=self.computed,
+            started_at=self.started_at,
+        )
+
+    # requests (called from the requesting task) ---------------------------------------------------
+
+    def wake(self) -> None:
+        task, self.parked = self.parked, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    async def request(self, slot: int) -> Message:
+        """Wait for ``slot``. Raises `LeaderDied`/`Reroute` when this worker cannot answer."""
+        if self.phase is Phase.STOPPED:
+            raise LeaderDied(f"worker of {self.pid} is gone")
+        if self.phase is Phase.RUNNING and slot < self.slot:
+            raise Reroute
+        self.last_request = trio.current_time()
+        if slot > self.target and self.phase is not Phase.STOPPING:
+            self.target = slot
+            self.wake()
+        return await self.waiters.wait_slot(slot)
+
+    def try_inline(self, slot: int) -> Message | None:
+        """Apply up to ``slot`` in the calling task if this worker is idle; never checkpoints.
+
+        Returns the state, or ``None`` when the fast path does not apply.
+        Raises `ComputeError` (the worker keeps the slots before the failing one).
+        """
+        rt = self.runtime
+        if (
+            self.parked is None
+            or self.busy
+            or self.waiters._count
+            or rt is None
+            or not rt.plain
+            or not 0 < slot - self.slot <= INLINE_MAX
+        ):
+            return None
+        store, pid = rt.store, self.pid
+        try:
+            if slot == self.slot + 1:
+                a = store.get_assignment_nowait(pid, slot)
+                if a is None:
+                    return None
+                batch = [a]
+            else:
+                batch = []
+                for s in range(self.slot + 1, slot + 1):
+                    a = store.get_assignment_nowait(pid, s)
+                    if a is None:
+                        return None
+                    batch.append(a)
+        except trio.WouldBlock:
+            return None
+        results: list[SlotResult] = []
+        self.busy = True
+        try:
+            rt.apply_sync(self.state, batch, results, None)  # type: ignore[arg-type]
+        finally:
+            self.busy = False
+            self._commit(results)
+        self.last_request = trio.current_time()
+        if slot > self.target:
+            self.target = slot
+        return self.state
+
+    def _commit(self, results: list[SlotResult]) -> None:
+        """Adopt freshly applied slots: state, store, counters, waiters. Never blocks."""
+        if not results:
+            return
+        self.runtime.store.put_results_nowait(self.pid, results)  # type: ignore[union-attr]
+        self.slot, self.state = results[-1][0], results[-1][1]
+        n = len(results)
+        self.computed += n
+        self.engine._slots_computed += n
+        waiters = self.waiters
+        if waiters._count:
+            first = results[0][0]
+            if len(waiters._waiters) < n:
+                for s in [s for s in waiters._waiters if first <= s <= self.slot]:
+                    waiters.publish(s, results[s - first][1])
+            else:
+                for s, state, _ in results:
+                    if s in waiters._waiters:
+                        waiters.publish(s, state)
+
+    # the worker task ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The worker's task body, run in the engine's root nursery. Never raises."""
+        engine = self.engine
+        self.started_at = self.last_request = trio.current_time()
+        crashed = False
+        try:
+            try:
+                await self._start()
+            except HbTrioError as exc:
+                # The process cannot run (unknown, bad device, failing init/restore,
+                # store down): every waiter gets the reason, nobody re-routes.
+                self.waiters.fail_all(lambda _s, exc=exc: _startup_error(exc))  # type: ignore[misc]
+                return
+            await self._serve()
+        except Exception as exc:  # a bug, or a store that raised something unexpected
+            crashed = True
+            engine._leader_deaths += 1
+            log.error("worker of %s crashed", self.pid, exc_info=exc)
+        finally:
+            await self._finish(crashed)
+
+    async def _start(self) -> None:
+        engine = self.engine
+        self.runtime = rt = await ProcessRuntime.load(
+            self.pid, engine._store, engine._devices, engine._cache_frequency
+        )
+        lowest = min(self.waiters.slots(), default=self.target)
+        self.state = await rt.restore(max(lowest, 0))
+        self.slot = self.state["at-slot"]
+        self.phase = Phase.RUNNING
+        self.waiters.publish(self.slot, self.state)
+        # Waiters for slots before the snapshot are served by the engine, not by us.
+        self.waiters.fail_below(self.slot, lambda _s: Reroute())
+
+    async def _serve(self) -> None:
+        engine = self.engine
+        while not self.stop_requested:
+            if self.target > self.slot:
+                await self._compute_chunk()
+                continue
+            deadline = self.last_request + engine._max_idle
+            if trio.current_time() >= deadline and not self.waiters:
+                return  # idle eviction
+            with trio.move_on_at(deadline):
+                self.parked = trio.lowlevel.current_task()
+
+                def abort(_: object) -> trio.lowlevel.Abort:
+                    self.parked = None
+                    return trio.lowlevel.Abort.SUCCEEDED
+
+                await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def _compute_chunk(self) -> None:
+        rt = self.runtime
+        assert rt is not None and self.state is not None
+        start = self.slot + 1
+        try:
+            batch = await rt.assignments(start, min(self.target, self.slot + CHUNK) + 1)
+        except ComputeError as exc:  # not scheduled, or the schedule cannot be read
+            self._give_up(exc)
+            return
+        if self.slot != start - 1:  # an inline request moved us on while we read
+            return
+        results: list[SlotResult] = []
+        failure: ComputeError | None = None
+        self.busy = True
+        try:
+            if rt.plain:
+                rt.apply_sync(self.state, batch, results, None)
+            else:
+                await rt.apply_async(self.state, batch, results, None)
+        except ComputeError as exc:
+            failure = exc
+        finally:
+            self.busy = False
+            self._commit(results)
+        if failure is not None:
+            self._give_up(failure)
+            return
+        try:
+            await rt.store.wait_writable()
+        except StoreError as exc:
+            self.waiters.fail_from(self.slot + 1, lambda _s: _store_error(exc))
+            self.target = self.slot
+        await trio.lowlevel.checkpoint()
+
+    def _give_up(self, exc: ComputeError) -> None:
+        """Fail the waiters that needed the failing slot; keep the last good state."""
+        first = exc.attempted_slot if exc.attempted_slot is not None else self.slot + 1
+        self.waiters.fail_from(first, lambda _s: _copy_compute_error(exc))
+        self.target = self.slot
+
+    async def _finish(self, crashed: bool) -> None:
+        engine = self.engine
+        self.phase = Phase.STOPPING
+        self.parked = None
+        try:
+            if not crashed and self.runtime is not None and self.state is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(engine._shutdown_grace):
+                    await self._store_snapshot()
+        finally:
+            self.phase = Phase.STOPPED
+            if engine._workers.get(self.pid) is self:
+                del engine._workers[self.pid]
+            engine._workers_stopped += 1
+            self.waiters.fail_all(lambda _s: LeaderDied(f"the worker of {self.pid} stopped"))
+            if self.stopped is not None:
+                self.stopped.set()
+
+    async def _store_snapshot(self) -> None:
+        rt, state = self.runtime, self.state
+        assert rt is not None and state is not None
+        if self.slot % rt.cache_frequency == 0 and rt.device.snapshot is None:
+            return  # already stored as a snapshot with its result
+        try:
+            await rt.store.put_snapshot(self.pid, self.slot, await rt.snapshot_of(state))
+        except HbTrioError as exc:
+            log.warning("worker of %s could not store its snapshot: %s", self.pid, exc)
+
+
+def _startup_error(exc: HbTrioError) -> HbTrioError:
+    if isinstance(exc, ComputeError):
+        return _copy_compute_error(exc)
+    fresh = type(exc).__new__(type(exc))
+    fresh.__dict__.update(exc.__dict__)
+    fresh.args = exc.args
+    fresh.__cause__ = exc.__cause__
+    return fresh
+
+
+def _store_error(exc: StoreError) -> StoreError:
+    fresh = StoreError(str(exc))
+    fresh.__cause__ = exc.__cause__ or exc
+    return fresh
