@@ -87,10 +87,9 @@ class SlotBroadcaster:
         if tasks is None:
             return 0
         self._count -= len(tasks)
-        value = outcome.Value(state)
-        reschedule = trio.lowlevel.reschedule
-        for task in tasks:
-            reschedule(task, value)
+        reschedule, value = trio.lowlevel.reschedule, outcome.Value
+        for task in tasks:  # an outcome unwraps once: one each
+            reschedule(task, value(state))
         return len(tasks)
 
     def _fail(self, slots: list[int], make_error: Callable[[int], BaseException]) -> int:

@@ -83,8 +83,11 @@ class Execution:
         self.engine._executions_run += 1
         reschedule = trio.lowlevel.reschedule
         waiters, self.waiters = self.waiters, {}
-        for task in waiters:
-            reschedule(task, result if isinstance(result, outcome.Value) else outcome.Error(self._error(result.error)))
+        for task in waiters:  # an outcome unwraps once: one each
+            if isinstance(result, outcome.Value):
+                reschedule(task, outcome.Value(result.value))
+            else:
+                reschedule(task, outcome.Error(self._error(result.error)))
 
     def _error(self, exc: BaseException) -> BaseException:
         fresh = ComputeError(

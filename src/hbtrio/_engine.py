@@ -237,14 +237,9 @@ class Engine:
         await trio.lowlevel.checkpoint_if_cancelled()
         self._requests += 1
         worker = self._workers.get(pid)
-        if worker is not None:
-            if worker.slot == slot and worker.state is not None:
-                await self._fast_return()
-                return worker.state
-            state = worker.try_inline(slot)
-            if state is not None:
-                await self._fast_return()
-                return state
+        if worker is not None and worker.slot == slot and worker.state is not None:
+            await self._fast_return()
+            return worker.state
         store = self._store
         try:
             stored = store.get_result_nowait(pid, slot)
@@ -254,6 +249,11 @@ class Engine:
             self._cache_hits += 1
             await self._fast_return()
             return stored
+        if worker is not None:
+            state = worker.try_inline(slot)
+            if state is not None:
+                await self._fast_return()
+                return state
         try:
             latest = self._scheduler.latest_nowait(pid)
         except trio.WouldBlock:

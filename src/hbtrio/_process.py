@@ -126,11 +126,20 @@ class ProcessRuntime:
         return frozen
 
     async def restore(self, at_most: int) -> Message:
-        """The state at the latest snapshot at or below ``at_most`` (or the initial state)."""
+        """The state at the latest snapshot at or below ``at_most``.
+
+        Without one, the initial state, which is then stored as slot 0's result
+        and snapshot so that no later worker computes it again.
+        """
         found = await self.store.latest_snapshot(self.pid, at_most)
-        if found is None:
-            return await self.initial()
-        slot, snap = found
+        if found is not None:
+            return await self.from_snapshot(*found)
+        state = await self.initial()
+        self.store.put_results_nowait(self.pid, [(0, state, await self.snapshot_of(state))])
+        return state
+
+    async def from_snapshot(self, slot: int, snap: Message) -> Message:
+        """The state a stored snapshot at ``slot`` stands for."""
         d = self.device
         if d.restore is None:
             return snap if snap.get("at-slot") == slot else adopt_state(dict(snap), slot, True)
@@ -214,13 +223,13 @@ class ProcessRuntime:
         self,
         state: Message,
         assignments: list[Message],
-        results: list[SlotResult],
-        on_slot: Callable[[int, Message], None] | None,
+        on_result: Callable[[SlotResult], None],
     ) -> Message:
         """Like `apply_sync`, for any device (async methods, ``snapshot`` hooks).
 
-        Cancellation between or inside device calls leaves ``state`` at the
-        last slot that fully applied.
+        Hands each slot to ``on_result`` as soon as it applied, so slow devices
+        publish slot by slot. Cancellation between or inside device calls
+        leaves nothing half-applied: a slot exists only once ``on_result`` got it.
         """
         d = self.device
         compute, is_async, freq = d.compute, d.compute_async, self.cache_frequency
@@ -234,9 +243,7 @@ class ProcessRuntime:
                 raise self._fail(slot, exc) from exc
             snap = await self.snapshot_of(new_state) if slot % freq == 0 else None
             state = new_state
-            results.append((slot, state, snap))
-            if on_slot is not None:
-                on_slot(slot, state)
+            on_result((slot, state, snap))
         return state
 
     @property
@@ -263,7 +270,7 @@ class ProcessRuntime:
                 if self.plain:
                     state = self.apply_sync(state, batch, results, on_slot)
                 else:
-                    state = await self.apply_async(state, batch, results, on_slot)
+                    state = await self.apply_async(state, batch, results.append)
             finally:
                 if results:
                     self.store.put_results_nowait(self.pid, results)

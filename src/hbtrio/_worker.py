@@ -165,6 +165,8 @@ class GroupWorker:
             return None
         store, pid = rt.store, self.pid
         try:
+            if store.get_result_nowait(pid, self.slot + 1) is not None:
+                return None  # stored ahead of us: the worker jumps there instead
             if slot == self.slot + 1:
                 a = store.get_assignment_nowait(pid, slot)
                 if a is None:
@@ -269,6 +271,8 @@ class GroupWorker:
         rt = self.runtime
         assert rt is not None and self.state is not None
         start = self.slot + 1
+        if await self._skip_stored(start):
+            return
         try:
             batch = await rt.assignments(start, min(self.target, self.slot + CHUNK) + 1)
         except ComputeError as exc:  # not scheduled, or the schedule cannot be read
@@ -283,7 +287,10 @@ class GroupWorker:
             if rt.plain:
                 rt.apply_sync(self.state, batch, results, None)
             else:
-                await rt.apply_async(self.state, batch, results, None)
+                for a in batch:  # slot by slot, so a stop takes effect after the current slot
+                    if self.stop_requested:
+                        break
+                    await rt.apply_async(self.state, [a], lambda r: self._commit([r]))
         except ComputeError as exc:
             failure = exc
         finally:
@@ -298,6 +305,31 @@ class GroupWorker:
             self.waiters.fail_from(self.slot + 1, lambda _s: _store_error(exc))
             self.target = self.slot
         await trio.lowlevel.checkpoint()
+
+    async def _skip_stored(self, start: int) -> bool:
+        """Jump to a stored snapshot ahead of us instead of recomputing; True if we jumped.
+
+        Costs one dictionary lookup unless results beyond our slot are stored
+        (a previous worker got further than the snapshot we restored).
+        """
+        rt = self.runtime
+        assert rt is not None
+        try:
+            if rt.store.get_result_nowait(self.pid, start) is None:
+                return False
+        except trio.WouldBlock:
+            pass
+        found = await rt.store.latest_snapshot(self.pid, self.target)
+        if found is None or found[0] <= self.slot:
+            return False
+        state = await rt.from_snapshot(*found)
+        if self.slot >= found[0]:  # an inline request got there while we read
+            return False
+        self.state, self.slot = state, found[0]
+        self.waiters.publish(self.slot, state)
+        # Waiters for the slots we skipped read their stored results instead.
+        self.waiters.fail_below(self.slot, lambda _s: Reroute())
+        return True
 
     def _give_up(self, exc: ComputeError) -> None:
         """Fail the waiters that needed the failing slot; keep the last good state."""
