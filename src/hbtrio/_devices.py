@@ -18,7 +18,7 @@ import attrs
 import trio
 
 from ._exceptions import InvalidMessage, UnknownDevice
-from ._message import Message
+from ._message import Message, _Frozen
 
 __all__ = ["Counter", "DeviceInfo", "Devices", "call_maybe_async", "run_in_thread"]
 
@@ -52,8 +52,9 @@ class DeviceInfo:
     snapshot_async: bool
     restore: Callable[..., Any] | None
     restore_async: bool
-    #: True when the device promises to return valid messages built from frozen
-    #: parts (the built-in devices do); the engine then skips the value check.
+    #: True for devices written against the engine's internals (the built-in
+    #: ones): their ``compute`` returns the final read-only state, ``"at-slot"``
+    #: included, so the engine adopts it without checking or copying.
     trusted: bool
 
     @classmethod
@@ -98,7 +99,9 @@ class Devices:
     """Name -> device. The built-in devices are always there; extras may override none of them."""
 
     def __init__(self, extra: Mapping[str, object] | None = None) -> None:
-        self._devices: dict[str, DeviceInfo] = {"counter@1.0": DeviceInfo.of("counter@1.0", Counter())}
+        self._devices: dict[str, DeviceInfo] = {
+            "counter@1.0": DeviceInfo.of("counter@1.0", Counter())
+        }
         for name, obj in (extra or {}).items():
             if type(name) is not str or not name:
                 raise TypeError(f"device names must be non-empty str, not {name!r}")
@@ -132,11 +135,12 @@ class Counter:
     def init(self, process: Message) -> dict[str, Any]:
         return {"count": 0}
 
-    def compute(self, state: Message, assignment: Message) -> dict[str, Any]:
+    def compute(self, state: Message, assignment: Message) -> Message:
         n = assignment["body"].get("n", 0)
         if type(n) is not int:
             raise TypeError(f'counter@1.0: body "n" must be an int, not {type(n).__name__}')
-        return {**state, "count": state["count"] + n}
+        new: Message = _Frozen({"count": state["count"] + n, "at-slot": assignment["slot"]})
+        return new
 
 
 class _InThread:

@@ -231,15 +231,27 @@ class Engine:
         `MAX_TRIES` workers. Cancellation-safe: cancelling the caller removes
         only its wait; the worker goes on to the slot anyway.
         """
-        self._check_open()
-        validate_pid(pid)
-        validate_slot(slot)
+        if self._closed:
+            raise EngineClosed("the engine's open_engine block has exited")
+        if type(slot) is not int or slot < 0:
+            validate_slot(slot)
+        try:
+            worker = self._workers.get(pid)
+        except TypeError:  # unhashable
+            worker = None
+        if worker is None:
+            validate_pid(pid)
         await trio.lowlevel.checkpoint_if_cancelled()
         self._requests += 1
-        worker = self._workers.get(pid)
-        if worker is not None and worker.slot == slot and worker.state is not None:
-            await self._fast_return()
-            return worker.state
+        if worker is not None:
+            # Fast path: the worker's current state, or an idle worker a few slots away.
+            state = worker.state if worker.slot == slot else worker.try_inline(slot)
+            if state is not None:
+                now = time.perf_counter()
+                if now >= self._next_yield:
+                    self._next_yield = now + YIELD_EVERY
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                return state
         store = self._store
         try:
             stored = store.get_result_nowait(pid, slot)
@@ -249,11 +261,6 @@ class Engine:
             self._cache_hits += 1
             await self._fast_return()
             return stored
-        if worker is not None:
-            state = worker.try_inline(slot)
-            if state is not None:
-                await self._fast_return()
-                return state
         try:
             latest = self._scheduler.latest_nowait(pid)
         except trio.WouldBlock:
@@ -285,7 +292,7 @@ class Engine:
                     ) from None
 
     def _start_worker(self, pid: str, slot: int) -> GroupWorker:
-        worker = GroupWorker(pid, self, target=slot)
+        worker = GroupWorker(pid, self, self._store, target=slot)
         self._workers[pid] = worker
         self._workers_started += 1
         self._nursery.start_soon(worker.run, name=f"hbtrio worker {pid}")
@@ -341,7 +348,9 @@ class Engine:
                 return await self.compute(pid, request.get("slot"))  # type: ignore[arg-type]
             if path == "now":
                 return await self.now(pid)
-            raise InvalidMessage(f"path: {PROCESS_DEVICE} resolves 'compute' and 'now', not {path!r}")
+            raise InvalidMessage(
+                f"path: {PROCESS_DEVICE} resolves 'compute' and 'now', not {path!r}"
+            )
         device = self._devices.get(device_name)
         fn, is_async = device.method(path)
         base_id, request_id = message_id(base), message_id(request)
@@ -351,7 +360,9 @@ class Engine:
             group = message_id({"base": base_id, "request": request_id})
             execution = Execution(key, group, self, device.name, path)  # type: ignore[arg-type]
             self._executions[key] = execution
-            self._nursery.start_soon(execution.run, fn, is_async, base, request, name=f"hbtrio resolve {group}")
+            self._nursery.start_soon(
+                execution.run, fn, is_async, base, request, name=f"hbtrio resolve {group}"
+            )
         else:
             self._deduplicated += 1
         return await execution.wait()

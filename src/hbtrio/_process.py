@@ -22,7 +22,7 @@ import trio
 
 from ._devices import PROCESS_DEVICE, DeviceInfo, Devices, call_maybe_async
 from ._exceptions import ComputeError, InvalidMessage, ProcessNotFound, SlotNotScheduled, StoreError
-from ._message import _TRUSTED, Message, _Frozen, freeze
+from ._message import _TRUSTED, Message, _Frozen, freeze, validate_slot
 from ._store import SlotResult, Store
 
 __all__ = ["ProcessRuntime", "compute_slot", "validate_definition"]
@@ -41,7 +41,9 @@ def validate_definition(definition: object, devices: Devices) -> Message:
     """
     msg = freeze(definition, what="definition")
     if msg.get("device") != PROCESS_DEVICE:
-        raise InvalidMessage(f'definition: "device" must be {PROCESS_DEVICE!r}, not {msg.get("device")!r}')
+        raise InvalidMessage(
+            f'definition: "device" must be {PROCESS_DEVICE!r}, not {msg.get("device")!r}'
+        )
     name = msg.get("execution-device")
     if type(name) is not str:
         raise InvalidMessage('definition: "execution-device" must be a device name (str)')
@@ -55,6 +57,7 @@ def adopt_state(new: object, slot: int, trusted: bool) -> Message:
     A fresh ``dict`` whose values are already frozen is checked at its top
     level only; anything else is validated and frozen in full.
     """
+    state: Message
     if type(new) is dict:
         if not trusted:
             for key, value in new.items():
@@ -81,7 +84,9 @@ class ProcessRuntime:
     cache_frequency: int
 
     @classmethod
-    async def load(cls, pid: str, store: Store, devices: Devices, cache_frequency: int) -> ProcessRuntime:
+    async def load(
+        cls, pid: str, store: Store, devices: Devices, cache_frequency: int
+    ) -> ProcessRuntime:
         """Look up ``pid``'s definition. Raises `ProcessNotFound` or `UnknownDevice`."""
         definition = await store.get_process(pid)
         if definition is None:
@@ -158,20 +163,13 @@ class ProcessRuntime:
         """
         store, pid = self.store, self.pid
         try:
-            first = store.get_assignment_nowait(pid, start)
-            if first is None:
-                raise self._not_scheduled(start, await store.latest_slot(pid))
-            if stop == start + 1:
-                return [first]
-            out = [first]
-            for slot in range(start + 1, stop):
-                a = store.get_assignment_nowait(pid, slot)
-                if a is None:
-                    break
-                out.append(a)
-            return out
+            got = store.get_assignments_nowait(pid, start, stop)
         except trio.WouldBlock:
             pass
+        else:
+            if not got:
+                raise self._not_scheduled(start, await store.latest_slot(pid))
+            return got
         try:
             got = await store.get_assignments(pid, start, stop)
         except StoreError as exc:
@@ -191,33 +189,34 @@ class ProcessRuntime:
     # applying slots ------------------------------------------------------------------------------
 
     def apply_sync(
-        self,
-        state: Message,
-        assignments: list[Message],
-        results: list[SlotResult],
-        on_slot: Callable[[int, Message], None] | None,
-    ) -> Message:
+        self, state: Message, assignments: list[Message], results: list[SlotResult]
+    ) -> None:
         """Apply ``assignments`` in order with a plain (non-async) device.
 
-        Appends each slot's result to ``results`` and calls ``on_slot`` after
-        each slot. Returns the last good state; on a device failure raises
-        `ComputeError` after the slots before it were appended. Never
-        checkpoints: nothing can interrupt a slot halfway.
+        Appends each slot's ``(slot, state, snapshot)`` to ``results``; on a
+        device failure raises `ComputeError` after the slots before it were
+        appended. Never checkpoints, so nothing can interrupt a slot halfway.
         """
         d = self.device
-        compute, trusted, freq = d.compute, d.trusted, self.cache_frequency
+        compute, freq = d.compute, self.cache_frequency
         assert compute is not None and d.snapshot is None
         append = results.append
+        if d.trusted:  # returns the final state, "at-slot" included
+            for a in assignments:
+                try:
+                    state = compute(state, a)
+                except Exception as exc:
+                    raise self._fail(a["slot"], exc) from exc
+                slot = state["at-slot"]
+                append((slot, state, state if slot % freq == 0 else None))
+            return
         for a in assignments:
             slot = a["slot"]
             try:
-                state = adopt_state(compute(state, a), slot, trusted)
+                state = adopt_state(compute(state, a), slot, False)
             except Exception as exc:
                 raise self._fail(slot, exc) from exc
             append((slot, state, state if slot % freq == 0 else None))
-            if on_slot is not None:
-                on_slot(slot, state)
-        return state
 
     async def apply_async(
         self,
@@ -255,7 +254,6 @@ class ProcessRuntime:
         self,
         state: Message,
         target: int,
-        on_slot: Callable[[int, Message], None] | None = None,
     ) -> Message:
         """Apply slots after ``state["at-slot"]`` up to ``target``, storing each result.
 
@@ -268,7 +266,9 @@ class ProcessRuntime:
             results: list[SlotResult] = []
             try:
                 if self.plain:
-                    state = self.apply_sync(state, batch, results, on_slot)
+                    self.apply_sync(state, batch, results)
+                    if results:
+                        state = results[-1][1]
                 else:
                     state = await self.apply_async(state, batch, results.append)
             finally:
@@ -288,8 +288,12 @@ async def compute_slot(
     Answers from the stored result when there is one; otherwise restores the
     nearest snapshot at or below ``slot`` and replays the assignments after it,
     storing what it computes. Checkpoints; cancellation leaves the store with
-    the slots computed so far (each complete).
+    the slots computed so far (each complete). Raises `InvalidMessage` for a
+    slot that is not a non-negative ``int``.
     """
+    validate_slot(slot)
+    if type(cache_frequency) is not int or cache_frequency < 1:
+        raise ValueError(f"cache_frequency must be an int >= 1, not {cache_frequency!r}")
     try:
         stored = store.get_result_nowait(pid, slot)
     except trio.WouldBlock:
@@ -304,4 +308,3 @@ async def compute_slot(
     else:
         await trio.lowlevel.checkpoint()
     return state
-

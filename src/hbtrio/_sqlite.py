@@ -178,7 +178,9 @@ class SQLiteStore(Store):
         self._token = trio.lowlevel.current_trio_token()
         self._queue = queue.SimpleQueue()
         ready: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
-        thread = threading.Thread(target=self._serve, args=(ready,), name=f"hbtrio-sqlite:{self.path}", daemon=True)
+        thread = threading.Thread(
+            target=self._serve, args=(ready,), name=f"hbtrio-sqlite:{self.path}", daemon=True
+        )
         thread.start()
         error = await trio.to_thread.run_sync(ready.get)
         if error is not None:
@@ -200,13 +202,17 @@ class SQLiteStore(Store):
             self._procs.clear()
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=5.0
+        )
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             conn.close()
-            raise StoreError(f"schema version {version} is newer than this hbtrio ({SCHEMA_VERSION})")
+            raise StoreError(
+                f"schema version {version} is newer than this hbtrio ({SCHEMA_VERSION})"
+            )
         if version < SCHEMA_VERSION:
             conn.execute("BEGIN IMMEDIATE")
             conn.executescript(_SCHEMA.replace("BEGIN", ""))
@@ -316,11 +322,17 @@ class SQLiteStore(Store):
             return proc
 
         def load(conn: sqlite3.Connection) -> tuple[int, bytes, int, int] | None:
-            row = conn.execute("SELECT id, definition FROM processes WHERE pid = ?", (pid,)).fetchone()
+            row = conn.execute(
+                "SELECT id, definition FROM processes WHERE pid = ?", (pid,)
+            ).fetchone()
             if row is None:
                 return None
-            (latest,) = conn.execute("SELECT MAX(slot) FROM assignments WHERE proc = ?", (row[0],)).fetchone()
-            (high,) = conn.execute("SELECT MAX(slot) FROM results WHERE proc = ?", (row[0],)).fetchone()
+            (latest,) = conn.execute(
+                "SELECT MAX(slot) FROM assignments WHERE proc = ?", (row[0],)
+            ).fetchone()
+            (high,) = conn.execute(
+                "SELECT MAX(slot) FROM results WHERE proc = ?", (row[0],)
+            ).fetchone()
             return row[0], row[1], -1 if latest is None else latest, -1 if high is None else high
 
         self._reads += 1
@@ -379,11 +391,14 @@ class SQLiteStore(Store):
         first = rows[0][1]
 
         def append(conn: sqlite3.Connection) -> None:
-            (latest,) = conn.execute("SELECT MAX(slot) FROM assignments WHERE proc = ?", (proc.rowid,)).fetchone()
+            (latest,) = conn.execute(
+                "SELECT MAX(slot) FROM assignments WHERE proc = ?", (proc.rowid,)
+            ).fetchone()
             if latest != first - 1:
                 raise StoreError(f"assignment for slot {first} does not follow slot {latest}")
             conn.executemany(
-                "INSERT INTO assignments (proc, slot, message_id, assignment) VALUES (?, ?, ?, ?)", rows
+                "INSERT INTO assignments (proc, slot, message_id, assignment) VALUES (?, ?, ?, ?)",
+                rows,
             )
 
         await self._run(append, write=True)
@@ -405,14 +420,17 @@ class SQLiteStore(Store):
         if start >= stop:
             return []
         cache = proc.assignments
-        if all(s in cache for s in (start, stop - 1)) and all(s in cache for s in range(start, stop)):
+        if all(s in cache for s in (start, stop - 1)) and all(
+            s in cache for s in range(start, stop)
+        ):
             await trio.lowlevel.checkpoint()
             return [cache[s] for s in range(start, stop)]
         rowid = proc.rowid
 
         def read(conn: sqlite3.Connection) -> list[Message]:
             rows = conn.execute(
-                "SELECT assignment FROM assignments WHERE proc = ? AND slot >= ? AND slot < ? ORDER BY slot",
+                "SELECT assignment FROM assignments"
+                " WHERE proc = ? AND slot >= ? AND slot < ? ORDER BY slot",
                 (rowid, start, stop),
             )
             return [decode(r[0]) for r in rows]
@@ -420,16 +438,22 @@ class SQLiteStore(Store):
         self._reads += 1
         return await self._run(read, write=False)  # type: ignore[no-any-return]
 
-    def get_assignment_nowait(self, pid: str, slot: int) -> Message | None:
+    def get_assignments_nowait(self, pid: str, start: int, stop: int) -> list[Message]:
         proc = self._procs.get(pid)
         if proc is None:
             raise trio.WouldBlock
-        if slot > proc.latest:
-            return None
-        found = proc.assignments.get(slot)
-        if found is None:
-            raise trio.WouldBlock
-        return found
+        if start > proc.latest:
+            return []
+        cache = proc.assignments
+        out: list[Message] = []
+        for slot in range(max(start, 0), min(stop, proc.latest + 1)):
+            found = cache.get(slot)
+            if found is None:
+                if not out:
+                    raise trio.WouldBlock
+                break
+            out.append(found)
+        return out
 
     # results and snapshots ------------------------------------------------------------------------
 
@@ -442,7 +466,10 @@ class SQLiteStore(Store):
             proc.assignments,
             self._outbox,
         )
+        high = proc.result_high
         for slot, state, snapshot in results:
+            if slot > high:
+                high = slot
             pending[slot] = state
             cache.pop(slot, None)
             if snapshot is not None:
@@ -450,8 +477,7 @@ class SQLiteStore(Store):
                 outbox.append((rowid, slot, state, None if snapshot is state else snapshot, True))
             else:
                 outbox.append((rowid, slot, state, None, False))
-        if results:
-            proc.result_high = max(proc.result_high, results[-1][0])
+        proc.result_high = high
         self._pending_count += len(results)
         self._results_written += len(results)
         self._kick()
@@ -479,8 +505,12 @@ class SQLiteStore(Store):
                     results.append((rowid, slot, encode(state)))
                 if is_snap:
                     snaps.append((rowid, slot, None if snapshot is None else encode(snapshot)))
-            conn.executemany("INSERT OR REPLACE INTO results (proc, slot, state) VALUES (?, ?, ?)", results)
-            conn.executemany("INSERT OR REPLACE INTO snapshots (proc, slot, snapshot) VALUES (?, ?, ?)", snaps)
+            conn.executemany(
+                "INSERT OR REPLACE INTO results (proc, slot, state) VALUES (?, ?, ?)", results
+            )
+            conn.executemany(
+                "INSERT OR REPLACE INTO snapshots (proc, slot, snapshot) VALUES (?, ?, ?)", snaps
+            )
 
         def done(result: outcome.Outcome[Any]) -> None:
             self._flushing = False
@@ -500,7 +530,9 @@ class SQLiteStore(Store):
 
         self._submit(_Job(write, True, callback=done))
 
-    def _committed(self, batch: list[tuple[int, int, Message | None, Message | None, bool]]) -> None:
+    def _committed(
+        self, batch: list[tuple[int, int, Message | None, Message | None, bool]]
+    ) -> None:
         by_row = {p.rowid: p for p in self._procs.values()}
         for rowid, slot, state, _snapshot, is_snap in batch:
             proc = by_row.get(rowid)
@@ -514,10 +546,15 @@ class SQLiteStore(Store):
                 proc.pending_snapshots.pop(slot, None)
 
     async def wait_writable(self) -> None:
-        """Block while more than ``max_pending`` results wait for the disk. Not a checkpoint otherwise."""
+        """Block while more than ``max_pending`` results wait for the disk.
+
+        Not a checkpoint when nothing needs to wait.
+        """
         while self._pending_count > self._max_pending:
             if self._write_error is not None:
-                raise StoreError(f"writing results to {self.path} failed: {self._write_error}") from self._write_error
+                raise StoreError(
+                    f"writing results to {self.path} failed: {self._write_error}"
+                ) from self._write_error
             if self._drained is None:
                 self._drained = trio.Event()
             self._kick()
@@ -538,7 +575,9 @@ class SQLiteStore(Store):
                 self._kick()
                 await self._run(lambda conn: None, write=True)
                 if self._write_error is not None:
-                    raise StoreError(f"writing to {self.path} failed: {self._write_error}") from self._write_error
+                    raise StoreError(
+                        f"writing to {self.path} failed: {self._write_error}"
+                    ) from self._write_error
 
     def get_result_nowait(self, pid: str, slot: int) -> Message | None:
         proc = self._procs.get(pid)
@@ -565,7 +604,9 @@ class SQLiteStore(Store):
         rowid = proc.rowid
 
         def read(conn: sqlite3.Connection) -> Message | None:
-            row = conn.execute("SELECT state FROM results WHERE proc = ? AND slot = ?", (rowid, slot)).fetchone()
+            row = conn.execute(
+                "SELECT state FROM results WHERE proc = ? AND slot = ?", (rowid, slot)
+            ).fetchone()
             return None if row is None else decode(row[0])
 
         self._reads += 1

@@ -95,8 +95,11 @@ class Store(abc.ABC):
         """The assignments for slots ``start`` up to ``stop`` (exclusive) that exist, in order."""
 
     @abc.abstractmethod
-    def get_assignment_nowait(self, pid: str, slot: int) -> Message | None:
-        """The assignment at ``slot`` (``None`` if not scheduled); `trio.WouldBlock` if it needs I/O."""
+    def get_assignments_nowait(self, pid: str, start: int, stop: int) -> list[Message]:
+        """Like `get_assignments`, from memory: raises `trio.WouldBlock` if it needs I/O.
+
+        An empty list means ``start`` is not scheduled.
+        """
 
     # results and snapshots -------------------------------------------------------------------
 
@@ -137,8 +140,10 @@ class _Proc:
     # assignments[i] is slot i: the list never has holes.
     assignments: list[Message]
     results: dict[int, Message] = attrs.field(factory=dict)
-    # Sorted ascending; snapshots[s] exists for every s in snapshot_slots.
+    # Sorted ascending: the slots that have a snapshot.
     snapshot_slots: list[int] = attrs.field(factory=list)
+    # Snapshots that are not the slot's result object; a snapshot slot missing
+    # here has its result as its snapshot.
     snapshots: dict[int, Message] = attrs.field(factory=dict)
 
 
@@ -194,19 +199,22 @@ class MemoryStore(Store):
         proc = self._procs.get(pid)
         return [] if proc is None else proc.assignments[max(start, 0) : max(stop, 0)]
 
-    def get_assignment_nowait(self, pid: str, slot: int) -> Message | None:
+    def get_assignments_nowait(self, pid: str, start: int, stop: int) -> list[Message]:
         proc = self._procs.get(pid)
-        if proc is None or slot >= len(proc.assignments):
-            return None
-        return proc.assignments[slot]
+        return [] if proc is None else proc.assignments[max(start, 0) : max(stop, 0)]
 
     def put_results_nowait(self, pid: str, results: Sequence[SlotResult]) -> None:
         proc = self._proc(pid)
-        stored = proc.results
+        stored, slots, custom = proc.results, proc.snapshot_slots, proc.snapshots
         for slot, state, snapshot in results:
             stored[slot] = state
             if snapshot is not None:
-                self._add_snapshot(proc, slot, snapshot)
+                if slots and slots[-1] >= slot:
+                    self._add_snapshot(proc, slot, snapshot)
+                else:
+                    slots.append(slot)
+                    if snapshot is not state:
+                        custom[slot] = snapshot
         self._results_written += len(results)
 
     def get_result_nowait(self, pid: str, slot: int) -> Message | None:
@@ -221,13 +229,14 @@ class MemoryStore(Store):
 
     @staticmethod
     def _add_snapshot(proc: _Proc, slot: int, snapshot: Message) -> None:
-        if slot not in proc.snapshots:
-            slots = proc.snapshot_slots
-            if not slots or slots[-1] < slot:
-                slots.append(slot)
-            else:
-                bisect.insort(slots, slot)
-        proc.snapshots[slot] = snapshot
+        slots = proc.snapshot_slots
+        i = bisect.bisect_left(slots, slot)
+        if i == len(slots) or slots[i] != slot:
+            slots.insert(i, slot)
+        if snapshot is proc.results.get(slot):
+            proc.snapshots.pop(slot, None)
+        else:
+            proc.snapshots[slot] = snapshot
 
     async def latest_snapshot(self, pid: str, at_most: int) -> tuple[int, Message] | None:
         proc = self._procs.get(pid)
@@ -237,7 +246,8 @@ class MemoryStore(Store):
         if i == 0:
             return None
         slot = proc.snapshot_slots[i - 1]
-        return slot, proc.snapshots[slot]
+        found = proc.snapshots.get(slot)
+        return slot, proc.results[slot] if found is None else found
 
     def statistics(self) -> StoreStatistics:
         return StoreStatistics(

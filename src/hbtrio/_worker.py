@@ -42,7 +42,7 @@ from ._broadcast import SlotBroadcaster
 from ._exceptions import ComputeError, HbTrioError, LeaderDied, StoreError
 from ._message import Message
 from ._process import CHUNK, ProcessRuntime
-from ._store import SlotResult
+from ._store import SlotResult, Store
 
 if TYPE_CHECKING:
     from ._engine import Engine
@@ -93,6 +93,7 @@ class GroupWorker:
 
     pid: str
     engine: Engine
+    store: Store
     # Invariant: state is None until restored; afterwards state["at-slot"] == slot.
     state: Message | None = None
     slot: int = -1
@@ -101,6 +102,8 @@ class GroupWorker:
     waiters: SlotBroadcaster = attrs.field(factory=SlotBroadcaster)
     phase: Phase = Phase.STARTING
     runtime: ProcessRuntime | None = None
+    # True once running with a device whose slots apply synchronously.
+    plain: bool = False
     # True while slots are being applied (by the worker or an inline request).
     busy: bool = False
     # The worker task while parked idle; rescheduling it wakes the worker.
@@ -112,7 +115,8 @@ class GroupWorker:
     computed: int = 0
 
     def __repr__(self) -> str:
-        return f"<GroupWorker {self.pid[:12]}… {self.phase.value} slot={self.slot} target={self.target}>"
+        phase, pid = self.phase.value, self.pid[:12]
+        return f"<GroupWorker {pid}… {phase} slot={self.slot} target={self.target}>"
 
     def info(self) -> WorkerInfo:
         now = trio.current_time()
@@ -148,45 +152,31 @@ class GroupWorker:
         return await self.waiters.wait_slot(slot)
 
     def try_inline(self, slot: int) -> Message | None:
-        """Apply up to ``slot`` in the calling task if this worker is idle; never checkpoints.
+        """Apply up to ``slot`` in the calling task if this worker is idle. Never checkpoints.
 
-        Returns the state, or ``None`` when the fast path does not apply.
-        Raises `ComputeError` (the worker keeps the slots before the failing one).
+        Returns the state, or ``None`` when the fast path does not apply (the
+        worker is busy or starting, somebody waits, the device is async, the
+        gap is large, or the assignments or stored results need I/O). Raises
+        `ComputeError`; the worker then keeps the slots before the failing one.
         """
-        rt = self.runtime
-        if (
-            self.parked is None
-            or self.busy
-            or self.waiters._count
-            or rt is None
-            or not rt.plain
-            or not 0 < slot - self.slot <= INLINE_MAX
-        ):
+        gap = slot - self.slot
+        if self.parked is None or not self.plain or self.waiters._count:
             return None
-        store, pid = rt.store, self.pid
+        if not 0 < gap <= INLINE_MAX:
+            return None
+        store, pid, start = self.store, self.pid, self.slot + 1
         try:
-            if store.get_result_nowait(pid, self.slot + 1) is not None:
+            if store.get_result_nowait(pid, start) is not None:
                 return None  # stored ahead of us: the worker jumps there instead
-            if slot == self.slot + 1:
-                a = store.get_assignment_nowait(pid, slot)
-                if a is None:
-                    return None
-                batch = [a]
-            else:
-                batch = []
-                for s in range(self.slot + 1, slot + 1):
-                    a = store.get_assignment_nowait(pid, s)
-                    if a is None:
-                        return None
-                    batch.append(a)
+            batch = store.get_assignments_nowait(pid, start, slot + 1)
         except trio.WouldBlock:
             return None
+        if len(batch) != gap:
+            return None
         results: list[SlotResult] = []
-        self.busy = True
         try:
-            rt.apply_sync(self.state, batch, results, None)  # type: ignore[arg-type]
+            self.runtime.apply_sync(self.state, batch, results)  # type: ignore[union-attr,arg-type]
         finally:
-            self.busy = False
             self._commit(results)
         self.last_request = trio.current_time()
         if slot > self.target:
@@ -197,7 +187,7 @@ class GroupWorker:
         """Adopt freshly applied slots: state, store, counters, waiters. Never blocks."""
         if not results:
             return
-        self.runtime.store.put_results_nowait(self.pid, results)  # type: ignore[union-attr]
+        self.store.put_results_nowait(self.pid, results)
         self.slot, self.state = results[-1][0], results[-1][1]
         n = len(results)
         self.computed += n
@@ -245,6 +235,7 @@ class GroupWorker:
         self.state = await rt.restore(max(lowest, 0))
         self.slot = self.state["at-slot"]
         self.phase = Phase.RUNNING
+        self.plain = rt.plain
         self.waiters.publish(self.slot, self.state)
         # Waiters for slots before the snapshot are served by the engine, not by us.
         self.waiters.fail_below(self.slot, lambda _s: Reroute())
@@ -285,7 +276,7 @@ class GroupWorker:
         self.busy = True
         try:
             if rt.plain:
-                rt.apply_sync(self.state, batch, results, None)
+                rt.apply_sync(self.state, batch, results)
             else:
                 for a in batch:  # slot by slot, so a stop takes effect after the current slot
                     if self.stop_requested:
@@ -302,7 +293,8 @@ class GroupWorker:
         try:
             await rt.store.wait_writable()
         except StoreError as exc:
-            self.waiters.fail_from(self.slot + 1, lambda _s: _store_error(exc))
+            error = exc
+            self.waiters.fail_from(self.slot + 1, lambda _s: _store_error(error))
             self.target = self.slot
         await trio.lowlevel.checkpoint()
 
