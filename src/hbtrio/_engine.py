@@ -3,8 +3,9 @@
 Supervision tree::
 
     open_engine()                 root nursery
-     |-- GroupWorker.run "pid-A"  one task per live process worker
-     |-- GroupWorker.run "pid-B"
+     |-- IdleReaper.run           evicts idle workers at their deadlines
+     |-- GroupWorker.run "pid-A"  a task per process worker that has work
+     |-- GroupWorker.run "pid-B"  (idle workers keep their state, not a task)
      '-- Execution.run (key)      one task per deduplicated resolution in flight
 
 Callers never own engine tasks: they park on a worker's broadcaster or on an
@@ -32,6 +33,7 @@ import trio
 from ._dedup import Execution, ExecutionInfo
 from ._devices import PROCESS_DEVICE, Devices
 from ._exceptions import EngineClosed, InvalidMessage, LeaderDied, SlotNotScheduled
+from ._idle import IdleReaper
 from ._message import Message, freeze, message_id, validate_pid, validate_slot
 from ._process import compute_slot, validate_definition
 from ._scheduler import Scheduler
@@ -119,6 +121,7 @@ class Engine:
         self._cache_frequency = cache_frequency
         self._shutdown_grace = shutdown_grace
         self._scheduler = Scheduler(store)
+        self._reaper = IdleReaper(max_idle)
         self._workers: dict[str, GroupWorker] = {}
         self._executions: dict[tuple[str, str], Execution] = {}
         self._closed = False
@@ -320,8 +323,10 @@ class Engine:
     async def _stop_worker(self, worker: GroupWorker) -> None:
         if worker.stopped is None:
             worker.stopped = trio.Event()
-        worker.stop_requested = True
-        worker.wake()
+        if not worker.stop_requested:
+            worker.stop_requested = True
+            if worker.phase is Phase.IDLE:  # no task to notice: retire it in one of ours
+                self._nursery.start_soon(worker.retire)
         await worker.stopped.wait()
 
     # generic resolution --------------------------------------------------------------------------
@@ -423,6 +428,7 @@ async def open_engine(
                 cache_frequency=cache_frequency,
                 shutdown_grace=shutdown_grace,
             )
+            nursery.start_soon(engine._reaper.run, name="hbtrio idle reaper")
             try:
                 yield engine
             finally:

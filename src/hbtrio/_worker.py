@@ -1,32 +1,36 @@
-"""Group workers: one long-lived task per process, holding its state in memory.
+"""Group workers: one per process, holding its state in memory between requests.
 
 Theory of operation
 -------------------
-A worker is started by the first request for its process that cannot be
-answered from the store. It restores the latest snapshot at or below the
-lowest slot anybody waits for, then loops:
+A worker is created by the first request for its process that the store
+cannot answer. It lives in the engine's registry until it is evicted, stopped
+or crashes, and it keeps the process state in memory all that time. It runs a
+task (in the engine's root nursery) only while it has work:
 
-- while ``target`` (the highest slot ever requested of it) is ahead of
-  ``slot``, it applies the next chunk of assignments, stores each result,
-  publishes each slot to the broadcaster, and checkpoints;
-- otherwise it parks until a request wakes it or ``max_idle`` seconds pass
-  without a request, and then it stops.
+- ``STARTING``: its task restores the latest snapshot at or below the lowest
+  slot anybody waits for (or runs ``init``);
+- ``RUNNING``: while ``target`` (the highest slot requested of it) is ahead of
+  ``slot``, its task applies the next chunk of assignments, stores each
+  result, publishes each slot to the broadcaster, and checkpoints;
+- ``IDLE``: caught up, the task has exited; the state waits in memory. A
+  request a few slots ahead is applied by the requesting task itself
+  (`GroupWorker.try_inline`), without waking anyone; a larger or async one
+  starts the task again. The engine's `IdleReaper` evicts a worker that has
+  had no request for ``max_idle`` seconds;
+- ``STOPPING`` -> ``STOPPED``: it stores a snapshot of its latest state,
+  leaves the registry, and hands every remaining waiter `LeaderDied`, which
+  makes them re-route to a fresh worker.
 
 ``target`` only grows: a request whose caller gave up (a timeout, a cancelled
-scope) still gets computed, so a later request finds it stored.
+scope) is still computed, so a later request finds it stored. A crash in the
+engine's own code ends the worker without a snapshot and counts as a leader
+death. A device failure is not a crash: the waiters for the failing slot and
+later ones get `ComputeError`, and the worker keeps its last good state.
 
-On the way out (idle, `stop`, engine shutdown) the worker stores a snapshot of
-its latest state, leaves the engine's registry and hands every remaining
-waiter `LeaderDied`, which makes them re-route to a fresh worker. A crash in
-the engine's own code does the same without the snapshot, and counts as a
-leader death. A device failure is not a crash: the waiters for the failing
-slot and later ones get `ComputeError`, the worker keeps its last good state
-and waits for the next request.
-
-Fast path: a request to an idle worker (parked, nobody waiting, a plain device,
-assignments in memory) is applied by the requesting task itself, inside
-`GroupWorker.try_inline`, without waking anyone. That code never checkpoints,
-so a cancellation can never leave a half-applied slot.
+No task exists for an idle worker, so an idle process costs its state and a
+few hundred bytes, and a request served inline costs no task switch. Inline
+application never checkpoints, so a cancellation can never leave a
+half-applied slot; and it only happens when no task is working on the process.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ INLINE_MAX: Final = 8
 class Phase(enum.Enum):
     STARTING = "starting"
     RUNNING = "running"
+    IDLE = "idle"
     STOPPING = "stopping"
     STOPPED = "stopped"
 
@@ -97,26 +102,23 @@ class GroupWorker:
     # Invariant: state is None until restored; afterwards state["at-slot"] == slot.
     state: Message | None = None
     slot: int = -1
-    # Invariant: target >= every slot a parked waiter asked of this worker.
+    # Invariant: target >= every slot a parked waiter asked of this worker, and
+    # target <= slot whenever phase is IDLE (so an idle worker has no waiters).
     target: int = -1
     waiters: SlotBroadcaster = attrs.field(factory=SlotBroadcaster)
+    # Invariant: a task runs this worker exactly while phase is STARTING or RUNNING
+    # (or STOPPING after one of those).
     phase: Phase = Phase.STARTING
     runtime: ProcessRuntime | None = None
-    # True once running with a device whose slots apply synchronously.
+    # True once restored, with a device whose slots apply synchronously.
     plain: bool = False
-    # True while slots are being applied (by the worker or an inline request).
-    busy: bool = False
-    # The worker task while parked idle; rescheduling it wakes the worker.
-    parked: trio.lowlevel.Task | None = None
     stop_requested: bool = False
     stopped: trio.Event | None = None
     last_request: float = 0.0
     started_at: float = 0.0
     computed: int = 0
-
-    def __repr__(self) -> str:
-        phase, pid = self.phase.value, self.pid[:12]
-        return f"<GroupWorker {pid}… {phase} slot={self.slot} target={self.target}>"
+    # True while the idle reaper holds an entry for this worker.
+    watched: bool = False
 
     def info(self) -> WorkerInfo:
         now = trio.current_time()
@@ -134,21 +136,26 @@ class GroupWorker:
 
     # requests (called from the requesting task) ---------------------------------------------------
 
-    def wake(self) -> None:
-        task, self.parked = self.parked, None
-        if task is not None:
-            trio.lowlevel.reschedule(task)
-
     async def request(self, slot: int) -> Message:
-        """Wait for ``slot``. Raises `LeaderDied`/`Reroute` when this worker cannot answer."""
-        if self.phase is Phase.STOPPED:
-            raise LeaderDied(f"worker of {self.pid} is gone")
-        if self.phase is Phase.RUNNING and slot < self.slot:
-            raise Reroute
+        """Wait for ``slot``, starting the worker's task if it is idle.
+
+        Raises `LeaderDied` if the worker is gone or goes before answering,
+        `Reroute` if it is already past ``slot``. Cancellation-atomic.
+        """
+        phase = self.phase
+        if phase is Phase.STOPPED:
+            raise LeaderDied(f"the worker of {self.pid} is gone")
+        if phase is Phase.RUNNING or phase is Phase.IDLE:
+            if slot == self.slot:
+                return self.state  # type: ignore[return-value]
+            if slot < self.slot:
+                raise Reroute
         self.last_request = trio.current_time()
-        if slot > self.target and self.phase is not Phase.STOPPING:
+        if slot > self.target and phase is not Phase.STOPPING:
             self.target = slot
-            self.wake()
+            if phase is Phase.IDLE:
+                self.phase = Phase.RUNNING
+                self.engine._nursery.start_soon(self.run, name=f"hbtrio worker {self.pid}")
         return await self.waiters.wait_slot(slot)
 
     def try_inline(self, slot: int) -> Message | None:
@@ -160,9 +167,7 @@ class GroupWorker:
         `ComputeError`; the worker then keeps the slots before the failing one.
         """
         gap = slot - self.slot
-        if self.parked is None or not self.plain or self.waiters._count:
-            return None
-        if not 0 < gap <= INLINE_MAX:
+        if self.phase is not Phase.IDLE or not self.plain or not 0 < gap <= INLINE_MAX:
             return None
         store, pid, start = self.store, self.pid, self.slot + 1
         try:
@@ -206,25 +211,43 @@ class GroupWorker:
     # the worker task ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """The worker's task body, run in the engine's root nursery. Never raises."""
+        """The worker's task while it has work; run in the engine's root nursery. Never raises.
+
+        Ends by going idle (caught up), or by finishing the worker (stop
+        requested, start failed, crash, cancellation at engine shutdown).
+        """
         engine = self.engine
-        self.started_at = self.last_request = trio.current_time()
-        crashed = False
+        ending = "idle"
         try:
-            try:
-                await self._start()
-            except HbTrioError as exc:
-                # The process cannot run (unknown, bad device, failing init/restore,
-                # store down): every waiter gets the reason, nobody re-routes.
-                self.waiters.fail_all(lambda _s, exc=exc: _startup_error(exc))  # type: ignore[misc]
-                return
-            await self._serve()
+            if self.phase is Phase.STARTING:
+                self.started_at = self.last_request = trio.current_time()
+                try:
+                    await self._start()
+                except HbTrioError as exc:
+                    # The process cannot run (unknown, bad device, failing init or
+                    # restore, store down): each waiter gets the reason; none re-routes.
+                    reason = exc
+                    self.waiters.fail_all(lambda _s: _startup_error(reason))
+                    ending = "failed"
+                    return
+            self.phase = Phase.RUNNING
+            while self.target > self.slot and not self.stop_requested:
+                await self._compute_chunk()
+            if self.stop_requested:
+                ending = "stop"
         except Exception as exc:  # a bug, or a store that raised something unexpected
-            crashed = True
+            ending = "crash"
             engine._leader_deaths += 1
-            log.error("worker of %s crashed", self.pid, exc_info=exc)
+            log.error("the worker of %s crashed", self.pid, exc_info=exc)
+        except BaseException:  # cancelled: the engine is closing past its grace period
+            ending = "stop"
+            raise
         finally:
-            await self._finish(crashed)
+            if ending == "idle":
+                self.phase = Phase.IDLE
+                engine._reaper.watch(self)
+            else:
+                await self._finish(snapshot=ending == "stop")
 
     async def _start(self) -> None:
         engine = self.engine
@@ -234,29 +257,15 @@ class GroupWorker:
         lowest = min(self.waiters.slots(), default=self.target)
         self.state = await rt.restore(max(lowest, 0))
         self.slot = self.state["at-slot"]
-        self.phase = Phase.RUNNING
         self.plain = rt.plain
         self.waiters.publish(self.slot, self.state)
         # Waiters for slots before the snapshot are served by the engine, not by us.
         self.waiters.fail_below(self.slot, lambda _s: Reroute())
 
-    async def _serve(self) -> None:
-        engine = self.engine
-        while not self.stop_requested:
-            if self.target > self.slot:
-                await self._compute_chunk()
-                continue
-            deadline = self.last_request + engine._max_idle
-            if trio.current_time() >= deadline and not self.waiters:
-                return  # idle eviction
-            with trio.move_on_at(deadline):
-                self.parked = trio.lowlevel.current_task()
-
-                def abort(_: object) -> trio.lowlevel.Abort:
-                    self.parked = None
-                    return trio.lowlevel.Abort.SUCCEEDED
-
-                await trio.lowlevel.wait_task_rescheduled(abort)
+    async def retire(self) -> None:
+        """End an idle worker: snapshot, leave the registry. Run as an engine task."""
+        if self.phase is Phase.IDLE:
+            await self._finish(snapshot=True)
 
     async def _compute_chunk(self) -> None:
         rt = self.runtime
@@ -269,11 +278,8 @@ class GroupWorker:
         except ComputeError as exc:  # not scheduled, or the schedule cannot be read
             self._give_up(exc)
             return
-        if self.slot != start - 1:  # an inline request moved us on while we read
-            return
         results: list[SlotResult] = []
         failure: ComputeError | None = None
-        self.busy = True
         try:
             if rt.plain:
                 rt.apply_sync(self.state, batch, results)
@@ -285,7 +291,6 @@ class GroupWorker:
         except ComputeError as exc:
             failure = exc
         finally:
-            self.busy = False
             self._commit(results)
         if failure is not None:
             self._give_up(failure)
@@ -314,11 +319,8 @@ class GroupWorker:
         found = await rt.store.latest_snapshot(self.pid, self.target)
         if found is None or found[0] <= self.slot:
             return False
-        state = await rt.from_snapshot(*found)
-        if self.slot >= found[0]:  # an inline request got there while we read
-            return False
-        self.state, self.slot = state, found[0]
-        self.waiters.publish(self.slot, state)
+        self.state, self.slot = await rt.from_snapshot(*found), found[0]
+        self.waiters.publish(self.slot, self.state)
         # Waiters for the slots we skipped read their stored results instead.
         self.waiters.fail_below(self.slot, lambda _s: Reroute())
         return True
@@ -329,12 +331,11 @@ class GroupWorker:
         self.waiters.fail_from(first, lambda _s: _copy_compute_error(exc))
         self.target = self.slot
 
-    async def _finish(self, crashed: bool) -> None:
+    async def _finish(self, *, snapshot: bool) -> None:
         engine = self.engine
         self.phase = Phase.STOPPING
-        self.parked = None
         try:
-            if not crashed and self.runtime is not None and self.state is not None:
+            if snapshot and self.state is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(engine._shutdown_grace):
                     await self._store_snapshot()
         finally:

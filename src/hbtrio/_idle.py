@@ -1,0 +1,73 @@
+"""Idle eviction for every worker of an engine, with one task.
+
+Theory of operation
+-------------------
+A worker that goes idle asks to be *watched*: the reaper keeps a heap of
+``(deadline, worker)`` with ``deadline = last_request + max_idle`` and sleeps
+in a cancel scope whose deadline is the earliest one. Requests do not touch
+the heap (they only update ``last_request``), so the request path stays cheap;
+when an entry comes due, the reaper compares the worker's real deadline with
+the clock and either retires the worker or pushes the entry back with its new
+deadline. Each worker has at most one entry (``watched``), so the heap is
+bounded by the number of workers, and every check is O(log n).
+
+A worker that is busy again (a request started its task) when its entry comes
+due is simply dropped from the heap; it asks to be watched again the next
+time it goes idle.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from typing import TYPE_CHECKING
+
+import trio
+
+if TYPE_CHECKING:
+    from ._worker import GroupWorker
+
+__all__ = ["IdleReaper"]
+
+
+class IdleReaper:
+    """Retires workers idle for ``max_idle`` seconds, at their deadlines."""
+
+    def __init__(self, max_idle: float) -> None:
+        self.max_idle = max_idle
+        # Invariant: an entry for each worker whose ``watched`` is True, and no other.
+        self._heap: list[tuple[float, int, GroupWorker]] = []
+        self._tiebreak = itertools.count()
+        self._scope: trio.CancelScope | None = None
+
+    def watch(self, worker: GroupWorker) -> None:
+        """Start watching an idle worker (no-op if already watched). Never blocks."""
+        if worker.watched:
+            return
+        worker.watched = True
+        deadline = worker.last_request + self.max_idle
+        heapq.heappush(self._heap, (deadline, next(self._tiebreak), worker))
+        if self._scope is not None and deadline < self._scope.deadline:
+            self._scope.deadline = deadline
+
+    async def run(self) -> None:
+        """The reaper's task, for the engine's lifetime (cancelled when it closes)."""
+        from ._worker import Phase
+
+        heap = self._heap
+        while True:
+            now = trio.current_time()
+            while heap and heap[0][0] <= now:
+                _, _, worker = heapq.heappop(heap)
+                worker.watched = False
+                if worker.phase is not Phase.IDLE:
+                    continue
+                if worker.last_request + self.max_idle > now:
+                    self.watch(worker)
+                else:
+                    await worker.retire()
+            with trio.move_on_at(heap[0][0] if heap else math.inf) as scope:
+                self._scope = scope
+                await trio.sleep_forever()
+            self._scope = None
