@@ -105,11 +105,13 @@ async def test_waiter_parked_at_exit_gets_engine_closed() -> None:
         except hbtrio.HbTrioError as exc:
             outcome.append(exc)
 
-    async with trio.open_nursery() as nursery:
-        async with hbtrio.open_engine(devices={"slow@1.0": slow}, shutdown_grace=5) as engine:
-            pid = await counter_process(engine, 50, "slow@1.0")
-            nursery.start_soon(waiter, engine, pid)
-            await trio.testing.wait_all_tasks_blocked()
+    async with (
+        trio.open_nursery() as nursery,
+        hbtrio.open_engine(devices={"slow@1.0": slow}, shutdown_grace=5) as engine,
+    ):
+        pid = await counter_process(engine, 50, "slow@1.0")
+        nursery.start_soon(waiter, engine, pid)
+        await trio.testing.wait_all_tasks_blocked()
     assert len(outcome) == 1 and isinstance(outcome[0], hbtrio.EngineClosed)
 
 
@@ -142,7 +144,10 @@ async def test_catch_up_far_ahead_then_earlier_slots_come_from_store() -> None:
 
 async def test_reads_never_queue_behind_catch_up(autojump_clock: trio.testing.MockClock) -> None:
     slow = Slow(delay=1.0)
-    async with hbtrio.open_engine(devices={"slow@1.0": slow}) as engine, trio.open_nursery() as nursery:
+    async with (
+        hbtrio.open_engine(devices={"slow@1.0": slow}) as engine,
+        trio.open_nursery() as nursery,
+    ):
         pid = await counter_process(engine, 1000, "slow@1.0")
         nursery.start_soon(engine.compute, pid, 1000)
         await trio.sleep(10.5)  # virtual time: the worker is ~10 slots in, computing on
@@ -200,7 +205,9 @@ async def test_device_error_is_not_a_worker_death() -> None:
 async def test_stop_stores_snapshot_and_next_worker_restores_from_it() -> None:
     device = Recording()
     store = hbtrio.MemoryStore()
-    async with hbtrio.open_engine(store, devices={"rec@1.0": device}, cache_frequency=100) as engine:
+    async with hbtrio.open_engine(
+        store, devices={"rec@1.0": device}, cache_frequency=100
+    ) as engine:
         pid = await counter_process(engine, 60, "rec@1.0")
         await engine.compute(pid, 40)
         await engine.stop(pid)
@@ -213,7 +220,9 @@ async def test_stop_stores_snapshot_and_next_worker_restores_from_it() -> None:
         assert stats.workers_started == 2 and stats.workers_stopped == 1
 
 
-async def test_stop_reroutes_waiters_who_still_succeed(autojump_clock: trio.testing.MockClock) -> None:
+async def test_stop_reroutes_waiters_who_still_succeed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     slow = Slow(delay=1.0)
     got: list[Any] = []
     async with hbtrio.open_engine(devices={"slow@1.0": slow}) as engine:
@@ -263,7 +272,9 @@ async def test_crash_in_engine_code_reroutes_then_gives_up(monkeypatch: pytest.M
 async def test_idle_eviction_snapshots_and_restores(autojump_clock: trio.testing.MockClock) -> None:
     device = Recording()
     store = hbtrio.MemoryStore()
-    async with hbtrio.open_engine(store, devices={"rec@1.0": device}, max_idle=30, cache_frequency=50) as engine:
+    async with hbtrio.open_engine(
+        store, devices={"rec@1.0": device}, max_idle=30, cache_frequency=50
+    ) as engine:
         pid = await counter_process(engine, 20, "rec@1.0")
         await engine.compute(pid, 12)
         await trio.sleep(29)
@@ -357,10 +368,14 @@ async def test_thousands_of_processes_alive_at_once() -> None:
 async def test_sqlite_engine_continues_where_last_stopped(tmp_path: Any) -> None:
     path = tmp_path / "e.sqlite"
     device = Recording()
-    async with hbtrio.open_engine(hbtrio.SQLiteStore(path), devices={"rec@1.0": device}, cache_frequency=10) as engine:
+    async with hbtrio.open_engine(
+        hbtrio.SQLiteStore(path), devices={"rec@1.0": device}, cache_frequency=10
+    ) as engine:
         pid = await counter_process(engine, 25, "rec@1.0")
         assert (await engine.compute(pid, 23))["count"] == expected_count(23)
-    async with hbtrio.open_engine(hbtrio.SQLiteStore(path), devices={"rec@1.0": device}, cache_frequency=10) as engine:
+    async with hbtrio.open_engine(
+        hbtrio.SQLiteStore(path), devices={"rec@1.0": device}, cache_frequency=10
+    ) as engine:
         assert await engine.latest_slot(pid) == 25
         assert (await engine.compute(pid, 17))["count"] == expected_count(17)  # stored result
         assert await engine.now(pid) == {"count": expected_count(25), "at-slot": 25}
@@ -368,3 +383,99 @@ async def test_sqlite_engine_continues_where_last_stopped(tmp_path: Any) -> None
         assert (await engine.now(pid))["count"] == expected_count(25) + 1
     assert device.total() == 26  # nothing computed twice across engines
     assert max(device.calls.values()) == 1
+
+
+async def test_fast_path_answers_still_let_other_tasks_run() -> None:
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    async with hbtrio.open_engine() as engine, trio.open_nursery() as nursery:
+        pid = await counter_process(engine, 20_000)
+        await engine.compute(pid, 0)
+        nursery.start_soon(ticker)
+        await trio.lowlevel.checkpoint()  # the ticker is running from here on
+        before = ticks
+        for slot in range(1, 20_001):  # served inline by the calling task
+            await engine.compute(pid, slot)
+        assert engine.stats().workers_started == 1
+        assert ticks > before  # the loop yielded to the scheduler along the way
+        nursery.cancel_scope.cancel()
+
+
+async def test_idle_worker_has_no_task_and_is_served_inline() -> None:
+    async with hbtrio.open_engine() as engine:
+        pid = await counter_process(engine, 50)
+        await engine.compute(pid, 1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert engine.workers[pid].phase == "idle"
+        tasks = trio.lowlevel.current_statistics().tasks_living
+        for slot in range(2, 6):
+            assert (await engine.compute(pid, slot))["count"] == expected_count(slot)
+            assert trio.lowlevel.current_statistics().tasks_living == tasks
+        # A jump larger than the inline limit gives the worker a task again.
+        assert (await engine.compute(pid, 50))["count"] == expected_count(50)
+        assert engine.stats().workers_started == 1
+
+
+async def test_stopping_an_idle_worker_and_requests_during_stop(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = hbtrio.MemoryStore()
+    async with hbtrio.open_engine(store, cache_frequency=100) as engine:
+        pid = await counter_process(engine, 30)
+        await engine.compute(pid, 10)
+        await trio.testing.wait_all_tasks_blocked()
+        assert engine.workers[pid].phase == "idle"
+        got: list[Any] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(engine.stop, pid)
+            await trio.testing.wait_all_tasks_blocked()
+
+            async def later() -> None:
+                got.append(await engine.compute(pid, 30))
+
+            nursery.start_soon(later)
+        assert got == [{"count": expected_count(30), "at-slot": 30}]
+        assert (await store.latest_snapshot(pid, 29))[0] == 10  # type: ignore[index]
+        assert engine.stats().workers_stopped >= 1
+
+
+async def test_now_with_only_the_definition_is_slot_zero() -> None:
+    async with hbtrio.open_engine() as engine:
+        pid = await counter_process(engine, 0)
+        assert await engine.now(pid) == {"count": 0, "at-slot": 0}
+        assert await engine.compute(pid, 0) == {"count": 0, "at-slot": 0}
+
+
+async def test_async_device_with_snapshot_hooks(tmp_path: Any) -> None:
+    class Boxed:
+        """Keeps its count inside a list; stores it as a string."""
+
+        async def init(self, process: Any) -> dict[str, Any]:
+            return {"box": [0]}
+
+        async def compute(self, state: Any, assignment: Any) -> dict[str, Any]:
+            return {"box": [state["box"][0] + assignment["body"]["n"]]}
+
+        def snapshot(self, state: Any) -> dict[str, Any]:
+            return {"saved": str(state["box"][0])}
+
+        def restore(self, snap: Any) -> dict[str, Any]:
+            return {"box": [int(snap["saved"])]}
+
+    path = tmp_path / "boxed.sqlite"
+    devices = {"boxed@1.0": Boxed()}
+    async with hbtrio.open_engine(hbtrio.SQLiteStore(path), devices=devices, cache_frequency=4) as engine:
+        pid = await counter_process(engine, 10, "boxed@1.0")
+        state = await engine.compute(pid, 10)
+        assert state == {"box": (expected_count(10),), "at-slot": 10}
+    async with hbtrio.open_engine(hbtrio.SQLiteStore(path), devices=devices, cache_frequency=4) as engine:
+        await engine.schedule(pid, {"n": 11})
+        assert (await engine.now(pid))["box"] == (expected_count(11),)
+        snap = await engine.store.latest_snapshot(pid, 10)
+        assert snap == (10, {"saved": str(expected_count(10))})

@@ -1,0 +1,99 @@
+"""Smoke tests for the benchmark suite: it runs and its result checks pass. Never timings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+WORKLOADS = [
+    "W1_roundtrip",
+    "W2_catchup",
+    "W3_fanout",
+    "W4_many_groups",
+    "W5_dedup",
+    "W6_cold_restore",
+]
+CASES = {"w1", "w2", "w2-sqlite", "w3", "w4", "w5", "w6"}
+
+try:
+    from hbtrio import open_engine  # noqa: F401
+
+    HAVE_ENGINE = True
+except ImportError:
+    HAVE_ENGINE = False
+
+
+def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _run_suite(impls: str, tmp_path: Path) -> dict[str, Any]:
+    out = tmp_path / "results.json"
+    proc = _run(
+        "benchmarks", "--quick", "--reps", "1", "--impl", impls, "--no-latest", "--json", str(out)
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    document: dict[str, Any] = json.loads(out.read_text())
+    runs = document["runs"]
+    assert document["failures"] == 0
+    assert {(r["case"], r["impl"]) for r in runs} == {
+        (case, impl) for case in CASES for impl in impls.split(",")
+    }
+    for run in runs:
+        assert run["ok"], run
+        assert run["check"]["ok"], run
+        assert run["check"]["bad_responses"] == 0, run
+        assert run["gc_enabled"], run
+    for run in runs:
+        if run["workload"] == "W5_dedup":
+            assert run["executions"] == 1, run
+    # The table names every workload.
+    for name in WORKLOADS:
+        assert name in proc.stdout
+    return document
+
+
+def test_baselines_quick(tmp_path: Path) -> None:
+    _run_suite("trio,asyncio", tmp_path)
+
+
+@pytest.mark.skipif(not HAVE_ENGINE, reason="hbtrio.open_engine cannot be imported yet")
+def test_hbtrio_quick(tmp_path: Path) -> None:
+    document = _run_suite("hbtrio", tmp_path)
+    by_case = {r["case"]: r for r in document["runs"]}
+    assert by_case["w2-sqlite"]["variant"] == "sqlite"
+    assert by_case["w4"]["live_workers"] == by_case["w4"]["params"]["n"]
+
+
+@pytest.mark.parametrize("impl", ["trio", "asyncio"])
+def test_one_workload_prints_one_json_line(impl: str) -> None:
+    proc = _run("benchmarks.workloads", "w1", "--n", "50", "--impl", impl)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1
+    line = json.loads(lines[0])
+    assert line["impl"] == impl
+    assert line["workload"] == "W1_roundtrip"
+    assert line["unit"] == "us_per_request"
+    assert isinstance(line["value"], float)
+    assert line["check"] == {
+        "responses": 50,
+        "expected_responses": 50,
+        "bad_responses": 0,
+        "final_count": 50 * 51 // 2,
+        "expected_final_count": 50 * 51 // 2,
+        "ok": True,
+    }
