@@ -160,7 +160,9 @@ class _InThread:
 
         @functools.wraps(fn)
         async def in_thread(*args: Any) -> Any:
-            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+            return await trio.to_thread.run_sync(
+                fn, *args, limiter=self._limiter, abandon_on_cancel=True
+            )
 
         return in_thread
 
@@ -173,8 +175,9 @@ def run_in_thread(device: object, *, limiter: trio.CapacityLimiter | None = None
 
     The event loop keeps serving every other process while a slot computes.
     ``limiter`` bounds how many of its calls run at once (trio's default
-    limiter otherwise). Waiting for a thread is not cancellable: a worker that
-    is being stopped waits for the slot in progress to finish.
+    limiter otherwise). A cancelled call (a ``slot_timeout``, engine shutdown)
+    abandons its thread: the call runs on to its end and its result is thrown
+    away; the slot counts as not applied, so no state is half-changed.
 
     Example::
 

@@ -113,6 +113,7 @@ class Engine:
         max_idle: float,
         cache_frequency: int,
         shutdown_grace: float,
+        slot_timeout: float | None = None,
     ) -> None:
         self._store = store
         self._devices = devices
@@ -120,6 +121,7 @@ class Engine:
         self._max_idle = max_idle
         self._cache_frequency = cache_frequency
         self._shutdown_grace = shutdown_grace
+        self._slot_timeout = slot_timeout
         self._scheduler = Scheduler(store)
         self._reaper = IdleReaper(max_idle)
         self._workers: dict[str, GroupWorker] = {}
@@ -391,6 +393,7 @@ async def open_engine(
     max_idle: float = 300.0,
     cache_frequency: int = 1,
     shutdown_grace: float = 30.0,
+    slot_timeout: float | None = None,
 ) -> AsyncIterator[Engine]:
     """Run an engine for the duration of an ``async with`` block.
 
@@ -403,6 +406,11 @@ async def open_engine(
             slots (every slot's result is always stored).
         shutdown_grace: seconds leaving the block waits for workers to store
             their snapshots before cancelling them.
+        slot_timeout: seconds one device call (``init``, ``compute``,
+            ``snapshot``, ``restore``) of an async device may take; a slot that
+            takes longer fails with `ComputeError` (``__cause__`` is
+            `trio.TooSlowError`). Plain devices run on the event loop and
+            cannot be interrupted: wrap them in `run_in_thread` to bound them.
 
     Entering opens the store (blocking until it is ready). Leaving stops every
     worker cleanly (each stores a snapshot of its latest state first), waits
@@ -413,6 +421,8 @@ async def open_engine(
         raise ValueError(f"cache_frequency must be an int >= 1, not {cache_frequency!r}")
     if not max_idle > 0:
         raise ValueError(f"max_idle must be > 0, not {max_idle!r}")
+    if slot_timeout is not None and not slot_timeout > 0:
+        raise ValueError(f"slot_timeout must be > 0 or None, not {slot_timeout!r}")
     registry = Devices(devices)
     store = MemoryStore() if store is None else store
     if not isinstance(store, Store):
@@ -427,6 +437,7 @@ async def open_engine(
                 max_idle=max_idle,
                 cache_frequency=cache_frequency,
                 shutdown_grace=shutdown_grace,
+                slot_timeout=slot_timeout,
             )
             nursery.start_soon(engine._reaper.run, name="hbtrio idle reaper")
             try:

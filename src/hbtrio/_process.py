@@ -15,12 +15,12 @@ states are immutable, and a new one only exists once a slot fully applied.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Final
+from typing import Any, Final
 
 import attrs
 import trio
 
-from ._devices import PROCESS_DEVICE, DeviceInfo, Devices, call_maybe_async
+from ._devices import PROCESS_DEVICE, DeviceInfo, Devices
 from ._exceptions import ComputeError, InvalidMessage, ProcessNotFound, SlotNotScheduled, StoreError
 from ._message import _TRUSTED, Message, _Frozen, freeze, validate_slot
 from ._store import SlotResult, Store
@@ -82,10 +82,17 @@ class ProcessRuntime:
     device: DeviceInfo
     store: Store
     cache_frequency: int
+    #: Seconds an async device call may take before the slot fails (``None``: no limit).
+    slot_timeout: float | None = None
 
     @classmethod
     async def load(
-        cls, pid: str, store: Store, devices: Devices, cache_frequency: int
+        cls,
+        pid: str,
+        store: Store,
+        devices: Devices,
+        cache_frequency: int,
+        slot_timeout: float | None = None,
     ) -> ProcessRuntime:
         """Look up ``pid``'s definition. Raises `ProcessNotFound` or `UnknownDevice`."""
         definition = await store.get_process(pid)
@@ -96,7 +103,7 @@ class ProcessRuntime:
             raise InvalidMessage(
                 f"device {device.name!r} has no init/compute: it cannot execute a process"
             )
-        return cls(pid, definition, device, store, cache_frequency)
+        return cls(pid, definition, device, store, cache_frequency, slot_timeout)
 
     def _fail(self, slot: int, exc: BaseException, what: str = "compute") -> ComputeError:
         return ComputeError(
@@ -106,6 +113,19 @@ class ProcessRuntime:
             pid=self.pid,
         )
 
+    async def _call(self, fn: Callable[..., Any], is_async: bool, *args: Any) -> Any:
+        """Call a device method; an async one is bounded by ``slot_timeout``.
+
+        A plain method runs to completion on the event loop and cannot be
+        bounded: wrap such a device in `run_in_thread` to bound it.
+        """
+        if not is_async:
+            return fn(*args)
+        if self.slot_timeout is None:
+            return await fn(*args)
+        with trio.fail_after(self.slot_timeout):
+            return await fn(*args)
+
     # states ----------------------------------------------------------------------------------
 
     async def initial(self) -> Message:
@@ -113,7 +133,7 @@ class ProcessRuntime:
         d = self.device
         assert d.init is not None
         try:
-            new = await call_maybe_async(d.init, d.init_async, self.definition)
+            new = await self._call(d.init, d.init_async, self.definition)
             return adopt_state(new, 0, d.trusted)
         except (Exception, trio.TooSlowError) as exc:
             raise self._fail(0, exc, "init") from exc
@@ -124,7 +144,7 @@ class ProcessRuntime:
         if d.snapshot is None:
             return state
         try:
-            snap = await call_maybe_async(d.snapshot, d.snapshot_async, state)
+            snap = await self._call(d.snapshot, d.snapshot_async, state)
             frozen = freeze(snap, what="snapshot")
         except Exception as exc:
             raise self._fail(state["at-slot"], exc, "snapshot") from exc
@@ -149,7 +169,7 @@ class ProcessRuntime:
         if d.restore is None:
             return snap if snap.get("at-slot") == slot else adopt_state(dict(snap), slot, True)
         try:
-            new = await call_maybe_async(d.restore, d.restore_async, snap)
+            new = await self._call(d.restore, d.restore_async, snap)
             return adopt_state(new, slot, d.trusted)
         except Exception as exc:
             raise self._fail(slot, exc, "restore") from exc
@@ -236,7 +256,7 @@ class ProcessRuntime:
         for a in assignments:
             slot = a["slot"]
             try:
-                new = await call_maybe_async(compute, is_async, state, a)
+                new = await self._call(compute, is_async, state, a)
                 new_state = adopt_state(new, slot, d.trusted)
             except Exception as exc:
                 raise self._fail(slot, exc) from exc

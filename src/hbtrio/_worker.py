@@ -189,10 +189,22 @@ class GroupWorker:
         return self.state
 
     def _commit(self, results: list[SlotResult]) -> None:
-        """Adopt freshly applied slots: state, store, counters, waiters. Never blocks."""
+        """Adopt freshly applied slots: store, state, counters, waiters. Never blocks.
+
+        The store comes first: if it refuses the results (`StoreError`), the
+        worker keeps its previous state (it never holds a state the store does
+        not back), the waiters for those slots and later ones get the error,
+        and it is raised.
+        """
         if not results:
             return
-        self.store.put_results_nowait(self.pid, results)
+        try:
+            self.store.put_results_nowait(self.pid, results)
+        except StoreError as exc:
+            error = exc
+            self.waiters.fail_from(results[0][0], lambda _s: _store_error(error))
+            self.target = self.slot
+            raise
         self.slot, self.state = results[-1][0], results[-1][1]
         n = len(results)
         self.computed += n
@@ -252,7 +264,7 @@ class GroupWorker:
     async def _start(self) -> None:
         engine = self.engine
         self.runtime = rt = await ProcessRuntime.load(
-            self.pid, engine._store, engine._devices, engine._cache_frequency
+            self.pid, engine._store, engine._devices, engine._cache_frequency, engine._slot_timeout
         )
         lowest = min(self.waiters.slots(), default=self.target)
         self.state = await rt.restore(max(lowest, 0))
@@ -281,17 +293,20 @@ class GroupWorker:
         results: list[SlotResult] = []
         failure: ComputeError | None = None
         try:
-            if rt.plain:
-                rt.apply_sync(self.state, batch, results)
-            else:
-                for a in batch:  # slot by slot, so a stop takes effect after the current slot
-                    if self.stop_requested:
-                        break
-                    await rt.apply_async(self.state, [a], lambda r: self._commit([r]))
-        except ComputeError as exc:
-            failure = exc
-        finally:
-            self._commit(results)
+            try:
+                if rt.plain:
+                    rt.apply_sync(self.state, batch, results)
+                else:
+                    for a in batch:  # slot by slot: a stop takes effect after the current slot
+                        if self.stop_requested:
+                            break
+                        await rt.apply_async(self.state, [a], lambda r: self._commit([r]))
+            except ComputeError as exc:
+                failure = exc
+            finally:
+                self._commit(results)
+        except StoreError:
+            return  # _commit told the waiters; the state is the last one the store took
         if failure is not None:
             self._give_up(failure)
             return
