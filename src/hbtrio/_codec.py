@@ -9,6 +9,7 @@ encode large states off the event loop do so from a thread.
 
 from __future__ import annotations
 
+import io
 from typing import TYPE_CHECKING, Any
 
 import cbor2
@@ -37,7 +38,12 @@ def decode(data: bytes) -> Message:
     from ._message import freeze
 
     try:
-        value = cbor2.loads(data)
+        fp = io.BytesIO(data)
+        value = cbor2.CBORDecoder(fp).decode()
     except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as exc:
         raise InvalidMessage(f"not valid CBOR: {exc}") from exc
+    # cbor2.loads ignores whatever follows the first data item; such bytes are not one message.
+    end, size = fp.tell(), fp.seek(0, io.SEEK_END)
+    if end != size:
+        raise InvalidMessage(f"not valid CBOR: {size - end} bytes follow the message")
     return freeze(value, what="decoded CBOR")

@@ -19,7 +19,7 @@ identical call starts afresh instead of joining a dying execution.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -27,7 +27,7 @@ import outcome
 import trio
 
 from ._devices import call_maybe_async
-from ._exceptions import ComputeError, InvalidMessage
+from ._exceptions import ComputeError
 from ._message import freeze
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ class ExecutionInfo:
 
 @attrs.define(eq=False)
 class Execution:
-    key: tuple[str, str]
+    key: tuple[bytes, bytes]
     group: str
     engine: Engine
     device: str
@@ -87,6 +87,7 @@ class Execution:
             if isinstance(result, outcome.Value):
                 reschedule(task, outcome.Value(result.value))
             else:
+                assert isinstance(result, outcome.Error)
                 reschedule(task, outcome.Error(self._error(result.error)))
 
     def _error(self, exc: BaseException) -> BaseException:
@@ -112,10 +113,7 @@ class Execution:
 
 
 def _freeze_result(value: object) -> object:
-    if isinstance(value, dict | tuple | list) or hasattr(value, "keys"):
-        return freeze(value, what="result") if not isinstance(value, list | tuple) else freeze(
-            {"_": value}, what="result"
-        )["_"]
-    if value is None or type(value) in (str, bytes, int, float, bool):
-        return value
-    raise InvalidMessage(f"result: a {type(value).__name__} is not a message value")
+    """A device method's result, read-only: a message, or any message value."""
+    if isinstance(value, Mapping):
+        return freeze(value, what="result")
+    return freeze({"result": value}, what="device")["result"]

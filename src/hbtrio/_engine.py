@@ -30,11 +30,12 @@ from typing import Any, Final, final
 import attrs
 import trio
 
+from ._codec import encode
 from ._dedup import Execution, ExecutionInfo
 from ._devices import PROCESS_DEVICE, Devices
-from ._exceptions import EngineClosed, InvalidMessage, LeaderDied, SlotNotScheduled
+from ._exceptions import EngineClosed, HbTrioError, InvalidMessage, LeaderDied, SlotNotScheduled
 from ._idle import IdleReaper
-from ._message import Message, freeze, message_id, validate_pid, validate_slot
+from ._message import Message, freeze, id_of_bytes, message_id, validate_pid, validate_slot
 from ._process import compute_slot, validate_definition
 from ._scheduler import Scheduler
 from ._store import MemoryStore, Store
@@ -84,7 +85,7 @@ class _WorkersView(Mapping[str, WorkerInfo]):
 
 
 class _ExecutionsView(Mapping[str, ExecutionInfo]):
-    def __init__(self, executions: dict[tuple[str, str], Execution]) -> None:
+    def __init__(self, executions: dict[tuple[bytes, bytes], Execution]) -> None:
         self._executions = executions
 
     def _by_group(self) -> dict[str, Execution]:
@@ -124,8 +125,10 @@ class Engine:
         self._slot_timeout = slot_timeout
         self._scheduler = Scheduler(store)
         self._reaper = IdleReaper(max_idle)
+        # trio.current_time without its lookups: the request path reads it.
+        self._now = trio.lowlevel.current_clock().current_time
         self._workers: dict[str, GroupWorker] = {}
-        self._executions: dict[tuple[str, str], Execution] = {}
+        self._executions: dict[tuple[bytes, bytes], Execution] = {}
         self._closed = False
         self._next_yield = 0.0
         # counters
@@ -344,6 +347,14 @@ class Engine:
         device's exception as ``__cause__``) in every caller. Checkpoints.
         """
         self._check_open()
+        # Joining an execution under way costs two canonical encodings: equal
+        # bytes to a validated message's mean an equally valid message.
+        key = _dedup_key(base, request)
+        execution = self._executions.get(key) if key is not None else None
+        if execution is not None:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._deduplicated += 1
+            return await execution.wait()
         base = freeze(base, what="base")
         request = freeze(request, what="request")
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -360,10 +371,11 @@ class Engine:
             )
         device = self._devices.get(device_name)
         fn, is_async = device.method(path)
-        base_id, request_id = message_id(base), message_id(request)
-        key = (base_id, request_id)
+        key = _dedup_key(base, request)
+        assert key is not None  # frozen messages always encode
         execution = self._executions.get(key)
         if execution is None:
+            base_id, request_id = id_of_bytes(key[0]), id_of_bytes(key[1])
             group = message_id({"base": base_id, "request": request_id})
             execution = Execution(key, group, self, device.name, path)  # type: ignore[arg-type]
             self._executions[key] = execution
@@ -383,6 +395,20 @@ class Engine:
             for worker in list(self._workers.values()):
                 if worker.phase is not Phase.STOPPED:
                     nursery.start_soon(self._stop_worker, worker)
+
+
+def _dedup_key(base: object, request: object) -> tuple[bytes, bytes] | None:
+    """The canonical bytes of both messages without ``"priv"`` (``None`` if not encodable)."""
+    if not (isinstance(base, dict) and isinstance(request, dict)):
+        return None
+    try:
+        if "priv" in base:
+            base = {k: v for k, v in base.items() if k != "priv"}
+        if "priv" in request:
+            request = {k: v for k, v in request.items() if k != "priv"}
+        return encode(base), encode(request)
+    except (HbTrioError, RecursionError):
+        return None
 
 
 @asynccontextmanager

@@ -20,6 +20,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, NoReturn
 
+import cbor2
+
 from ._codec import encode
 from ._exceptions import InvalidMessage
 
@@ -49,7 +51,7 @@ class Message(dict[str, Any]):
         dict.__init__(self, _freeze_map(dict(*args, **kwargs), "", set(), 0))
 
     __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _read_only
-    __ior__ = _read_only  # type: ignore[assignment]
+    __ior__ = _read_only
 
     def __repr__(self) -> str:
         return f"Message({dict.__repr__(self)})"
@@ -71,19 +73,42 @@ class _Frozen(Message):
     """A `Message` built from already-frozen parts: no validation pass."""
 
     __slots__ = ()
-    __init__ = dict.__init__  # type: ignore[assignment]
+    __init__ = dict.__init__
 
 
 _Frozen.__name__ = _Frozen.__qualname__ = "Message"
 
 
 class FrozenList(tuple[Any, ...]):
-    """A list value inside a `Message`: a tuple whose items are frozen too."""
+    """A list value inside a `Message`: a tuple whose items are frozen too.
+
+    ``FrozenList(items)`` validates and freezes ``items`` like `freeze` does. A
+    `FrozenList` equals a ``list`` with equal items, so a frozen message equals
+    the plain ``dict`` it was made from.
+    """
 
     __slots__ = ()
 
+    def __new__(cls, items: Iterable[object] = ()) -> FrozenList:
+        return _freeze_list(list(items), "", set(), 0)
+
     def __repr__(self) -> str:
         return repr(list(self))
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is list:
+            other = tuple(other)
+        return tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    __hash__ = tuple.__hash__
+
+
+#: Makes a `FrozenList` of already-frozen items without checking them again.
+_new_list = tuple.__new__
 
 
 _SCALARS: frozenset[type] = frozenset({str, bytes, int, float, bool, type(None)})
@@ -124,8 +149,8 @@ def _enter(obj: object, path: str, active: set[int], depth: int) -> int:
 
 def _freeze_list(items: Iterable[object], path: str, active: set[int], depth: int) -> FrozenList:
     oid = _enter(items, path, active, depth)
-    out = FrozenList(
-        [_freeze_value(v, f"{path}[{i}]", active, depth) for i, v in enumerate(items)]
+    out: FrozenList = _new_list(
+        FrozenList, [_freeze_value(v, f"{path}[{i}]", active, depth) for i, v in enumerate(items)]
     )
     active.discard(oid)
     return out
@@ -144,7 +169,8 @@ def _freeze_map(m: Mapping[Any, Any], path: str, active: set[int], depth: int) -
         else:
             out[key] = _freeze_value(value, _child(path, key), active, depth)
     active.discard(oid)
-    return _Frozen(out)
+    frozen: Message = _Frozen(out)
+    return frozen
 
 
 def freeze(message: object, *, what: str = "message") -> Message:
@@ -168,16 +194,48 @@ def freeze(message: object, *, what: str = "message") -> Message:
         raise InvalidMessage(f"{what}: nested too deeply") from None
 
 
+def _adopt_list(items: list[Any]) -> FrozenList:
+    return FrozenList([_adopt_list(v) if type(v) is list else v for v in items])
+
+
+def _adopt_map(first: Any, second: Any) -> Message:
+    # cbor2 documents object_hook(decoder, dict); 6.x calls object_hook(dict, immutable).
+    mapping: dict[str, Any] = first if type(first) is dict else second
+    for key, value in mapping.items():
+        if type(value) is list:
+            mapping[key] = _adopt_list(value)
+    frozen: Message = _Frozen(mapping)
+    return frozen
+
+
+def decode_trusted(data: bytes) -> Message:
+    """Decode CBOR that hbtrio itself encoded from a `Message`, without re-validating it.
+
+    For the store's own rows: about three times faster than `decode`, which
+    checks everything (use `decode` for bytes from outside).
+    """
+    value = cbor2.loads(data, object_hook=_adopt_map)
+    if type(value) is not _Frozen:
+        raise InvalidMessage(f"stored bytes are not a message but a {type(value).__name__}")
+    frozen: Message = value
+    return frozen
+
+
 def message_id(message: Mapping[str, Any]) -> str:
     """The ID of ``message``: SHA-256 of its canonical CBOR without ``"priv"``.
 
     Returned as unpadded base64url (43 characters). Equal messages have equal
     IDs whatever their key order. Raises `InvalidMessage` for a bad message.
     """
+    return base64.urlsafe_b64encode(message_digest(message)).rstrip(b"=").decode("ascii")
+
+
+def message_digest(message: Mapping[str, Any]) -> bytes:
+    """The raw 32-byte SHA-256 behind `message_id`."""
     frozen = freeze(message)
     if "priv" in frozen:
         frozen = _Frozen({k: v for k, v in frozen.items() if k != "priv"})
-    return id_of_bytes(encode(frozen))
+    return hashlib.sha256(encode(frozen)).digest()
 
 
 def id_of_bytes(data: bytes) -> str:

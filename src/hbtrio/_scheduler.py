@@ -27,7 +27,7 @@ import attrs
 import trio
 
 from ._exceptions import InvalidMessage, ProcessNotFound
-from ._message import Message, _Frozen, freeze, message_id
+from ._message import Message, _Frozen, freeze, message_digest, message_id
 from ._store import Store
 
 __all__ = ["Scheduler", "make_assignment", "verify_schedule"]
@@ -50,8 +50,12 @@ def make_assignment(
     pid: str, slot: int, body: Message, previous_chain: bytes, *, mid: str | None = None
 ) -> tuple[Message, bytes]:
     """Build the assignment message for ``body`` at ``slot``; returns it and its chain value."""
-    mid = message_id(body) if mid is None else mid
-    chain = next_chain(previous_chain, mid)
+    if mid is None:
+        raw = message_digest(body)
+        mid = _b64(raw)
+    else:
+        raw = _raw(mid)
+    chain = hashlib.sha256(previous_chain + raw).digest()
     assignment = _Frozen(
         {
             "process": pid,
@@ -73,7 +77,9 @@ def verify_schedule(pid: str, assignments: Sequence[Message]) -> None:
     chain = b""
     for expected, a in enumerate(assignments):
         if a.get("slot") != expected or a.get("process") != pid:
-            raise InvalidMessage(f"slot {expected}: assignment is for {a.get('process')}/{a.get('slot')}")
+            raise InvalidMessage(
+                f"slot {expected}: assignment is for {a.get('process')}/{a.get('slot')}"
+            )
         mid = message_id(a["body"])
         if a.get("message-id") != mid:
             raise InvalidMessage(f"slot {expected}: message-id does not match the body")
@@ -101,6 +107,7 @@ class Scheduler:
 
     async def spawn(self, definition: Message) -> tuple[str, bool]:
         """Store ``definition`` as slot 0. Returns ``(pid, created)``; idempotent."""
+        definition = freeze(definition, what="definition")
         pid = message_id(definition)
         assignment, chain = make_assignment(pid, 0, definition, b"", mid=pid)
         created = await self._store.put_process(pid, definition, assignment)
@@ -129,7 +136,9 @@ class Scheduler:
         last = await self._store.get_assignments(pid, latest, latest + 1)
         tail = self._tails.get(pid)  # another task may have loaded it meanwhile
         if tail is None:
-            tail = self._tails[pid] = _Tail(latest, base64.urlsafe_b64decode(last[0]["hash-chain"] + "="))
+            tail = self._tails[pid] = _Tail(
+                latest, base64.urlsafe_b64decode(last[0]["hash-chain"] + "=")
+            )
         return tail
 
     async def schedule(self, pid: str, messages: Sequence[object]) -> list[int]:

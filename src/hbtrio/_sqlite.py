@@ -44,9 +44,10 @@ import attrs
 import outcome
 import trio
 
-from ._codec import decode, encode
+from ._codec import encode
 from ._exceptions import StoreError
 from ._message import Message
+from ._message import decode_trusted as decode
 from ._store import SlotResult, Store, StoreStatistics
 
 __all__ = ["SQLiteStore"]
@@ -389,6 +390,11 @@ class SQLiteStore(Store):
             return
         rows = [(proc.rowid, a["slot"], a["message-id"], encode(a)) for a in assignments]
         first = rows[0][1]
+        for offset, row in enumerate(rows):
+            if row[1] != first + offset:
+                raise StoreError(
+                    f"assignment for slot {row[1]} does not follow slot {first + offset - 1}"
+                )
 
         def append(conn: sqlite3.Connection) -> None:
             (latest,) = conn.execute(
@@ -618,6 +624,9 @@ class SQLiteStore(Store):
             return None
         pending = [s for s in proc.pending_snapshots if s <= at_most]
         best = max(pending, default=-1)
+        # Taken now: the write-behind may commit it (and drop it from the pending
+        # table) while we wait for the read below, which only looks above ``best``.
+        best_snapshot = proc.pending_snapshots[best] if best >= 0 else None
         rowid = proc.rowid
 
         def read(conn: sqlite3.Connection) -> tuple[int, Message] | None:
@@ -636,9 +645,9 @@ class SQLiteStore(Store):
         found: tuple[int, Message] | None = await self._run(read, write=False)
         if found is not None:
             return found
-        if best < 0:
+        if best_snapshot is None:
             return None
-        return best, proc.pending_snapshots[best]
+        return best, best_snapshot
 
     def statistics(self) -> StoreStatistics:
         return StoreStatistics(

@@ -139,7 +139,8 @@ class _Proc:
     definition: Message
     # assignments[i] is slot i: the list never has holes.
     assignments: list[Message]
-    results: dict[int, Message] = attrs.field(factory=dict)
+    # results[s] is slot s's state, or None where none is stored (a list: slots are dense).
+    results: list[Message | None] = attrs.field(factory=list)
     # Sorted ascending: the slots that have a snapshot.
     snapshot_slots: list[int] = attrs.field(factory=list)
     # Snapshots that are not the slot's result object; a snapshot slot missing
@@ -207,7 +208,14 @@ class MemoryStore(Store):
         proc = self._proc(pid)
         stored, slots, custom = proc.results, proc.snapshot_slots, proc.snapshots
         for slot, state, snapshot in results:
-            stored[slot] = state
+            size = len(stored)
+            if slot == size:
+                stored.append(state)
+            elif slot < size:
+                stored[slot] = state
+            else:
+                stored.extend([None] * (slot - size))
+                stored.append(state)
             if snapshot is not None:
                 if slots and slots[-1] >= slot:
                     self._add_snapshot(proc, slot, snapshot)
@@ -219,7 +227,9 @@ class MemoryStore(Store):
 
     def get_result_nowait(self, pid: str, slot: int) -> Message | None:
         proc = self._procs.get(pid)
-        return None if proc is None else proc.results.get(slot)
+        if proc is None or not 0 <= slot < len(proc.results):
+            return None
+        return proc.results[slot]
 
     async def get_result(self, pid: str, slot: int) -> Message | None:
         return self.get_result_nowait(pid, slot)
@@ -233,7 +243,7 @@ class MemoryStore(Store):
         i = bisect.bisect_left(slots, slot)
         if i == len(slots) or slots[i] != slot:
             slots.insert(i, slot)
-        if snapshot is proc.results.get(slot):
+        if slot < len(proc.results) and snapshot is proc.results[slot]:
             proc.snapshots.pop(slot, None)
         else:
             proc.snapshots[slot] = snapshot
@@ -247,7 +257,10 @@ class MemoryStore(Store):
             return None
         slot = proc.snapshot_slots[i - 1]
         found = proc.snapshots.get(slot)
-        return slot, proc.results[slot] if found is None else found
+        if found is None:
+            found = proc.results[slot]
+            assert found is not None  # a snapshot slot without its own snapshot has a result
+        return slot, found
 
     def statistics(self) -> StoreStatistics:
         return StoreStatistics(

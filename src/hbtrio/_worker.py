@@ -150,7 +150,7 @@ class GroupWorker:
                 return self.state  # type: ignore[return-value]
             if slot < self.slot:
                 raise Reroute
-        self.last_request = trio.current_time()
+        self.last_request = self.engine._now()
         if slot > self.target and phase is not Phase.STOPPING:
             self.target = slot
             if phase is Phase.IDLE:
@@ -183,7 +183,7 @@ class GroupWorker:
             self.runtime.apply_sync(self.state, batch, results)  # type: ignore[union-attr,arg-type]
         finally:
             self._commit(results)
-        self.last_request = trio.current_time()
+        self.last_request = self.engine._now()
         if slot > self.target:
             self.target = slot
         return self.state
@@ -232,7 +232,7 @@ class GroupWorker:
         ending = "idle"
         try:
             if self.phase is Phase.STARTING:
-                self.started_at = self.last_request = trio.current_time()
+                self.started_at = self.last_request = self.engine._now()
                 try:
                     await self._start()
                 except HbTrioError as exc:
