@@ -60,7 +60,7 @@ class Flaky:
     """A counter that raises at the slots in ``fail_at`` (each only ``times`` times)."""
 
     def __init__(self, fail_at: set[int], times: int = 1) -> None:
-        self.remaining = {slot: times for slot in fail_at}
+        self.remaining = dict.fromkeys(fail_at, times)
 
     def init(self, process: hbtrio.Message) -> dict[str, Any]:
         return {"count": 0}
@@ -73,7 +73,9 @@ class Flaky:
         return {**state, "count": state["count"] + assignment["body"].get("n", 0)}
 
 
-async def counter_process(engine: hbtrio.Engine, slots: int, device: str = "counter@1.0", **extra: Any) -> str:
+async def counter_process(
+    engine: hbtrio.Engine, slots: int, device: str = "counter@1.0", **extra: Any
+) -> str:
     """Spawn a process and schedule ``slots`` messages with n = 1, 2, 3, ..."""
     pid = await engine.spawn(definition(device, **extra))
     if slots:

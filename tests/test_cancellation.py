@@ -51,7 +51,7 @@ async def walk_checkpoints(
     check: Callable[[bool, Any], Awaitable[None]],
     limit: int = 200,
 ) -> int:
-    """For k = 0, 1, ...: set up with ``make``, cancel at step k, ``check``. Returns the k that completed."""
+    """For k = 0, 1, ...: set up, cancel at step k, check. Returns the k that completed."""
     for k in range(limit):
         call = await make()
         completed, result = await cancel_at_step(k, call)
@@ -105,7 +105,9 @@ async def test_compute_cancelled_while_others_wait_for_same_and_other_slots(
             got: dict[str, Any] = {}
             async with trio.open_nursery() as nursery:
 
-                async def other(name: str, slot: int, pid: str = pid) -> None:
+                async def other(
+                    name: str, slot: int, pid: str = pid, got: dict[str, Any] = got
+                ) -> None:
                     got[name] = await engine.compute(pid, slot)
 
                 nursery.start_soon(other, "same", 5)
@@ -136,7 +138,9 @@ async def test_now_and_latest_slot_cancelled_at_every_checkpoint(tmp_path: Any) 
 
 @pytest.mark.parametrize("backend", ["memory", "sqlite"])
 async def test_schedule_cancelled_at_every_checkpoint(backend: str, tmp_path: Any) -> None:
-    store = hbtrio.MemoryStore() if backend == "memory" else hbtrio.SQLiteStore(tmp_path / "s.sqlite")
+    store = (
+        hbtrio.MemoryStore() if backend == "memory" else hbtrio.SQLiteStore(tmp_path / "s.sqlite")
+    )
     async with hbtrio.open_engine(store) as engine:
         pid = await counter_process(engine, 0)
         scheduled: list[int] = []
@@ -180,7 +184,9 @@ async def test_stop_cancelled_at_every_checkpoint(autojump_clock: trio.testing.M
         await walk_checkpoints(make, check, limit=50)
 
 
-async def test_resolve_cancelled_at_every_checkpoint(autojump_clock: trio.testing.MockClock) -> None:
+async def test_resolve_cancelled_at_every_checkpoint(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     class Sleepy:
         def __init__(self) -> None:
             self.runs = 0
@@ -198,7 +204,9 @@ async def test_resolve_cancelled_at_every_checkpoint(autojump_clock: trio.testin
 
         async def make() -> Callable[[], Awaitable[Any]]:
             counter["x"] += 1
-            return lambda x=counter["x"]: engine.resolve({"device": "sleepy@1.0"}, {"path": "work", "x": x})
+            return lambda x=counter["x"]: engine.resolve(
+                {"device": "sleepy@1.0"}, {"path": "work", "x": x}
+            )
 
         async def check(completed: bool, result: Any) -> None:
             await trio.sleep(2)
@@ -212,7 +220,9 @@ async def test_resolve_cancelled_at_every_checkpoint(autojump_clock: trio.testin
         assert sleepy.finished == 1
 
 
-async def test_resolve_dedup_survives_its_first_caller(autojump_clock: trio.testing.MockClock) -> None:
+async def test_resolve_dedup_survives_its_first_caller(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     class Sleepy:
         runs = 0
 
@@ -247,7 +257,9 @@ async def test_resolve_dedup_survives_its_first_caller(autojump_clock: trio.test
         assert stats.deduplicated == 50 and stats.executions == 1
 
 
-async def test_resolve_last_waiter_leaving_cancels_execution(autojump_clock: trio.testing.MockClock) -> None:
+async def test_resolve_last_waiter_leaving_cancels_execution(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     seen: list[str] = []
 
     class Sleepy:
@@ -305,5 +317,8 @@ async def test_resolve_errors_and_distinct_requests() -> None:
         # compute through resolve is the process path.
         pid = await counter_process(engine, 3)
         process = {"device": "process@1.0", "execution-device": "counter@1.0"}
-        assert await engine.resolve(process, {"path": "compute", "slot": 2}) == {"count": 3, "at-slot": 2}
+        assert await engine.resolve(process, {"path": "compute", "slot": 2}) == {
+            "count": 3,
+            "at-slot": 2,
+        }
         assert pid == hbtrio.message_id(process)

@@ -103,8 +103,9 @@ def test_random_interleavings_match_the_model(
             # Every slot of every process is computable afterwards, and right.
             for pid in pids:
                 latest = await engine.latest_slot(pid)
-                for slot in range(latest + 1):
-                    observed.append((pid, slot, await engine.compute(pid, slot)))
+                observed.extend(
+                    [(pid, slot, await engine.compute(pid, slot)) for slot in range(latest + 1)]
+                )
         assert trio.lowlevel.current_statistics().tasks_living == before
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
