@@ -27,8 +27,9 @@ shell; message columns hold canonical CBOR::
 
     processes(id INTEGER PRIMARY KEY, pid TEXT UNIQUE, definition BLOB)
     assignments(proc, slot, message_id TEXT, assignment BLOB)   -- PK (proc, slot)
-    results(proc, slot, state BLOB)                             -- PK (proc, slot)
-    snapshots(proc, slot, snapshot BLOB NULL)                   -- NULL: the result is the snapshot
+    results(proc, slot, state BLOB, snapshot INT)   -- PK (proc, slot); snapshot=1: the state
+                                                    -- is also the restorable snapshot
+    snapshots(proc, slot, snapshot BLOB)            -- snapshots in a device's own form
 """
 
 from __future__ import annotations
@@ -71,12 +72,14 @@ CREATE TABLE IF NOT EXISTS results (
     proc INTEGER NOT NULL REFERENCES processes(id),
     slot INTEGER NOT NULL,
     state BLOB NOT NULL,
+    snapshot INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (proc, slot)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS results_snapshots ON results (proc, slot) WHERE snapshot = 1;
 CREATE TABLE IF NOT EXISTS snapshots (
     proc INTEGER NOT NULL REFERENCES processes(id),
     slot INTEGER NOT NULL,
-    snapshot BLOB,
+    snapshot BLOB NOT NULL,
     PRIMARY KEY (proc, slot)
 ) WITHOUT ROWID;
 """
@@ -505,18 +508,29 @@ class SQLiteStore(Store):
         self._flushing = True
 
         def write(conn: sqlite3.Connection) -> None:
-            results, snaps = [], []
+            # snapshot None with is_snap: the slot's result is its snapshot (a flag, no copy).
+            results, flags, snaps = [], [], []
             for rowid, slot, state, snapshot, is_snap in batch:
                 if state is not None:
-                    results.append((rowid, slot, encode(state)))
-                if is_snap:
-                    snaps.append((rowid, slot, None if snapshot is None else encode(snapshot)))
+                    flag = 1 if is_snap and snapshot is None else 0
+                    results.append((rowid, slot, encode(state), flag))
+                elif is_snap and snapshot is None:
+                    flags.append((rowid, slot))
+                if is_snap and snapshot is not None:
+                    snaps.append((rowid, slot, encode(snapshot)))
             conn.executemany(
-                "INSERT OR REPLACE INTO results (proc, slot, state) VALUES (?, ?, ?)", results
+                "INSERT OR REPLACE INTO results (proc, slot, state, snapshot) VALUES (?, ?, ?, ?)",
+                results,
             )
-            conn.executemany(
-                "INSERT OR REPLACE INTO snapshots (proc, slot, snapshot) VALUES (?, ?, ?)", snaps
-            )
+            if flags:
+                conn.executemany(
+                    "UPDATE results SET snapshot = 1 WHERE proc = ? AND slot = ?", flags
+                )
+            if snaps:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO snapshots (proc, slot, snapshot) VALUES (?, ?, ?)",
+                    snaps,
+                )
 
         def done(result: outcome.Outcome[Any]) -> None:
             self._flushing = False
@@ -630,16 +644,19 @@ class SQLiteStore(Store):
         rowid = proc.rowid
 
         def read(conn: sqlite3.Connection) -> tuple[int, Message] | None:
-            row = conn.execute(
-                "SELECT s.slot, s.snapshot, r.state FROM snapshots s LEFT JOIN results r"
-                " ON r.proc = s.proc AND r.slot = s.slot"
-                " WHERE s.proc = ? AND s.slot <= ? AND s.slot > ? ORDER BY s.slot DESC LIMIT 1",
-                (rowid, at_most, best),
+            args = (rowid, at_most, best)
+            flagged = conn.execute(
+                "SELECT slot, state FROM results WHERE proc = ? AND snapshot = 1"
+                " AND slot <= ? AND slot > ? ORDER BY slot DESC LIMIT 1",
+                args,
             ).fetchone()
-            if row is None:
-                return None
-            blob = row[1] if row[1] is not None else row[2]
-            return None if blob is None else (row[0], decode(blob))
+            own = conn.execute(
+                "SELECT slot, snapshot FROM snapshots WHERE proc = ?"
+                " AND slot <= ? AND slot > ? ORDER BY slot DESC LIMIT 1",
+                args,
+            ).fetchone()
+            row = max((r for r in (flagged, own) if r is not None), default=None)
+            return None if row is None else (row[0], decode(row[1]))
 
         self._reads += 1
         found: tuple[int, Message] | None = await self._run(read, write=False)
