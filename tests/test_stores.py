@@ -1,0 +1,529 @@
+"""The store contract, for every store; then what only the SQLite file can show."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from typing import TYPE_CHECKING, Any
+
+import cbor2
+import pytest
+import trio
+import trio.testing
+
+import hbtrio
+from hbtrio import Message, SQLiteStore, Store, StoreError, compute_slot, freeze, message_id
+from hbtrio._devices import Devices
+from hbtrio._scheduler import make_assignment, verify_schedule
+
+if TYPE_CHECKING:
+    from conftest import StoreFactory
+
+COUNTER = {"device": "process@1.0", "execution-device": "counter@1.0"}
+
+
+class Proc:
+    """One process's schedule, built by hand the way the scheduler builds it."""
+
+    def __init__(self, name: str = "p") -> None:
+        self.definition = freeze({**COUNTER, "name": name})
+        self.pid = message_id(self.definition)
+        first, self.chain = make_assignment(self.pid, 0, self.definition, b"", mid=self.pid)
+        self.assignments = [first]
+
+    def build(self, count: int) -> tuple[list[Message], bytes]:
+        """The next ``count`` assignments and the chain after them (not adopted yet)."""
+        chain, out = self.chain, []
+        for slot in range(len(self.assignments), len(self.assignments) + count):
+            assignment, chain = make_assignment(self.pid, slot, freeze({"n": slot}), chain)
+            out.append(assignment)
+        return out, chain
+
+    def adopt(self, batch: list[Message], chain: bytes) -> None:
+        self.assignments.extend(batch)
+        self.chain = chain
+
+    def next(self, count: int) -> list[Message]:
+        batch, chain = self.build(count)
+        self.adopt(batch, chain)
+        return batch
+
+    def at(self, slot: int) -> Message:
+        """A lone assignment for ``slot`` (for slots that must be refused)."""
+        return make_assignment(self.pid, slot, freeze({"n": slot}), b"")[0]
+
+    async def put(self, store: Store) -> bool:
+        return await store.put_process(self.pid, self.definition, self.assignments[0])
+
+
+def state(slot: int, count: int | None = None) -> Message:
+    return freeze({"count": slot * 10 if count is None else count, "at-slot": slot})
+
+
+async def assignments_in(store: Store, pid: str, start: int, stop: int) -> list[Message]:
+    """Read a range both ways; the nowait answer, when it gives one, must agree with the async one.
+
+    ``get_assignments_nowait`` answers from memory: a non-empty prefix of what
+    `get_assignments` returns (``[]`` only when ``start`` is not scheduled), or
+    `trio.WouldBlock`.
+    """
+    expected = await store.get_assignments(pid, start, stop)
+    try:
+        quick = store.get_assignments_nowait(pid, start, stop)
+    except trio.WouldBlock:
+        return expected
+    assert quick == expected[: len(quick)], (start, stop, quick, expected)
+    assert bool(quick) == bool(expected), (start, stop, quick, expected)
+    return expected
+
+
+async def assignment_at(store: Store, pid: str, slot: int) -> Message | None:
+    found = await assignments_in(store, pid, slot, slot + 1)
+    return found[0] if found else None
+
+
+async def result_at(store: Store, pid: str, slot: int) -> Message | None:
+    """Like `assignment_at`, for stored results."""
+    expected = await store.get_result(pid, slot)
+    try:
+        quick = store.get_result_nowait(pid, slot)
+    except trio.WouldBlock:
+        return expected
+    assert quick == expected, (slot, quick, expected)
+    return quick
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+async def test_put_process_is_idempotent(store_factory: StoreFactory) -> None:
+    store = await store_factory.open()
+    proc = Proc()
+    assert await proc.put(store) is True
+    other_first = make_assignment(proc.pid, 0, proc.definition, b"\x01", mid=proc.pid)[0]
+    assert other_first != proc.assignments[0]
+    assert await store.put_process(proc.pid, proc.definition, other_first) is False
+    assert await store.put_process(proc.pid, freeze({"other": 1}), other_first) is False
+
+    assert store.statistics().assignments_written == 1
+    for _ in range(2):
+        assert await store.get_process(proc.pid) == proc.definition
+        assert await store.latest_slot(proc.pid) == 0
+        assert await store.get_assignments(proc.pid, 0, 5) == proc.assignments
+        store = await store_factory.reopen(store)
+        assert await proc.put(store) is False
+
+
+async def test_processes_are_independent(store: Store) -> None:
+    a, b = Proc("a"), Proc("b")
+    assert await a.put(store)
+    assert await b.put(store)
+    await store.append_assignments(a.pid, a.next(3))
+    assert await store.latest_slot(a.pid) == 3
+    assert await store.latest_slot(b.pid) == 0
+    assert await store.get_assignments(b.pid, 0, 10) == b.assignments
+
+
+async def test_unknown_process(store: Store) -> None:
+    pid = Proc("never stored").pid
+    assert await store.get_process(pid) is None
+    assert await store.latest_slot(pid) == -1
+    assert await store.get_assignments(pid, 0, 10) == []
+    assert await store.get_result(pid, 1) is None
+    assert await store.latest_snapshot(pid, 10) is None
+    assert await assignment_at(store, pid, 0) is None
+    assert await result_at(store, pid, 0) is None
+    with pytest.raises(StoreError):
+        await store.append_assignments(pid, [Proc("never stored").at(1)])
+
+
+# -- assignments --------------------------------------------------------------------------------
+
+
+async def test_append_assignments_enforces_contiguity(store_factory: StoreFactory) -> None:
+    store = await store_factory.open()
+    proc = Proc()
+    await proc.put(store)
+    await store.append_assignments(proc.pid, proc.next(3))
+    assert await store.latest_slot(proc.pid) == 3
+
+    refused = {
+        "gap": [proc.at(5)],
+        "hole inside the batch": [proc.at(4), proc.at(6)],
+        "repeat of the latest": [proc.at(3)],
+        "slot 0 again": [proc.at(0)],
+        "out of order": [proc.at(5), proc.at(4)],
+    }
+    for why, batch in refused.items():
+        with pytest.raises(StoreError):
+            await store.append_assignments(proc.pid, batch)
+        assert await store.latest_slot(proc.pid) == 3, why
+        assert await store.get_assignments(proc.pid, 0, 10) == proc.assignments, why
+        assert await assignment_at(store, proc.pid, 4) is None, why
+
+    await store.append_assignments(proc.pid, [])
+    await store.append_assignments(proc.pid, proc.next(2))
+    store = await store_factory.reopen(store)
+    assert await store.latest_slot(proc.pid) == 5
+    assert await store.get_assignments(proc.pid, 0, 10) == proc.assignments
+    verify_schedule(proc.pid, await store.get_assignments(proc.pid, 0, 10))
+
+
+async def test_get_assignments_ranges(store_factory: StoreFactory) -> None:
+    store = await store_factory.open()
+    proc = Proc()
+    await proc.put(store)
+    await store.append_assignments(proc.pid, proc.next(5))
+    everything = proc.assignments
+    for _ in range(2):  # as written, then read back from a fresh store
+        cases = {(0, 6): everything, (2, 4): everything[2:4], (-5, 2): everything[:2]}
+        cases |= {(4, 100): everything[4:], (3, 3): [], (5, 2): [], (6, 10): [], (-3, 0): []}
+        for (start, stop), expected in cases.items():
+            got = await assignments_in(store, proc.pid, start, stop)
+            assert got == expected, (start, stop)
+            assert [a["slot"] for a in got] == list(range(max(start, 0), min(stop, 6)))
+        store = await store_factory.reopen(store)
+
+
+async def test_nowait_reads_agree_with_their_async_twins(store_factory: StoreFactory) -> None:
+    store = await store_factory.open()
+    proc = Proc()
+    await proc.put(store)
+    await store.append_assignments(proc.pid, proc.next(4))
+    states = {1: state(1), 2: state(2)}
+    store.put_results_nowait(proc.pid, [(s, st, None) for s, st in states.items()])
+
+    for phase in ("written", "flushed", "reopened", "reopened and read"):
+        if phase == "flushed":
+            await store.flush()
+        elif phase == "reopened":
+            store = await store_factory.reopen(store)
+        for slot in range(-1, 8):
+            expected_assignment = proc.assignments[slot] if 0 <= slot <= 4 else None
+            assert await assignment_at(store, proc.pid, slot) == expected_assignment, (phase, slot)
+            assert await result_at(store, proc.pid, slot) == states.get(slot), (phase, slot)
+
+
+async def test_nowait_reads_never_checkpoint(store: Store) -> None:
+    proc = Proc()
+    await proc.put(store)
+    await store.append_assignments(proc.pid, proc.next(2))
+    with trio.testing.assert_no_checkpoints():
+        for slot in range(-1, 5):
+            try:
+                store.get_assignments_nowait(proc.pid, slot, slot + 3)
+            except trio.WouldBlock:
+                pass
+            try:
+                store.get_result_nowait(proc.pid, slot)
+            except trio.WouldBlock:
+                pass
+
+
+# -- results and snapshots ---------------------------------------------------------------------
+
+
+async def test_put_results_nowait_is_readable_at_once(store: Store) -> None:
+    proc = Proc()
+    await proc.put(store)
+    await store.append_assignments(proc.pid, proc.next(3))
+    s1, s2 = state(1), state(2)
+    with trio.testing.assert_no_checkpoints():
+        store.put_results_nowait(proc.pid, [(1, s1, None), (2, s2, s2)])
+        assert store.get_result_nowait(proc.pid, 1) == s1
+        assert store.get_result_nowait(proc.pid, 2) == s2
+    assert await store.get_result(proc.pid, 1) == s1
+    assert await store.get_result(proc.pid, 3) is None
+    assert await result_at(store, proc.pid, 3) is None
+    assert store.statistics().results_written == 2
+
+
+async def test_results_stored_out_of_order_stay_readable(store_factory: StoreFactory) -> None:
+    store = await store_factory.open()
+    proc = Proc()
+    await proc.put(store)
+    await store.append_assignments(proc.pid, proc.next(5))
+    expected = {slot: state(slot) for slot in (5, 2, 4)}
+    store.put_results_nowait(proc.pid, [(s, st, None) for s, st in expected.items()])
+    await store.flush()
+    for slot in range(7):
+        assert await result_at(store, proc.pid, slot) == expected.get(slot), slot
+
+
+async def test_a_later_result_replaces_an_earlier_one(store_factory: StoreFactory) -> None:
+    store = await store_factory.open()
+    proc = Proc()
+    await proc.put(store)
+    await store.append_assignments(proc.pid, proc.next(1))
+    store.put_results_nowait(proc.pid, [(1, state(1, 5), None)])
+    store.put_results_nowait(proc.pid, [(1, state(1, 6), None)])
+    assert await result_at(store, proc.pid, 1) == state(1, 6)
+    store = await store_factory.reopen(store)
+    assert await result_at(store, proc.pid, 1) == state(1, 6)
+
+
+async def test_latest_snapshot_at_or_below(store_factory: StoreFactory) -> None:
+    store = await store_factory.open()
+    proc = Proc()
+    await proc.put(store)
+    await store.append_assignments(proc.pid, proc.next(8))
+    s = {slot: state(slot) for slot in range(1, 9)}
+    custom4 = freeze({"packed": b"four", "at-slot": 4})
+    custom6 = freeze({"packed": b"six"})
+    store.put_results_nowait(
+        proc.pid,
+        [(1, s[1], None), (2, s[2], s[2]), (3, s[3], None), (4, s[4], custom4), (5, s[5], None)],
+    )
+    store.put_results_nowait(proc.pid, [(6, s[6], None), (7, s[7], None)])
+    await store.put_snapshot(proc.pid, 6, custom6)  # separate from the state at 6
+    await store.put_snapshot(proc.pid, 7, s[7])  # the state is its own snapshot
+    expected: dict[int, tuple[int, Message] | None] = {0: None, 1: None}
+    expected |= {2: (2, s[2]), 3: (2, s[2]), 4: (4, custom4), 5: (4, custom4), 6: (6, custom6)}
+    expected |= dict.fromkeys((7, 8, 100), (7, s[7]))
+
+    for phase in ("pending", "flushed", "reopened"):
+        if phase == "flushed":
+            await store.flush()
+        elif phase == "reopened":
+            store = await store_factory.reopen(store)
+        for at_most, want in expected.items():
+            assert await store.latest_snapshot(proc.pid, at_most) == want, (phase, at_most)
+        # Snapshots are not results, and results are not snapshots.
+        assert await result_at(store, proc.pid, 4) == s[4]
+        assert await result_at(store, proc.pid, 6) == s[6]
+
+
+async def test_latest_snapshot_while_it_is_being_written(store: Store) -> None:
+    proc = Proc()
+    await proc.put(store)
+    await store.append_assignments(proc.pid, proc.next(30))
+    for slot in range(1, 31):
+        current = state(slot)
+        custom = freeze({"custom": slot})
+        snapshot = current if slot % 2 else custom
+        store.put_results_nowait(proc.pid, [(slot, current, snapshot)])
+        # Written behind: the commit may land while this read waits for the disk.
+        assert await store.latest_snapshot(proc.pid, slot) == (slot, snapshot)
+        assert await store.latest_snapshot(proc.pid, slot + 5) == (slot, snapshot)
+
+
+async def test_flush_then_reopen_everything_is_durable(store_factory: StoreFactory) -> None:
+    store = await store_factory.open()
+    procs = [Proc("a"), Proc("b")]
+    states: dict[tuple[str, int], Message] = {}
+    for i, proc in enumerate(procs):
+        await proc.put(store)
+        await store.append_assignments(proc.pid, proc.next(3 + i))
+        results = [(slot, state(slot, slot + i), None) for slot in range(1, 3 + i)]
+        store.put_results_nowait(proc.pid, results)
+        states |= {(proc.pid, slot): st for slot, st, _ in results}
+        await store.put_snapshot(proc.pid, 2, freeze({"snap": i}))
+    await store.flush()
+    store = await store_factory.reopen(store)
+    for i, proc in enumerate(procs):
+        assert await store.get_process(proc.pid) == proc.definition
+        assert await store.latest_slot(proc.pid) == 3 + i
+        assert await store.get_assignments(proc.pid, 0, 100) == proc.assignments
+        for slot in range(6):
+            assert await result_at(store, proc.pid, slot) == states.get((proc.pid, slot))
+        assert await store.latest_snapshot(proc.pid, 10) == (2, {"snap": i})
+
+
+async def test_close_makes_pending_results_durable(store_factory: StoreFactory) -> None:
+    store = await store_factory.open()
+    proc = Proc()
+    await proc.put(store)
+    await store.append_assignments(proc.pid, proc.next(2))
+    store.put_results_nowait(proc.pid, [(1, state(1), state(1)), (2, state(2), None)])
+    store = await store_factory.reopen(store)  # close without an explicit flush
+    assert await result_at(store, proc.pid, 2) == state(2)
+    assert await store.latest_snapshot(proc.pid, 5) == (1, state(1))
+
+
+async def test_a_closed_store_opens_again(store_factory: StoreFactory) -> None:
+    store = await store_factory.open()
+    proc = Proc()
+    await proc.put(store)
+    await store.close()
+    await store.close()  # idempotent
+    await store.open()
+    await store.open()  # idempotent
+    assert await store.get_process(proc.pid) == proc.definition
+    await store.append_assignments(proc.pid, proc.next(1))
+    assert await store.latest_slot(proc.pid) == 1
+
+
+async def test_statistics_count_writes(store: Store) -> None:
+    proc = Proc()
+    await proc.put(store)
+    await store.append_assignments(proc.pid, proc.next(4))
+    store.put_results_nowait(proc.pid, [(slot, state(slot), None) for slot in range(1, 5)])
+    await store.flush()
+    stats = store.statistics()
+    assert stats.assignments_written == 5
+    assert stats.results_written == 4
+    assert stats.pending_results == 0
+
+
+# -- cancellation -------------------------------------------------------------------------------
+
+
+async def test_cancelled_append_either_happened_or_wrote_nothing(
+    store_factory: StoreFactory,
+) -> None:
+    store = await store_factory.open()
+    proc = Proc()
+    await proc.put(store)
+    rng = random.Random(1234)
+    for trial in range(60):
+        latest = await store.latest_slot(proc.pid)
+        assert latest == len(proc.assignments) - 1
+        batch, chain = proc.build(2)
+        returned = False
+        delay = rng.randrange(-1, 4)  # -1: cancelled before the call
+
+        async def attempt(
+            batch: list[Message] = batch,
+            delay: int = delay,
+            task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
+        ) -> None:
+            nonlocal returned
+            with trio.CancelScope() as scope:
+                if delay < 0:
+                    scope.cancel()
+                task_status.started(scope)
+                await store.append_assignments(proc.pid, batch)
+                returned = True
+
+        async with trio.open_nursery() as nursery:
+            scope = await nursery.start(attempt)
+            for _ in range(max(delay, 0)):
+                await trio.lowlevel.checkpoint()
+            scope.cancel()
+
+        now = await store.latest_slot(proc.pid)
+        if returned:
+            assert now == latest + 2, trial
+            proc.adopt(batch, chain)
+        else:
+            assert now == latest, trial
+        if delay < 0 and store_factory.kind == "sqlite":
+            assert not returned  # SQLite calls checkpoint first: cancelled before any I/O
+        assert await store.get_assignments(proc.pid, 0, now + 5) == proc.assignments
+    # The file agrees with what the callers were told.
+    store = await store_factory.reopen(store)
+    assert await store.get_assignments(proc.pid, 0, 10_000) == proc.assignments
+    verify_schedule(proc.pid, proc.assignments)
+
+
+async def test_cancelled_reads_leave_the_store_usable(store_factory: StoreFactory) -> None:
+    store = await store_factory.open()
+    proc = Proc()
+    await proc.put(store)
+    await store.append_assignments(proc.pid, proc.next(3))
+    store.put_results_nowait(proc.pid, [(1, state(1), state(1))])
+    store = await store_factory.reopen(store)
+    for delay in range(4):
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(store.get_assignments, proc.pid, 0, 4)
+                nursery.start_soon(store.get_result, proc.pid, 1)
+                nursery.start_soon(store.latest_snapshot, proc.pid, 3)
+                for _ in range(delay):
+                    await trio.lowlevel.checkpoint()
+                scope.cancel()
+    assert await store.get_assignments(proc.pid, 0, 4) == proc.assignments
+    assert await result_at(store, proc.pid, 1) == state(1)
+    assert await store.latest_snapshot(proc.pid, 3) == (1, state(1))
+
+
+# -- SQLite only --------------------------------------------------------------------------------
+
+
+async def test_sqlite_file_is_readable_with_the_stdlib(sqlite_factory: StoreFactory) -> None:
+    store = await sqlite_factory.open()
+    proc = Proc()
+    await proc.put(store)
+    await store.append_assignments(proc.pid, proc.next(3))
+    custom, s1 = freeze({"packed": b"2"}), state(1)
+    store.put_results_nowait(proc.pid, [(1, s1, s1), (2, state(2), custom)])
+    await store.close()
+
+    with sqlite3.connect(sqlite_factory.path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (1,)
+        tables = {
+            row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        assert {"processes", "assignments", "results", "snapshots"} <= tables
+        ((rowid, pid, definition),) = conn.execute("SELECT id, pid, definition FROM processes")
+        assert pid == proc.pid
+        assert cbor2.loads(definition) == proc.definition
+        rows = conn.execute(
+            "SELECT slot, message_id, assignment FROM assignments WHERE proc = ? ORDER BY slot",
+            (rowid,),
+        ).fetchall()
+        assert [r[0] for r in rows] == [0, 1, 2, 3]
+        for (slot, mid, blob), original in zip(rows, proc.assignments, strict=True):
+            assert cbor2.loads(blob) == original
+            assert mid == message_id(original["body"]) == original["message-id"], slot
+            assert blob == hbtrio.encode(original)  # canonical bytes on disk
+        results = dict(conn.execute("SELECT slot, state FROM results WHERE proc = ?", (rowid,)))
+        assert {s: cbor2.loads(b) for s, b in results.items()} == {1: state(1), 2: state(2)}
+        flagged = [r[0] for r in conn.execute("SELECT slot FROM results WHERE snapshot = 1")]
+        assert flagged == [1]  # the result at slot 1 is its own snapshot: a flag, no copy
+        snapshots = dict(conn.execute("SELECT slot, snapshot FROM snapshots"))
+        assert set(snapshots) == {2}
+        assert cbor2.loads(snapshots[2]) == custom
+
+
+async def test_sqlite_refuses_a_newer_schema(sqlite_factory: StoreFactory) -> None:
+    with sqlite3.connect(sqlite_factory.path) as conn:
+        conn.execute("PRAGMA user_version = 2")
+    with pytest.raises(StoreError, match="schema version 2"):
+        await sqlite_factory.open()
+
+
+async def test_sqlite_batches_thousands_of_results_into_few_commits(
+    sqlite_factory: StoreFactory,
+) -> None:
+    store = await sqlite_factory.open()
+    proc = Proc()
+    await proc.put(store)
+    await store.append_assignments(proc.pid, proc.next(3000))
+    before = store.statistics().commits
+    final = await compute_slot(store, Devices(), proc.pid, 3000, cache_frequency=10)
+    assert final == {"count": 3000 * 3001 // 2, "at-slot": 3000}
+    # A second process's results, all in one put.
+    other = Proc("other")
+    await other.put(store)
+    await store.append_assignments(other.pid, other.next(2000))
+    store.put_results_nowait(other.pid, [(s, state(s), None) for s in range(1, 2001)])
+    await store.flush()
+    stats = store.statistics()
+    assert stats.results_written >= 5000
+    assert stats.commits - before <= 12, stats
+    store = await sqlite_factory.reopen(store)
+    assert await store.get_result(proc.pid, 1234) == {"count": 1234 * 1235 // 2, "at-slot": 1234}
+    assert await store.get_result(other.pid, 2000) == state(2000)
+
+
+async def test_sqlite_backpressure_bounds_pending_results(sqlite_factory: StoreFactory) -> None:
+    store = await sqlite_factory.open(max_pending=8)
+    proc = Proc()
+    await proc.put(store)
+    await store.append_assignments(proc.pid, proc.next(200))
+    for start in range(1, 201, 50):
+        store.put_results_nowait(proc.pid, [(s, state(s), None) for s in range(start, start + 50)])
+        assert store.statistics().pending_results > 8
+        await store.wait_writable()
+        assert store.statistics().pending_results <= 8
+    # Pending results stay readable all along, and all arrive.
+    store = await sqlite_factory.reopen(store)
+    for slot in (1, 100, 200):
+        assert await store.get_result(proc.pid, slot) == state(slot)
+
+
+@pytest.mark.parametrize("options", [{"synchronous": "sometimes"}, {"max_pending": 0}])
+def test_sqlite_options_are_checked(options: dict[str, Any], tmp_path: Any) -> None:
+    with pytest.raises(ValueError):
+        SQLiteStore(tmp_path / "x.sqlite", **options)
