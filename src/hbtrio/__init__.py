@@ -39,6 +39,42 @@ from ._store import Store as Store
 from ._store import StoreStatistics as StoreStatistics
 from ._worker import WorkerInfo as WorkerInfo
 
+__all__ = [
+    "ComputeError",
+    "Counter",
+    "Engine",
+    "EngineClosed",
+    "EngineStats",
+    "ExecutionInfo",
+    "FrozenList",
+    "HbTrioError",
+    "InternalError",
+    "InvalidMessage",
+    "LeaderDied",
+    "MemoryStore",
+    "Message",
+    "ProcessNotFound",
+    "ProcessRuntime",
+    "SQLiteStore",
+    "Scheduler",
+    "SlotNotScheduled",
+    "SlotResult",
+    "Store",
+    "StoreError",
+    "StoreStatistics",
+    "UnknownDevice",
+    "WorkerInfo",
+    "__version__",
+    "compute_slot",
+    "decode",
+    "encode",
+    "freeze",
+    "message_id",
+    "open_engine",
+    "run_in_thread",
+    "verify_schedule",
+]
+
 __version__ = "0.1.0"
 
 # Present public names as hbtrio's own (tracebacks, reprs, docs).

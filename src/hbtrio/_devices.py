@@ -96,7 +96,7 @@ class DeviceInfo:
 
 
 class Devices:
-    """Name -> device. The built-in devices are always there; extras may override none of them."""
+    """Name -> device: the built-in devices, then the extras (which may replace a built-in)."""
 
     def __init__(self, extra: Mapping[str, object] | None = None) -> None:
         self._devices: dict[str, DeviceInfo] = {

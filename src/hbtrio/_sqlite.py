@@ -186,7 +186,9 @@ class SQLiteStore(Store):
             target=self._serve, args=(ready,), name=f"hbtrio-sqlite:{self.path}", daemon=True
         )
         thread.start()
-        error = await trio.to_thread.run_sync(ready.get)
+        # Shielded: a thread that started is always either adopted or joined.
+        with trio.CancelScope(shield=True):
+            error = await trio.to_thread.run_sync(ready.get)
         if error is not None:
             await trio.to_thread.run_sync(thread.join)
             raise StoreError(f"cannot open {self.path}: {error}") from error
@@ -218,10 +220,10 @@ class SQLiteStore(Store):
                 f"schema version {version} is newer than this hbtrio ({SCHEMA_VERSION})"
             )
         if version < SCHEMA_VERSION:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executescript(_SCHEMA.replace("BEGIN", ""))
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            conn.execute("COMMIT") if conn.in_transaction else None
+            # One transaction, so a crash leaves either no schema or all of it.
+            conn.executescript(
+                f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;"
+            )
         return conn
 
     # the I/O thread ---------------------------------------------------------------------------
@@ -277,6 +279,9 @@ class SQLiteStore(Store):
             except Exception as exc:
                 j.result = outcome.Error(exc)
             if j.write:
+                if not conn.in_transaction:  # SQLite rolled it all back (SQLITE_FULL, I/O error)
+                    self._fail_writes(writes, j.result)
+                    continue
                 if isinstance(j.result, outcome.Error):
                     conn.execute("ROLLBACK TO job")
                 conn.execute("RELEASE job")
@@ -297,6 +302,15 @@ class SQLiteStore(Store):
                 self._token.run_sync_soon(j.deliver)
             except trio.RunFinishedError:  # pragma: no cover - the engine left without closing us
                 return
+
+    def _fail_writes(self, writes: list[_Job], failed: outcome.Outcome[Any] | None) -> None:
+        """The batch's transaction is gone: no write of it happened, whatever it returned."""
+        cause = failed.error if isinstance(failed, outcome.Error) else None
+        for w in writes:
+            if w.result is None or isinstance(w.result, outcome.Value):
+                err = StoreError(f"{self.path}: the transaction was rolled back: {cause}")
+                err.__cause__ = cause.__cause__ if isinstance(cause, StoreError) else cause
+                w.result = outcome.Error(err)
 
     # submitting jobs (event-loop thread) -------------------------------------------------------
 
@@ -555,13 +569,13 @@ class SQLiteStore(Store):
     ) -> None:
         by_row = {p.rowid: p for p in self._procs.values()}
         for rowid, slot, state, _snapshot, is_snap in batch:
+            if state is not None:
+                self._pending_count -= 1  # even for a process no longer loaded
             proc = by_row.get(rowid)
             if proc is None:
                 continue
-            if state is not None:
-                self._pending_count -= 1
-                if proc.pending.get(slot) is state:
-                    del proc.pending[slot]
+            if state is not None and proc.pending.get(slot) is state:
+                del proc.pending[slot]
             if is_snap:
                 proc.pending_snapshots.pop(slot, None)
 
@@ -571,14 +585,15 @@ class SQLiteStore(Store):
         Not a checkpoint when nothing needs to wait.
         """
         while self._pending_count > self._max_pending:
+            if self._drained is None:
+                self._drained = trio.Event()
+            drained = self._drained
+            self._kick()  # (re)tries a failed write: only a fresh failure is reported
+            await drained.wait()
             if self._write_error is not None:
                 raise StoreError(
                     f"writing results to {self.path} failed: {self._write_error}"
                 ) from self._write_error
-            if self._drained is None:
-                self._drained = trio.Event()
-            self._kick()
-            await self._drained.wait()
 
     async def flush(self) -> None:
         """Return once every result and snapshot stored so far is durable. Checkpoints."""

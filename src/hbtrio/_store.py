@@ -98,7 +98,8 @@ class Store(abc.ABC):
     def get_assignments_nowait(self, pid: str, start: int, stop: int) -> list[Message]:
         """Like `get_assignments`, from memory: raises `trio.WouldBlock` if it needs I/O.
 
-        An empty list means ``start`` is not scheduled.
+        May return a shorter list than `get_assignments` (a non-empty prefix of
+        it: what memory holds). An empty list means ``start`` is not scheduled.
         """
 
     # results and snapshots -------------------------------------------------------------------
@@ -252,15 +253,17 @@ class MemoryStore(Store):
         proc = self._procs.get(pid)
         if proc is None:
             return None
-        i = bisect.bisect_right(proc.snapshot_slots, at_most)
-        if i == 0:
-            return None
-        slot = proc.snapshot_slots[i - 1]
-        found = proc.snapshots.get(slot)
-        if found is None:
-            found = proc.results[slot]
-            assert found is not None  # a snapshot slot without its own snapshot has a result
-        return slot, found
+        slots, results = proc.snapshot_slots, proc.results
+        i = bisect.bisect_right(slots, at_most)
+        while i > 0:  # normally one step; further only past results that went missing
+            i -= 1
+            slot = slots[i]
+            found = proc.snapshots.get(slot)
+            if found is None and slot < len(results):
+                found = results[slot]
+            if found is not None:
+                return slot, found
+        return None
 
     def statistics(self) -> StoreStatistics:
         return StoreStatistics(

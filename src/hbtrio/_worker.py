@@ -283,12 +283,23 @@ class GroupWorker:
         rt = self.runtime
         assert rt is not None and self.state is not None
         start = self.slot + 1
-        if await self._skip_stored(start):
+        try:
+            if await self._skip_stored(start):
+                return
+        except (ComputeError, StoreError) as exc:  # reading or restoring the snapshot failed
+            failed = exc
+            self.waiters.fail_from(start, lambda _s: _startup_error(failed))
+            self.target = self.slot
             return
         try:
             batch = await rt.assignments(start, min(self.target, self.slot + CHUNK) + 1)
         except ComputeError as exc:  # not scheduled, or the schedule cannot be read
             self._give_up(exc)
+            return
+        except StoreError as exc:  # the store failed answering what is scheduled
+            error = exc
+            self.waiters.fail_from(start, lambda _s: _store_error(error))
+            self.target = self.slot
             return
         results: list[SlotResult] = []
         failure: ComputeError | None = None
