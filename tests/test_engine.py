@@ -470,11 +470,15 @@ async def test_async_device_with_snapshot_hooks(tmp_path: Any) -> None:
 
     path = tmp_path / "boxed.sqlite"
     devices = {"boxed@1.0": Boxed()}
-    async with hbtrio.open_engine(hbtrio.SQLiteStore(path), devices=devices, cache_frequency=4) as engine:
+    async with hbtrio.open_engine(
+        hbtrio.SQLiteStore(path), devices=devices, cache_frequency=4
+    ) as engine:
         pid = await counter_process(engine, 10, "boxed@1.0")
         state = await engine.compute(pid, 10)
         assert state == {"box": (expected_count(10),), "at-slot": 10}
-    async with hbtrio.open_engine(hbtrio.SQLiteStore(path), devices=devices, cache_frequency=4) as engine:
+    async with hbtrio.open_engine(
+        hbtrio.SQLiteStore(path), devices=devices, cache_frequency=4
+    ) as engine:
         await engine.schedule(pid, {"n": 11})
         assert (await engine.now(pid))["box"] == (expected_count(11),)
         snap = await engine.store.latest_snapshot(pid, 10)

@@ -19,6 +19,7 @@ identical call starts afresh instead of joining a dying execution.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -57,7 +58,7 @@ class Execution:
     # Invariant: exactly the tasks parked in wait(); insertion-ordered.
     waiters: dict[trio.lowlevel.Task, None] = attrs.field(factory=dict)
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    started_at: float = attrs.field(factory=trio.current_time)
+    started_at: float = attrs.field(factory=time.time)  # wall clock
 
     def info(self) -> ExecutionInfo:
         return ExecutionInfo(self.group, self.device, self.path, len(self.waiters), self.started_at)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from typing import TYPE_CHECKING, Final
 
 import attrs
@@ -83,6 +84,7 @@ class WorkerInfo:
     waiting: int
     idle_seconds: float
     computed: int
+    #: Wall-clock time (``time.time()``) when the worker started.
     started_at: float
 
 
@@ -232,7 +234,8 @@ class GroupWorker:
         ending = "idle"
         try:
             if self.phase is Phase.STARTING:
-                self.started_at = self.last_request = self.engine._now()
+                self.started_at = time.time()  # wall clock, for people reading it
+                self.last_request = self.engine._now()
                 try:
                     await self._start()
                 except HbTrioError as exc:

@@ -1,0 +1,301 @@
+"""The ``hbtrio`` command: help, demo, client subcommands against a real node, serve.
+
+Client subcommands are synchronous (httpx's blocking client), so the async
+tests run them in a worker thread while the node serves on the test's loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import hbtrio
+from hbtrio._cli import build_parser, format_message, format_table, main
+from hbtrio._http import make_app, run_server
+
+SRC = str(Path(hbtrio.__file__).resolve().parents[1])
+
+
+class Gate:
+    """``gate@1.0``: slots compute only once the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.open = trio.Event()
+
+    def init(self, process: hbtrio.Message) -> dict[str, Any]:
+        return {"count": 0}
+
+    async def compute(self, state: hbtrio.Message, assignment: hbtrio.Message) -> dict[str, Any]:
+        await self.open.wait()
+        return {**state, "count": state["count"] + 1}
+
+
+@asynccontextmanager
+async def node(**app_options: Any) -> AsyncIterator[tuple[str, Gate]]:
+    gate = Gate()
+    async with hbtrio.open_engine(devices={"gate@1.0": gate}) as engine:
+        stop = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                urls = await nursery.start(
+                    partial(
+                        run_server,
+                        make_app(engine, **app_options),
+                        port=0,
+                        shutdown_trigger=stop.wait,
+                    )
+                )
+                yield urls[0], gate
+                stop.set()
+        finally:
+            gate.open.set()
+
+
+async def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Run ``hbtrio ARGV`` in a thread; (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    status = await trio.to_thread.run_sync(main, list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+# --------------------------------------------------------------------------- help
+
+
+def test_help_everywhere(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    commands = ("serve", "demo", "spawn", "schedule", "compute", "now", "workers", "stats")
+    for command in commands:
+        assert command in out
+    for command in commands:
+        with pytest.raises(SystemExit) as info:
+            main([command, "--help"])
+        assert info.value.code == 0
+        assert f"usage: hbtrio {command}" in capsys.readouterr().out
+
+
+def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (
+        [],
+        ["frobnicate"],
+        ["compute", "PID"],
+        ["compute", "PID", "-1"],
+        ["serve", "--port", "70000"],
+        ["serve", "--cache-frequency", "0"],
+        ["serve", "--max-idle", "-1"],
+        ["now", "PID", "--wait", "nan"],
+    ):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2, argv
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_parser_defaults() -> None:
+    args = build_parser().parse_args(["serve"])
+    assert (args.db, args.host, args.port) == ("hbtrio.sqlite", "127.0.0.1", 8734)
+    assert (args.max_idle, args.cache_frequency) == (300.0, 1)
+
+
+def test_formatting() -> None:
+    text = format_message({"count": 3, "at-slot": 2, "b": b"\x00\x01", "l": (1, "x")})
+    assert text.splitlines() == [
+        "at-slot  2",
+        "b        <2 bytes: 0001>",
+        "count    3",
+        'l        [1,"x"]',
+    ]
+    assert format_table(["a", "bb"], [[1, None], ["long", 0.5]]).splitlines() == [
+        "a     bb",
+        "1     -",
+        "long  0.50",
+    ]
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def test_demo_is_quick_and_informative(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--processes", "2", "--messages", "30", "--waiters", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("spawned counter-") == 2
+    assert "scheduled 30 messages" in out
+    assert "slot   30 -> count    465 (ok" in out
+    assert "EXPECTED" not in out
+    assert re.search(r"worker\s+slot\s+target\s+waiting", out)
+    assert "ComputeError phase='compute' attempted_slot=31" in out
+    assert "cache_hits 0 -> 1" in out
+    assert "computed again: 0 slots" in out
+    assert "slots_computed   60" in out
+    assert "demo finished" in out
+
+
+# --------------------------------------------------------------------------- client commands
+
+
+async def test_client_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    async with node() as (url, gate):
+        status, out, err = await cli(capsys, "spawn", "--url", url, "name=first")
+        assert status == 0, err
+        pid = out.strip()
+        assert pid == hbtrio.message_id(
+            {"device": "process@1.0", "execution-device": "counter@1.0", "name": "first"}
+        )
+        assert await cli(capsys, "schedule", "--url", url, pid, "n:=5") == (0, "1\n", "")
+        status, out, _ = await cli(
+            capsys, "schedule", "--url", url, pid, "--body", '{"n": 2}', "note=hi", "--json"
+        )
+        assert json.loads(out) == {"process": pid, "slot": 2}
+
+        status, out, _ = await cli(capsys, "compute", "--url", url, pid, "1")
+        assert (status, out) == (0, "at-slot  1\ncount    5\n")
+        status, out, _ = await cli(capsys, "now", "--url", url, pid, "--json")
+        assert json.loads(out) == {"at-slot": 2, "count": 7}
+
+        status, out, _ = await cli(capsys, "workers", "--url", url)
+        assert status == 0
+        header, row = out.splitlines()
+        assert header.split() == [
+            "process",
+            "slot",
+            "target",
+            "waiting",
+            "computed",
+            "idle_seconds",
+            "phase",
+        ]
+        assert row.split()[:3] == [pid, "2", "2"]
+        status, out, _ = await cli(capsys, "workers", "--url", url, "--json")
+        assert pid in json.loads(out)["workers"]
+
+        status, out, _ = await cli(capsys, "stats", "--url", url)
+        assert re.search(r"^slots_computed\s+2$", out, re.MULTILINE)
+        status, out, _ = await cli(capsys, "stats", "--url", url, "--json")
+        assert json.loads(out)["slots_computed"] == 2
+
+        # errors from the node: exit status 1 and the node's explanation
+        status, out, err = await cli(capsys, "compute", "--url", url, pid, "9")
+        assert status == 1 and out == ""
+        assert "422 slot-not-scheduled" in err and "attempted-slot  3" in err
+        status, _, err = await cli(capsys, "spawn", "--url", url, "--execution-device", "no@1.0")
+        assert status == 1 and "400 unknown-device" in err
+        # bad arguments: exit status 2, nothing sent
+        for argv in (["schedule", pid], ["schedule", pid, "n"], ["schedule", pid, "n:=[1"]):
+            status, _, err = await cli(capsys, *argv, "--url", url)
+            assert status == 2, argv
+        assert (await cli(capsys, "now", "--url", url, pid))[1].startswith("at-slot  2")
+
+        # a result that is not ready: exit status 3
+        gated = (await cli(capsys, "spawn", "--url", url, "--execution-device", "gate@1.0"))[1]
+        await cli(capsys, "schedule", "--url", url, gated.strip(), "n:=1")
+        status, out, err = await cli(
+            capsys, "compute", "--url", url, gated.strip(), "1", "--wait", "0.05"
+        )
+        assert status == 3 and out == ""
+        assert "not ready yet: the worker reached slot 0 of 1" in err
+        gate.open.set()
+
+
+async def test_client_token_and_unreachable_node(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("HBTRIO_TOKEN", raising=False)
+    async with node(token="s3cret") as (url, _):
+        status, _, err = await cli(capsys, "spawn", "--url", url)
+        assert status == 1 and "401 unauthorized" in err
+        status, out, _ = await cli(capsys, "spawn", "--url", url, "--token", "s3cret")
+        assert status == 0 and len(out.strip()) == 43
+    (tmp_path / "definition.json").write_text('{"name": "from a file"}')
+    status, _, err = await cli(
+        capsys, "spawn", "--url", url, "--body", f"@{tmp_path / 'definition.json'}"
+    )
+    assert status == 1 and "cannot reach the node" in err
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def test_serve_refuses_public_address_without_token(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("HBTRIO_TOKEN", raising=False)
+    db = tmp_path / "node.sqlite"
+    assert main(["serve", "--host", "0.0.0.0", "--db", str(db)]) == 2
+    assert "without an API token" in capsys.readouterr().err
+    assert not db.exists()
+
+
+def test_serve_rejects_bad_device_spec(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    db = tmp_path / "node.sqlite"
+    for spec in ("nope", "x@1.0=no_such_module_here:Thing", "x@1.0=json:NoSuchThing"):
+        assert main(["serve", "--db", str(db), "--device", spec]) == 2
+        assert "--device" in capsys.readouterr().err
+    assert not db.exists()
+
+
+def test_serve_reports_an_address_in_use(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--db", str(tmp_path / "n.sqlite"), "--port", str(port)]) == 1
+    assert "cannot serve on 127.0.0.1" in capsys.readouterr().err
+    assert not (tmp_path / "n.sqlite").exists()
+
+
+async def test_serve_subprocess_stops_on_sigint(tmp_path: Path) -> None:
+    """``hbtrio serve`` prints its address, serves, and exits 0 on Ctrl-C (SIGINT)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([SRC, env.get("PYTHONPATH", "")])
+    env.pop("HBTRIO_TOKEN", None)
+    cmd = [sys.executable, "-m", "hbtrio._cli", "serve", "--db", str(tmp_path / "n.sqlite")]
+    proc = await trio.lowlevel.open_process(
+        [*cmd, "--port", "0", "--log-level", "warning"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    assert proc.stdout is not None
+    seen = bytearray()
+    try:
+        with trio.fail_after(30):
+            while b"press Ctrl-C" not in seen:
+                chunk = await proc.stdout.receive_some()
+                assert chunk, bytes(seen)
+                seen += chunk
+        url = re.search(rb"listening on (http://127\.0\.0\.1:\d+) \(store: (.*)\)", seen)
+        assert url is not None, seen
+        assert url.group(2).decode() == str(tmp_path / "n.sqlite")
+
+        status = await trio.to_thread.run_sync(main, ["spawn", "--url", url.group(1).decode()])
+        assert status == 0
+        proc.send_signal(signal.SIGINT)
+        with trio.fail_after(20):
+            assert await proc.wait() == 0
+            while chunk := await proc.stdout.receive_some():
+                seen += chunk
+        assert b"hbtrio node stopped" in seen
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        with trio.CancelScope(shield=True):
+            await proc.wait()
+        await proc.stdout.aclose()

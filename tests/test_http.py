@@ -1,0 +1,863 @@
+"""The HTTP API against a real server on a loopback port (hypercorn on Trio, httpx clients).
+
+Every endpoint, content negotiation, the 202 path, every error status, the API
+token, graceful shutdown in process and of a real ``hbtrio serve`` subprocess
+receiving SIGTERM. Waits are event-driven (`wait_until`); the subprocess tests
+poll the node over HTTP with bounded retry loops.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import hbtrio
+from hbtrio import _codec, _jsonwire
+from hbtrio._http import HttpApp, check_bind, make_app, negotiate, run_server, serve
+
+CBOR = "application/cbor"
+SRC = str(Path(hbtrio.__file__).resolve().parents[1])
+
+
+# --------------------------------------------------------------------------- test devices
+
+
+class Gate:
+    """``gate@1.0``: each slot adds 1, but only once the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.open = trio.Event()
+
+    def init(self, process: hbtrio.Message) -> dict[str, Any]:
+        return {"count": 0}
+
+    async def compute(self, state: hbtrio.Message, assignment: hbtrio.Message) -> dict[str, Any]:
+        await self.open.wait()
+        return {**state, "count": state["count"] + 1}
+
+
+class Echo:
+    """``echo@1.0``: the state keeps the last body it was given."""
+
+    def init(self, process: hbtrio.Message) -> dict[str, Any]:
+        return {"last": None}
+
+    def compute(self, state: hbtrio.Message, assignment: hbtrio.Message) -> dict[str, Any]:
+        return {**state, "last": assignment["body"]}
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@attrs.define
+class Node:
+    engine: hbtrio.Engine
+    gate: Gate
+    app: HttpApp
+    url: str
+    client: httpx.AsyncClient
+    stop: trio.Event
+
+
+@asynccontextmanager
+async def open_node(*, grace: float = 5.0, **app_options: Any) -> AsyncIterator[Node]:
+    """An engine (memory store) behind a real server on a free loopback port."""
+    gate = Gate()
+    devices = {"gate@1.0": gate, "echo@1.0": Echo()}
+    async with hbtrio.open_engine(devices=devices) as engine:
+        app = make_app(engine, **app_options)
+        stop = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                urls = await nursery.start(
+                    partial(run_server, app, port=0, grace=grace, shutdown_trigger=stop.wait)
+                )
+                async with httpx.AsyncClient(base_url=urls[0], timeout=20) as client:
+                    yield Node(engine, gate, app, urls[0], client, stop)
+                stop.set()
+        finally:
+            gate.open.set()
+
+
+@pytest.fixture
+async def node() -> AsyncIterator[Node]:
+    async with open_node(max_body=4096, default_wait=5.0) as n:
+        yield n
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait, event-driven, until ``predicate()`` holds (bounded)."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.testing.wait_all_tasks_blocked(0.001)
+
+
+def definition(device: str = "counter@1.0", **fields: Any) -> dict[str, Any]:
+    return {"device": "process@1.0", "execution-device": device, **fields}
+
+
+async def spawn(client: httpx.AsyncClient, device: str = "counter@1.0", **fields: Any) -> str:
+    response = await client.post("/processes", json=definition(device, **fields))
+    assert response.status_code == 200, response.text
+    pid: str = response.json()["process"]
+    return pid
+
+
+async def schedule(client: httpx.AsyncClient, pid: str, **body: Any) -> int:
+    response = await client.post(f"/{pid}/schedule", json=body)
+    assert response.status_code == 200, response.text
+    slot: int = response.json()["slot"]
+    return slot
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body: dict[str, Any] = response.json()
+    assert body["error"] == code
+    assert body["status"] == status
+    assert isinstance(body["message"], str) and body["message"]
+    return body
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+async def test_spawn_schedule_compute_now_slot_current(node: Node) -> None:
+    c = node.client
+    pid = await spawn(c)
+    assert pid == hbtrio.message_id(definition())
+    assert await spawn(c) == pid  # same definition, same process
+    assert [await schedule(c, pid, n=n) for n in (1, 2, 3)] == [1, 2, 3]
+
+    r = await c.get(f"/{pid}/compute", params={"slot": 2})
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/json"
+    assert r.json() == {"at-slot": 2, "count": 3}
+    assert (await c.get(f"/{pid}/compute", params={"slot": 0})).json() == {"at-slot": 0, "count": 0}
+    assert (await c.get(f"/{pid}/now")).json() == {"at-slot": 3, "count": 6}
+    r = await c.get(f"/{pid}/slot/current")
+    assert r.json() == {"process": pid, "slot": 3, "computed-slot": 3}
+
+
+async def test_workers_and_stats(node: Node) -> None:
+    c = node.client
+    pid = await spawn(c)
+    for n in range(1, 21):
+        await schedule(c, pid, n=n)
+    assert (await c.get(f"/{pid}/compute", params={"slot": 20})).json()["count"] == 210
+
+    workers = (await c.get("/workers")).json()["workers"]
+    assert set(workers) == {pid}
+    info = workers[pid]
+    assert info["slot"] == 20 and info["target"] == 20 and info["waiting"] == 0
+    assert info["idle_seconds"] >= 0
+
+    stats = (await c.get("/stats")).json()
+    assert stats == attrs.asdict(node.engine.stats())
+    assert stats["slots_computed"] == 20
+
+
+async def test_metrics_prometheus_text(node: Node) -> None:
+    c = node.client
+    pid = await spawn(c)
+    await schedule(c, pid, n=5)
+    await c.get(f"/{pid}/compute", params={"slot": 1})
+    await c.get(f"/{pid}/compute", params={"slot": 1})
+    await c.get("/nowhere")
+
+    r = await c.get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    text = r.text
+    sample = re.compile(
+        r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="[^"\\]*",?)*\})? '
+        r"(-?[0-9.e+-]+|\+Inf|NaN)$"
+    )
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            assert sample.match(line), line
+    assert 'hbtrio_http_requests_total{method="GET",route="/{pid}/compute",status="200"} 2' in text
+    assert 'hbtrio_http_requests_total{method="GET",route="other",status="404"} 1' in text
+    assert 'hbtrio_http_requests_total{method="POST",route="/processes",status="200"} 1' in text
+    assert "# TYPE hbtrio_http_request_duration_seconds histogram" in text
+    bucket = "hbtrio_http_request_duration_seconds_bucket"
+    assert f'{bucket}{{method="GET",route="/{{pid}}/compute",le="+Inf"}} 2' in text
+    assert 'hbtrio_http_request_duration_seconds_count{method="POST",route="/processes"} 1' in text
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    stats = node.engine.stats()
+    assert values["hbtrio_slots_computed_total"] == stats.slots_computed == 1
+    assert values["hbtrio_cache_hits_total"] == stats.cache_hits
+    assert values["hbtrio_live_workers"] == 1
+    assert values["hbtrio_waiters"] == 0
+    assert values["hbtrio_http_requests_in_flight"] == 1  # this very request
+    assert values["hbtrio_http_shutting_down"] == 0
+
+
+# --------------------------------------------------------------------------- wire formats
+
+
+async def test_cbor_in_and_out(node: Node) -> None:
+    c = node.client
+    defn = definition("echo@1.0", blob=b"\x00\xff")
+    r = await c.post(
+        "/processes",
+        content=_codec.encode(defn),
+        headers={"content-type": CBOR, "accept": CBOR},
+    )
+    assert r.status_code == 200
+    assert r.headers["content-type"] == CBOR
+    pid = _codec.decode(r.content)["process"]
+    assert pid == hbtrio.message_id(defn)
+
+    body = {"raw": b"\x01\x02\x03", "/bytes": "not bytes", "inf": math.inf, "xs": [b"", 1, "a"]}
+    r = await c.post(
+        f"/{pid}/schedule", content=_codec.encode(body), headers={"content-type": CBOR}
+    )
+    assert r.json() == {"process": pid, "slot": 1}  # JSON answer to a CBOR request
+
+    r = await c.get(f"/{pid}/compute", params={"slot": 1}, headers={"accept": CBOR})
+    assert r.headers["content-type"] == CBOR
+    state = _codec.decode(r.content)
+    assert state == {"at-slot": 1, "last": body | {"xs": (b"", 1, "a")}}
+    assert r.content == _codec.encode(state)  # canonical
+
+    r = await c.get(f"/{pid}/compute", params={"slot": 1})
+    assert r.json() == {
+        "at-slot": 1,
+        "last": {
+            "raw": {"/bytes": "AQID"},
+            "//bytes": "not bytes",
+            "inf": {"/float": "Infinity"},
+            "xs": [{"/bytes": ""}, 1, "a"],
+        },
+    }
+    assert _jsonwire.loads(r.content) == state
+
+
+async def test_json_bytes_encoding_on_input(node: Node) -> None:
+    c = node.client
+    pid = await spawn(c, "echo@1.0")
+    sent = {"b": {"/bytes": "3q2+7w=="}, "unpadded": {"/bytes": "3q2+7w"}, "//k": 1}
+    assert (await c.post(f"/{pid}/schedule", json=sent)).status_code == 200
+    r = await c.get(f"/{pid}/now", headers={"accept": CBOR})
+    last = _codec.decode(r.content)["last"]
+    assert last == {"b": b"\xde\xad\xbe\xef", "unpadded": b"\xde\xad\xbe\xef", "/k": 1}
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [
+        (None, "application/json"),
+        ("*/*", "application/json"),
+        ("application/cbor", CBOR),
+        ("application/cbor, */*", CBOR),
+        ("application/json;q=0.5, application/cbor", CBOR),
+        ("application/cbor;q=0.2, application/json;q=0.9", "application/json"),
+        ("application/*", "application/json"),
+        ("text/html, application/cbor;q=0.1", CBOR),
+    ],
+)
+def test_negotiate(accept: str | None, expected: str) -> None:
+    assert negotiate(accept) == expected
+
+
+async def test_not_acceptable(node: Node) -> None:
+    for accept in ("text/html", "application/json;q=0, application/cbor;q=0"):
+        r = await node.client.get("/stats", headers={"accept": accept})
+        assert_error(r, 406, "not-acceptable")
+
+
+# --------------------------------------------------------------------------- JSON wire unit tests
+
+message_keys = st.sampled_from(["/bytes", "/float", "//x", "/", "", "a"]) | st.text(max_size=6)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8)
+    | st.binary(max_size=8)
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(message_keys, inner, max_size=3),
+    max_leaves=12,
+)
+messages = st.dictionaries(message_keys, values, max_size=5)
+
+
+@settings(max_examples=150, deadline=None)
+@given(messages)
+def test_json_wire_round_trip(message: dict[str, Any]) -> None:
+    text = _jsonwire.dumps(message)
+    json.loads(text)  # plain, standard JSON
+    back = _jsonwire.loads(text)
+    assert _codec.encode(back) == _codec.encode(message)
+
+
+def test_json_wire_encoding_examples() -> None:
+    msg = {"b": b"hi", "/bytes": 1, "n": -math.inf, "nan": math.nan, "l": (1, b"")}
+    assert json.loads(_jsonwire.dumps(msg)) == {
+        "b": {"/bytes": "aGk="},
+        "//bytes": 1,
+        "n": {"/float": "-Infinity"},
+        "nan": {"/float": "NaN"},
+        "l": [1, {"/bytes": ""}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        (b"{", "not JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'"x"', "must be a JSON object"),
+        (b'{"/bytes": "AA=="}', "must be a JSON object"),
+        (b'{"a": 1, "a": 2}', "appears twice"),
+        (b'{"/x": 1}', "reserved"),
+        (b'{"a": {"/bytes": "not base64!"}}', "not base64"),
+        (b'{"a": {"/bytes": 5}}', "needs a string"),
+        (b'{"a": {"/float": "nan"}}', "must be"),
+        (b'{"a": NaN}', "bare NaN"),
+        (b'{"a": Infinity}', "bare Infinity"),
+        (b'{"a": "\\ud800"}', "CBOR"),
+        (b"\xff\xfe", "not UTF-8"),
+        (b"[" * 5000 + b"]" * 5000, "nested"),
+        (b'{"a": 1' + b"0" * 5000 + b"}", "not acceptable JSON"),
+    ],
+)
+def test_json_wire_rejects(text: bytes, match: str) -> None:
+    with pytest.raises(hbtrio.InvalidMessage, match=match):
+        _jsonwire.loads(text)
+
+
+# --------------------------------------------------------------------------- the wait budget
+
+
+async def test_compute_202_then_result(node: Node) -> None:
+    c, engine = node.client, node.engine
+    pid = await spawn(c, "gate@1.0")
+    await schedule(c, pid)
+    await schedule(c, pid)
+
+    r = await c.get(f"/{pid}/compute", params={"slot": 2, "wait": 0.05})
+    assert r.status_code == 202
+    assert r.headers["retry-after"] == "1"
+    assert r.json() == {
+        "process": pid,
+        "status": "computing",
+        "requested-slot": 2,
+        "computed-slot": 0,
+    }
+    r = await c.get(f"/{pid}/now", params={"wait": 0.05})
+    assert r.status_code == 202
+    assert r.json()["requested-slot"] == 2
+    # The waiters left, but the worker still works towards slot 2.
+    assert engine.workers[pid].target == 2
+    assert engine.workers[pid].waiting == 0
+
+    node.gate.open.set()
+    await wait_until(lambda: engine.workers[pid].slot == 2)
+    computed = engine.stats().slots_computed
+    r = await c.get(f"/{pid}/compute", params={"slot": 2, "wait": 0.05})
+    assert r.status_code == 200
+    assert r.json() == {"at-slot": 2, "count": 2}
+    assert engine.stats().slots_computed == computed  # nothing computed again
+    assert (await c.get(f"/{pid}/slot/current")).json()["computed-slot"] == 2
+
+
+async def test_client_disconnect_releases_the_wait(node: Node) -> None:
+    c, engine = node.client, node.engine
+    pid = await spawn(c, "gate@1.0")
+    await schedule(c, pid)
+    with trio.CancelScope() as scope:
+
+        async def give_up_once_waiting() -> None:
+            await wait_until(lambda: pid in engine.workers and engine.workers[pid].waiting == 1)
+            scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(give_up_once_waiting)
+            await c.get(f"/{pid}/compute", params={"slot": 1, "wait": 60})
+    assert scope.cancelled_caught
+    await wait_until(lambda: node.app.metrics.in_flight == 0)
+    assert engine.workers[pid].waiting == 0
+    assert node.app.metrics.requests["GET", "/{pid}/compute", 499] == 1
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _streamed(size: int) -> Any:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(size // 1000):
+            yield b" " * 1000
+
+    return chunks()
+
+
+async def test_error_statuses(node: Node) -> None:
+    c = node.client
+    pid = await spawn(c)
+    await schedule(c, pid, n=1)
+    unknown = hbtrio.message_id({"never": "spawned"})
+    json_h = {"content-type": "application/json"}
+
+    cases: list[tuple[str, str, dict[str, Any], int, str]] = [
+        ("POST", "/processes", {"content": b"{", "headers": json_h}, 400, "invalid-message"),
+        ("POST", "/processes", {"content": b"[1]", "headers": json_h}, 400, "invalid-message"),
+        ("POST", "/processes", {"content": b""}, 400, "invalid-message"),
+        ("POST", "/processes", {"json": {"device": "process@1.0"}}, 400, "invalid-message"),
+        (
+            "POST",
+            "/processes",
+            {"json": {"device": "x", "n": {"/bytes": "!"}}},
+            400,
+            "invalid-message",
+        ),
+        ("POST", "/processes", {"json": definition("nope@1.0")}, 400, "unknown-device"),
+        (
+            "POST",
+            "/processes",
+            {"content": b"\xff\x00", "headers": {"content-type": CBOR}},
+            400,
+            "invalid-message",
+        ),
+        (
+            "POST",
+            "/processes",
+            {"content": _codec.encode([1, 2]), "headers": {"content-type": CBOR}},
+            400,
+            "invalid-message",
+        ),
+        (
+            "POST",
+            "/processes",
+            {"content": b"{}", "headers": {"content-type": "text/plain"}},
+            415,
+            "unsupported-media-type",
+        ),
+        ("POST", "/processes", {"content": b"x" * 5000, "headers": json_h}, 413, "body-too-large"),
+        ("POST", "/processes", {"content": _streamed(6000)}, 413, "body-too-large"),
+        ("GET", "/processes", {}, 405, "method-not-allowed"),
+        ("DELETE", f"/{pid}/now", {}, 405, "method-not-allowed"),
+        ("GET", "/nowhere", {}, 404, "no-route"),
+        ("GET", f"/{pid}/now/", {}, 404, "no-route"),
+        ("GET", f"/{unknown}/now", {}, 404, "process-not-found"),
+        ("GET", f"/{unknown}/compute?slot=0", {}, 404, "process-not-found"),
+        ("GET", f"/{unknown}/slot/current", {}, 404, "process-not-found"),
+        ("POST", f"/{unknown}/schedule", {"json": {"n": 1}}, 404, "process-not-found"),
+        ("GET", "/not-a-process-id/now", {}, 404, "process-not-found"),
+        ("GET", f"/{pid}/compute", {}, 400, "bad-parameter"),
+        ("GET", f"/{pid}/compute?slot=-1", {}, 400, "bad-parameter"),
+        ("GET", f"/{pid}/compute?slot=1.5", {}, 400, "bad-parameter"),
+        ("GET", f"/{pid}/compute?slot=x", {}, 400, "bad-parameter"),
+        ("GET", f"/{pid}/compute?slot=1&slot=2", {}, 400, "bad-parameter"),
+        ("GET", f"/{pid}/compute?slot=1&wait=0", {}, 400, "bad-parameter"),
+        ("GET", f"/{pid}/compute?slot=1&wait=nan", {}, 400, "bad-parameter"),
+        ("GET", f"/{pid}/compute?slot=1&wait=1e9", {}, 400, "bad-parameter"),
+        ("GET", f"/{pid}/now?wait=soon", {}, 400, "bad-parameter"),
+    ]
+    for method, path, options, status, code in cases:
+        r = await c.request(method, path, **options)
+        if status == 200:
+            assert r.status_code == 200, r.text
+            continue
+        body = assert_error(r, status, code)
+        if status == 405:
+            assert r.headers["allow"] in ("GET", "POST")
+        if status == 413:
+            assert body["max-body"] == 4096
+        if code == "process-not-found" and "not-a-process" not in path:
+            assert body["process"] == unknown
+
+    r = await c.get(f"/{pid}/compute", params={"slot": 99})
+    body = assert_error(r, 422, "slot-not-scheduled")
+    assert body["phase"] == "get-schedule"
+    assert body["attempted-slot"] == 2
+    assert body["latest-slot"] == 1
+
+    # The node is fine after all that.
+    assert (await c.get(f"/{pid}/now")).json() == {"at-slot": 1, "count": 1}
+
+
+async def test_compute_error_is_422_and_contained(node: Node) -> None:
+    c = node.client
+    bad, good = await spawn(c, name="bad"), await spawn(c, name="good")
+    await schedule(c, bad, n=1)
+    await schedule(c, bad, n="not a number")
+    await schedule(c, good, n=5)
+
+    r = await c.get(f"/{bad}/compute", params={"slot": 2})
+    body = assert_error(r, 422, "compute-error")
+    assert body["phase"] == "compute"
+    assert body["attempted-slot"] == 2
+    assert body["cause"].startswith("TypeError")
+    assert_error(await c.get(f"/{bad}/now"), 422, "compute-error")
+    # The failing process keeps its last good state; the other is untouched.
+    assert (await c.get(f"/{bad}/compute", params={"slot": 1})).json()["count"] == 1
+    assert (await c.get(f"/{good}/now")).json() == {"at-slot": 1, "count": 5}
+
+
+class BrokenEngine:
+    """An `EngineLike` whose compute raises what the test says (errors a real one rarely shows)."""
+
+    def __init__(self) -> None:
+        self.error: Exception = RuntimeError("boom")
+        self.workers: dict[str, Any] = {}
+
+    async def spawn(self, definition: hbtrio.Message) -> str:
+        raise AssertionError("not used")
+
+    async def schedule(self, pid: str, message: hbtrio.Message) -> int:
+        raise AssertionError("not used")
+
+    async def compute(self, pid: str, slot: int) -> hbtrio.Message:
+        await trio.lowlevel.checkpoint()
+        raise self.error
+
+    async def now(self, pid: str) -> hbtrio.Message:
+        return await self.compute(pid, 0)
+
+    async def latest_slot(self, pid: str) -> int:
+        return 0
+
+    def stats(self) -> Any:
+        raise RuntimeError("stats are broken too")
+
+
+async def test_unexpected_errors_are_mapped_and_contained(caplog: pytest.LogCaptureFixture) -> None:
+    engine = BrokenEngine()
+    pid = hbtrio.message_id({"any": "process"})
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        urls = await nursery.start(
+            partial(run_server, make_app(engine), port=0, shutdown_trigger=stop.wait)
+        )
+        async with httpx.AsyncClient(base_url=urls[0]) as c:
+            for error, status, code in [
+                (hbtrio.LeaderDied("lost it"), 503, "leader-died"),
+                (hbtrio.EngineClosed(), 503, "shutting-down"),
+                (hbtrio.StoreError("disk full"), 500, "engine-error"),
+                (RuntimeError("secret detail"), 500, "internal-error"),
+                (
+                    ExceptionGroup("wrapped", [hbtrio.ProcessNotFound(pid)]),
+                    404,
+                    "process-not-found",
+                ),
+            ]:
+                engine.error = error
+                r = await c.get(f"/{pid}/compute", params={"slot": 0})
+                body = assert_error(r, status, code)
+                assert "secret detail" not in body["message"]
+            assert_error(await c.get("/stats"), 500, "internal-error")
+            assert (await c.get("/workers")).json() == {"workers": {}}  # still serving
+        stop.set()
+    assert "secret detail" in caplog.text  # the traceback went to the log
+
+
+async def test_token_guards_writes() -> None:
+    async with open_node(token="s3cret") as n:
+        c = n.client
+        r = await c.post("/processes", json=definition())
+        assert_error(r, 401, "unauthorized")
+        assert r.headers["www-authenticate"].startswith("Bearer")
+        for header in ("Bearer wrong", "s3cret", "Basic s3cret", "Bearer", "Bearer s3cret2"):
+            r = await c.post("/processes", json=definition(), headers={"authorization": header})
+            assert_error(r, 401, "unauthorized")
+        auth = {"authorization": "Bearer s3cret"}
+        r = await c.post("/processes", json=definition(), headers=auth)
+        pid = r.json()["process"]
+        assert_error(await c.post(f"/{pid}/schedule", json={"n": 1}), 401, "unauthorized")
+        assert (await c.post(f"/{pid}/schedule", json={"n": 1}, headers=auth)).json()["slot"] == 1
+        assert (await c.get(f"/{pid}/now")).json()["count"] == 1  # reads stay open
+        assert (await c.get("/stats")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("host", "token", "ok"),
+    [
+        ("127.0.0.1", None, True),
+        ("127.0.0.2", None, True),
+        ("::1", None, True),
+        ("localhost", None, True),
+        ("0.0.0.0", None, False),
+        ("::", None, False),
+        ("192.168.1.10", None, False),
+        ("example.org", None, False),
+        ("0.0.0.0", "t0ken", True),
+        ("0.0.0.0", "  ", False),
+    ],
+)
+def test_check_bind(host: str, token: str | None, ok: bool) -> None:
+    if ok:
+        check_bind(host, token)
+    else:
+        with pytest.raises(ValueError, match="token"):
+            check_bind(host, token)
+
+
+async def test_serve_refuses_public_address_without_token(tmp_path: Path) -> None:
+    db = tmp_path / "node.sqlite"
+    with pytest.raises(ValueError, match="token"):
+        await serve(db, host="0.0.0.0", port=0)
+    assert not db.exists()
+
+
+async def test_serve_reports_an_address_in_use(tmp_path: Path) -> None:
+    db = tmp_path / "node.sqlite"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(OSError):
+            await serve(db, port=taken.getsockname()[1])
+    assert not db.exists()
+
+
+async def test_serve_runs_a_node_on_sqlite(tmp_path: Path) -> None:
+    db = tmp_path / "node.sqlite"
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        urls = await nursery.start(partial(serve, db, port=0, shutdown_trigger=stop.wait))
+        async with httpx.AsyncClient(base_url=urls[0]) as c:
+            pid = await spawn(c)
+            await schedule(c, pid, n=4)
+            assert (await c.get(f"/{pid}/now")).json()["count"] == 4
+        stop.set()
+    assert db.exists()
+    async with hbtrio.open_engine(hbtrio.SQLiteStore(db)) as engine:
+        assert (await engine.now(pid))["count"] == 4
+        assert engine.stats().slots_computed == 0
+
+
+# --------------------------------------------------------------------------- shutting down
+
+
+async def test_shutdown_answers_503_and_cuts_waits_at_the_grace_period(node: Node) -> None:
+    c, engine = node.client, node.engine
+    pid = await spawn(c, "gate@1.0")
+    await schedule(c, pid)
+    answer: list[httpx.Response] = []
+
+    async def in_flight() -> None:
+        answer.append(await c.get(f"/{pid}/compute", params={"slot": 1, "wait": 60}))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(in_flight)
+        await wait_until(lambda: pid in engine.workers and engine.workers[pid].waiting == 1)
+        node.app.begin_shutdown(grace=0.1)
+        async with httpx.AsyncClient(base_url=node.url) as other:
+            r = await other.get("/stats")
+        body = assert_error(r, 503, "shutting-down")
+        assert r.headers["retry-after"] == "1"
+    body = assert_error(answer[0], 503, "shutting-down")
+    assert body["requested-slot"] == 1
+    assert body["computed-slot"] == 0
+    assert engine.workers[pid].target == 1  # the worker still goes on
+
+
+async def test_run_server_lets_in_flight_requests_finish() -> None:
+    async with open_node(grace=30.0) as n:
+        c, engine = n.client, n.engine
+        pid = await spawn(c, "gate@1.0")
+        await schedule(c, pid)
+        answer: list[httpx.Response] = []
+
+        async def in_flight() -> None:
+            answer.append(await c.get(f"/{pid}/compute", params={"slot": 1}))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(in_flight)
+            await wait_until(lambda: pid in engine.workers and engine.workers[pid].waiting == 1)
+            n.stop.set()
+            await wait_until(lambda: n.app.shutting_down)
+            with pytest.raises(httpx.ConnectError):  # no longer accepting connections
+                async with httpx.AsyncClient(base_url=n.url) as other:
+                    await other.get("/stats")
+            n.gate.open.set()
+        assert answer[0].status_code == 200
+        assert answer[0].json() == {"at-slot": 1, "count": 1}
+
+
+async def poll(check: Callable[[], Awaitable[bool]], attempts: int = 500) -> None:
+    """Poll a subprocess node's state with a bounded retry loop (about 10 s at most)."""
+    for _ in range(attempts):
+        if await check():
+            return
+        await trio.sleep(0.02)
+    raise AssertionError("the node never got there")
+
+
+async def _read_until(stream: trio.abc.ReceiveStream, needle: bytes, seen: bytearray) -> None:
+    while needle not in seen:
+        chunk = await stream.receive_some()
+        if not chunk:
+            raise AssertionError(f"process output ended before {needle!r}: {bytes(seen)!r}")
+        seen += chunk
+
+
+SLOW_DEVICE = """
+import trio
+
+class Slow:
+    def init(self, process):
+        return {"count": 0}
+
+    async def compute(self, state, assignment):
+        await trio.sleep(0.3)  # simulated work
+        return {**state, "count": state["count"] + 1}
+"""
+
+
+@asynccontextmanager
+async def node_process(
+    tmp_path: Path, *args: str
+) -> AsyncIterator[tuple[trio.Process, str, bytearray]]:
+    """A real ``hbtrio serve`` subprocess on a free port; yields (process, url, stdout so far)."""
+    (tmp_path / "slowdev.py").write_text(SLOW_DEVICE)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([SRC, str(tmp_path), env.get("PYTHONPATH", "")])
+    env.pop("HBTRIO_TOKEN", None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "hbtrio._cli",
+        "serve",
+        "--db",
+        str(tmp_path / "node.sqlite"),
+        "--port",
+        "0",
+        "--device",
+        "slow@1.0=slowdev:Slow",
+        "--log-level",
+        "warning",
+        *args,
+    ]
+    with (tmp_path / "stderr.txt").open("ab") as err:
+        proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, stderr=err, env=env)
+    try:
+        assert proc.stdout is not None
+        seen = bytearray()
+        with trio.fail_after(30):
+            await _read_until(proc.stdout, b"press Ctrl-C", seen)
+        url = re.search(rb"listening on (http://\S+)", seen)
+        assert url is not None, seen
+        yield proc, url.group(1).decode(), seen
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        with trio.CancelScope(shield=True):
+            await proc.wait()
+        if proc.stdout is not None:
+            await proc.stdout.aclose()
+
+
+async def test_sigterm_drains_in_flight_requests_and_keeps_everything(tmp_path: Path) -> None:
+    async with node_process(tmp_path) as (proc, url, seen):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            slow = await spawn(c, "slow@1.0")
+            counter = await spawn(c)
+            for n in (1, 2, 3):
+                await schedule(c, counter, n=n)
+            assert (await c.get(f"/{counter}/now")).json()["count"] == 6
+            await schedule(c, slow)
+            await schedule(c, slow)
+            answer: list[httpx.Response] = []
+
+            async def in_flight() -> None:
+                answer.append(await c.get(f"/{slow}/compute", params={"slot": 2}))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(in_flight)
+
+                async def waiting() -> bool:
+                    workers = (await c.get("/workers")).json()["workers"]
+                    return bool(workers.get(slow, {}).get("waiting") == 1)
+
+                await poll(waiting)
+                proc.send_signal(signal.SIGTERM)
+            assert answer[0].status_code == 200, answer[0].text
+            assert answer[0].json() == {"at-slot": 2, "count": 2}
+        assert proc.stdout is not None
+        with trio.fail_after(20):
+            assert await proc.wait() == 0
+            while chunk := await proc.stdout.receive_some():
+                seen += chunk
+        assert b"stopped" in seen
+
+    # A new node on the same file has everything: nothing scheduled or computed is lost.
+    async with node_process(tmp_path) as (proc, url, _):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            assert (await c.get(f"/{slow}/compute", params={"slot": 2})).json()["count"] == 2
+            assert (await c.get(f"/{counter}/slot/current")).json()["slot"] == 3
+            assert (await c.get(f"/{counter}/now")).json() == {"at-slot": 3, "count": 6}
+            assert (await c.get("/stats")).json()["slots_computed"] == 0
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            assert await proc.wait() == 0
+
+
+# --------------------------------------------------------------------------- curl
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs the curl binary")
+async def test_with_curl(node: Node, tmp_path: Path) -> None:
+    async def curl(*args: str) -> bytes:
+        done = await trio.run_process(
+            ["curl", "-sS", "--fail-with-body", *args], capture_stdout=True, capture_stderr=True
+        )
+        return bytes(done.stdout)
+
+    json_h = "Content-Type: application/json"
+    out = await curl(
+        "-X",
+        "POST",
+        f"{node.url}/processes",
+        "-H",
+        json_h,
+        "--data-binary",
+        '{"device": "process@1.0", "execution-device": "echo@1.0"}',
+    )
+    pid = json.loads(out)["process"]
+    out = await curl(
+        "-X",
+        "POST",
+        f"{node.url}/{pid}/schedule",
+        "-H",
+        json_h,
+        "--data-binary",
+        '{"key": {"/bytes": "aGVsbG8="}}',
+    )
+    assert json.loads(out) == {"process": pid, "slot": 1}
+    out = await curl("-H", "Accept: application/cbor", f"{node.url}/{pid}/compute?slot=1")
+    assert _codec.decode(out) == {"at-slot": 1, "last": {"key": b"hello"}}
+    out = await curl(f"{node.url}/metrics")
+    assert b"hbtrio_http_requests_total" in out
+    with pytest.raises(subprocess.CalledProcessError) as info:
+        await curl(f"{node.url}/{pid}/compute?slot=7")
+    assert json.loads(info.value.stdout)["error"] == "slot-not-scheduled"
