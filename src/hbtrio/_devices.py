@@ -18,7 +18,7 @@ import attrs
 import trio
 
 from ._exceptions import InvalidMessage, UnknownDevice
-from ._message import Message, _Frozen
+from ._message import Message
 
 __all__ = ["Counter", "DeviceInfo", "Devices", "call_maybe_async", "run_in_thread"]
 
@@ -53,9 +53,15 @@ class DeviceInfo:
     restore: Callable[..., Any] | None
     restore_async: bool
     #: True for devices written against the engine's internals (the built-in
-    #: ones): their ``compute`` returns the final read-only state, ``"at-slot"``
-    #: included, so the engine adopts it without checking or copying.
+    #: ones): their ``compute`` returns the final state, ``"at-slot"`` included,
+    #: either a `Message` or a plain dict of atomic values that nothing will
+    #: ever mutate (the engine freezes it when it hands it out), so the engine
+    #: adopts it without checking or copying.
     trusted: bool
+    #: A trusted device's ``compute_batch(state, assignments, out)``: applies
+    #: the assignments in one go, appending each final state to ``out`` (and
+    #: raising at the first failing one), or ``None``.
+    compute_batch: Callable[..., Any] | None = None
 
     @classmethod
     def of(cls, name: str, obj: object) -> DeviceInfo:
@@ -71,6 +77,7 @@ class DeviceInfo:
         compute, compute_async = method("compute")
         snapshot, snapshot_async = method("snapshot")
         restore, restore_async = method("restore")
+        trusted = bool(getattr(obj, "hbtrio_trusted", False))
         return cls(
             name=name,
             obj=obj,
@@ -82,7 +89,8 @@ class DeviceInfo:
             snapshot_async=snapshot_async,
             restore=restore,
             restore_async=restore_async,
-            trusted=bool(getattr(obj, "hbtrio_trusted", False)),
+            trusted=trusted,
+            compute_batch=getattr(obj, "compute_batch", None) if trusted else None,
         )
 
     def method(self, path: object) -> tuple[Callable[..., Any], bool]:
@@ -135,12 +143,22 @@ class Counter:
     def init(self, process: Message) -> dict[str, Any]:
         return {"count": 0}
 
-    def compute(self, state: Message, assignment: Message) -> Message:
+    def compute(self, state: Message, assignment: Message) -> dict[str, Any]:
         n = assignment["body"].get("n", 0)
         if type(n) is not int:
             raise TypeError(f'counter@1.0: body "n" must be an int, not {type(n).__name__}')
-        new: Message = _Frozen({"count": state["count"] + n, "at-slot": assignment["slot"]})
-        return new
+        return {"count": state["count"] + n, "at-slot": assignment["slot"]}
+
+    def compute_batch(self, state: Message, assignments: list[Message], out: list[Any]) -> None:
+        """`compute` for consecutive assignments, appending each state to ``out``."""
+        count = state["count"]
+        append = out.append
+        for a in assignments:
+            n = a["body"].get("n", 0)
+            if type(n) is not int:
+                raise TypeError(f'counter@1.0: body "n" must be an int, not {type(n).__name__}')
+            count += n
+            append({"count": count, "at-slot": a["slot"]})
 
 
 class _InThread:

@@ -35,7 +35,15 @@ from ._dedup import Execution, ExecutionInfo
 from ._devices import PROCESS_DEVICE, Devices
 from ._exceptions import EngineClosed, HbTrioError, InvalidMessage, LeaderDied, SlotNotScheduled
 from ._idle import IdleReaper
-from ._message import Message, freeze, id_of_bytes, message_id, validate_pid, validate_slot
+from ._message import (
+    Message,
+    freeze,
+    hand_out,
+    id_of_bytes,
+    message_id,
+    validate_pid,
+    validate_slot,
+)
 from ._process import compute_slot, validate_definition
 from ._scheduler import Scheduler
 from ._store import MemoryStore, Store
@@ -259,7 +267,7 @@ class Engine:
                 if now >= self._next_yield:
                     self._next_yield = now + YIELD_EVERY
                     await trio.lowlevel.cancel_shielded_checkpoint()
-                return state
+                return hand_out(state)
         store = self._store
         try:
             stored = store.get_result_nowait(pid, slot)
@@ -268,7 +276,7 @@ class Engine:
         if stored is not None:
             self._cache_hits += 1
             await self._fast_return()
-            return stored
+            return hand_out(stored)
         try:
             latest = self._scheduler.latest_nowait(pid)
         except trio.WouldBlock:
@@ -285,7 +293,7 @@ class Engine:
             if worker is None:
                 worker = self._start_worker(pid, slot)
             try:
-                return await worker.request(slot)
+                return hand_out(await worker.request(slot))
             except Reroute:
                 # The worker is past this slot and its stored result is missing:
                 # recompute it from the nearest earlier snapshot, here.

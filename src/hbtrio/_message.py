@@ -194,6 +194,20 @@ def freeze(message: object, *, what: str = "message") -> Message:
         raise InvalidMessage(f"{what}: nested too deeply") from None
 
 
+def hand_out(state: Mapping[str, Any]) -> Message:
+    """The read-only form of a state the engine holds, for giving to a caller.
+
+    States from the built-in devices are kept as plain dicts of atomic values
+    (which the garbage collector does not track, and which nothing mutates);
+    they are frozen here, when a caller gets one. Every other state already is
+    a `Message` and is returned as it is.
+    """
+    if type(state) is dict:
+        frozen: Message = _Frozen(state)
+        return frozen
+    return state  # type: ignore[return-value]
+
+
 def _adopt_list(items: list[Any]) -> FrozenList:
     return FrozenList([_adopt_list(v) if type(v) is list else v for v in items])
 

@@ -22,7 +22,7 @@ import trio
 
 from ._devices import PROCESS_DEVICE, DeviceInfo, Devices
 from ._exceptions import ComputeError, InvalidMessage, ProcessNotFound, SlotNotScheduled, StoreError
-from ._message import _TRUSTED, Message, _Frozen, freeze, validate_slot
+from ._message import _TRUSTED, Message, _Frozen, freeze, hand_out, validate_slot
 from ._store import SlotResult, Store
 
 __all__ = ["ProcessRuntime", "compute_slot", "validate_definition"]
@@ -208,35 +208,32 @@ class ProcessRuntime:
 
     # applying slots ------------------------------------------------------------------------------
 
-    def apply_sync(
-        self, state: Message, assignments: list[Message], results: list[SlotResult]
-    ) -> None:
-        """Apply ``assignments`` in order with a plain (non-async) device.
+    def apply_sync(self, state: Message, assignments: list[Message], out: list[Message]) -> None:
+        """Apply consecutive ``assignments`` with a plain (non-async) device.
 
-        Appends each slot's ``(slot, state, snapshot)`` to ``results``; on a
-        device failure raises `ComputeError` after the slots before it were
-        appended. Never checkpoints, so nothing can interrupt a slot halfway.
+        Appends each slot's new state to ``out``. On a device failure raises
+        `ComputeError` with the states before it already appended. Never
+        checkpoints, so nothing can interrupt a slot halfway. Every one of
+        these states is its own snapshot (plain devices have no snapshot hook):
+        store them with `Store.put_states_nowait`.
         """
         d = self.device
-        compute, freq = d.compute, self.cache_frequency
+        compute = d.compute
         assert compute is not None and d.snapshot is None
-        append = results.append
-        if d.trusted:  # returns the final state, "at-slot" included
-            for a in assignments:
-                try:
-                    state = compute(state, a)
-                except Exception as exc:
-                    raise self._fail(a["slot"], exc) from exc
-                slot = state["at-slot"]
-                append((slot, state, state if slot % freq == 0 else None))
-            return
-        for a in assignments:
-            slot = a["slot"]
+        if d.compute_batch is not None:
             try:
-                state = adopt_state(compute(state, a), slot, False)
+                d.compute_batch(state, assignments, out)
             except Exception as exc:
-                raise self._fail(slot, exc) from exc
-            append((slot, state, state if slot % freq == 0 else None))
+                raise self._fail(assignments[len(out)]["slot"], exc) from exc
+            return
+        append = out.append
+        for a in assignments:
+            try:
+                new = compute(state, a)
+                state = new if d.trusted else adopt_state(new, a["slot"], False)
+            except Exception as exc:
+                raise self._fail(a["slot"], exc) from exc
+            append(state)
 
     async def apply_async(
         self,
@@ -283,17 +280,23 @@ class ProcessRuntime:
         slot = state["at-slot"]
         while slot < target:
             batch = await self.assignments(slot + 1, min(target, slot + CHUNK) + 1)
-            results: list[SlotResult] = []
-            try:
-                if self.plain:
-                    self.apply_sync(state, batch, results)
-                    if results:
-                        state = results[-1][1]
-                else:
+            if self.plain:
+                states: list[Message] = []
+                try:
+                    self.apply_sync(state, batch, states)
+                finally:
+                    if states:
+                        self.store.put_states_nowait(
+                            self.pid, batch[0]["slot"], states, self.cache_frequency
+                        )
+                state = states[-1]
+            else:
+                results: list[SlotResult] = []
+                try:
                     state = await self.apply_async(state, batch, results.append)
-            finally:
-                if results:
-                    self.store.put_results_nowait(self.pid, results)
+                finally:
+                    if results:
+                        self.store.put_results_nowait(self.pid, results)
             slot = state["at-slot"]
             await self.store.wait_writable()
             await trio.lowlevel.checkpoint()
@@ -320,11 +323,11 @@ async def compute_slot(
         stored = await store.get_result(pid, slot)
     if stored is not None:
         await trio.lowlevel.checkpoint()
-        return stored
+        return hand_out(stored)
     runtime = await ProcessRuntime.load(pid, store, devices, cache_frequency)
     state = await runtime.restore(slot)
     if state["at-slot"] < slot:
         state = await runtime.advance(state, slot)
     else:
         await trio.lowlevel.checkpoint()
-    return state
+    return hand_out(state)

@@ -108,6 +108,23 @@ class Store(abc.ABC):
     def put_results_nowait(self, pid: str, results: Sequence[SlotResult]) -> None:
         """Store computed slots, written behind. Readable at once; never blocks."""
 
+    def put_states_nowait(
+        self, pid: str, first: int, states: Sequence[Message], snapshot_every: int
+    ) -> None:
+        """Store consecutive slots ``first, first + 1, ...`` that are their own snapshots.
+
+        Every slot divisible by ``snapshot_every`` is a snapshot point. The
+        same as `put_results_nowait` (which this default calls); a store can do
+        it without a tuple per slot.
+        """
+        self.put_results_nowait(
+            pid,
+            [
+                (slot, state, state if slot % snapshot_every == 0 else None)
+                for slot, state in enumerate(states, first)
+            ],
+        )
+
     async def wait_writable(self) -> None:  # noqa: B027 - optional hook
         """Block while too many results wait to be written (backpressure)."""
 
@@ -225,6 +242,26 @@ class MemoryStore(Store):
                     if snapshot is not state:
                         custom[slot] = snapshot
         self._results_written += len(results)
+
+    def put_states_nowait(
+        self, pid: str, first: int, states: Sequence[Message], snapshot_every: int
+    ) -> None:
+        proc = self._proc(pid)
+        stored = proc.results
+        if first != len(stored):
+            super().put_states_nowait(pid, first, states, snapshot_every)
+            return
+        stored.extend(states)  # the common case: the next slots, in order
+        last = first + len(states) - 1
+        start = first + (-first) % snapshot_every
+        slots = proc.snapshot_slots
+        if start <= last:
+            if not slots or slots[-1] < start:
+                slots.extend(range(start, last + 1, snapshot_every))
+            else:
+                for slot in range(start, last + 1, snapshot_every):
+                    self._add_snapshot(proc, slot, stored[slot])  # type: ignore[arg-type]
+        self._results_written += len(states)
 
     def get_result_nowait(self, pid: str, slot: int) -> Message | None:
         proc = self._procs.get(pid)

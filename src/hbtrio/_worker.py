@@ -38,7 +38,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NoReturn
 
 import attrs
 import trio
@@ -180,45 +180,60 @@ class GroupWorker:
             return None
         if len(batch) != gap:
             return None
-        results: list[SlotResult] = []
+        states: list[Message] = []
         try:
-            self.runtime.apply_sync(self.state, batch, results)  # type: ignore[union-attr,arg-type]
+            self.runtime.apply_sync(self.state, batch, states)  # type: ignore[union-attr,arg-type]
         finally:
-            self._commit(results)
+            self._commit_states(start, states)
         self.last_request = self.engine._now()
         if slot > self.target:
             self.target = slot
         return self.state
 
-    def _commit(self, results: list[SlotResult]) -> None:
-        """Adopt freshly applied slots: store, state, counters, waiters. Never blocks.
+    # Committing applied slots: the store comes first. If it refuses them
+    # (`StoreError`), the worker keeps its previous state (it never holds a
+    # state the store does not back), the waiters for those slots and later
+    # ones get the error, and it is raised. None of this blocks.
 
-        The store comes first: if it refuses the results (`StoreError`), the
-        worker keeps its previous state (it never holds a state the store does
-        not back), the waiters for those slots and later ones get the error,
-        and it is raised.
-        """
-        if not results:
-            return
+    def _commit_states(self, first: int, states: list[Message]) -> None:
+        """Adopt consecutive states from a plain device (each its own snapshot)."""
+        if states:
+            try:
+                self.store.put_states_nowait(
+                    self.pid,
+                    first,
+                    states,
+                    self.runtime.cache_frequency,  # type: ignore[union-attr]
+                )
+            except StoreError as exc:
+                self._refused(first, exc)
+            self._adopt(first, states)
+
+    def _commit(self, result: SlotResult) -> None:
+        """Adopt one slot from an async device (with its snapshot, if any)."""
         try:
-            self.store.put_results_nowait(self.pid, results)
+            self.store.put_results_nowait(self.pid, [result])
         except StoreError as exc:
-            error = exc
-            self.waiters.fail_from(results[0][0], lambda _s: _store_error(error))
-            self.target = self.slot
-            raise
-        self.slot, self.state = results[-1][0], results[-1][1]
-        n = len(results)
+            self._refused(result[0], exc)
+        self._adopt(result[0], [result[1]])
+
+    def _refused(self, first: int, exc: StoreError) -> NoReturn:
+        self.waiters.fail_from(first, lambda _s: _store_error(exc))
+        self.target = self.slot
+        raise exc
+
+    def _adopt(self, first: int, states: list[Message]) -> None:
+        n = len(states)
+        self.slot, self.state = first + n - 1, states[-1]
         self.computed += n
         self.engine._slots_computed += n
         waiters = self.waiters
         if waiters._count:
-            first = results[0][0]
             if len(waiters._waiters) < n:
                 for s in [s for s in waiters._waiters if first <= s <= self.slot]:
-                    waiters.publish(s, results[s - first][1])
+                    waiters.publish(s, states[s - first])
             else:
-                for s, state, _ in results:
+                for s, state in enumerate(states, first):
                     if s in waiters._waiters:
                         waiters.publish(s, state)
 
@@ -304,21 +319,21 @@ class GroupWorker:
             self.waiters.fail_from(start, lambda _s: _store_error(error))
             self.target = self.slot
             return
-        results: list[SlotResult] = []
+        states: list[Message] = []
         failure: ComputeError | None = None
         try:
             try:
                 if rt.plain:
-                    rt.apply_sync(self.state, batch, results)
+                    rt.apply_sync(self.state, batch, states)
                 else:
                     for a in batch:  # slot by slot: a stop takes effect after the current slot
                         if self.stop_requested:
                             break
-                        await rt.apply_async(self.state, [a], lambda r: self._commit([r]))
+                        await rt.apply_async(self.state, [a], self._commit)
             except ComputeError as exc:
                 failure = exc
             finally:
-                self._commit(results)
+                self._commit_states(start, states)
         except StoreError:
             return  # _commit told the waiters; the state is the last one the store took
         if failure is not None:
