@@ -235,6 +235,15 @@ class ProcessRuntime:
                 raise self._fail(a["slot"], exc) from exc
             append(state)
 
+    def apply_one(self, state: Message, assignment: Message) -> Message:
+        """`apply_sync` for one assignment: returns the new state (its own snapshot)."""
+        d = self.device
+        try:
+            new = d.compute(state, assignment)  # type: ignore[misc]
+            return new if d.trusted else adopt_state(new, assignment["slot"], False)
+        except Exception as exc:
+            raise self._fail(assignment["slot"], exc) from exc
+
     async def apply_async(
         self,
         state: Message,

@@ -102,11 +102,27 @@ class Store(abc.ABC):
         it: what memory holds). An empty list means ``start`` is not scheduled.
         """
 
+    def get_assignment_nowait(self, pid: str, slot: int) -> Message | None:
+        """One assignment from memory (``None`` if not scheduled).
+
+        Raises `trio.WouldBlock` if it needs I/O. The request path's
+        single-slot twin of `get_assignments_nowait`.
+        """
+        found = self.get_assignments_nowait(pid, slot, slot + 1)
+        return found[0] if found else None
+
     # results and snapshots -------------------------------------------------------------------
 
     @abc.abstractmethod
     def put_results_nowait(self, pid: str, results: Sequence[SlotResult]) -> None:
         """Store computed slots, written behind. Readable at once; never blocks."""
+
+    def put_state_nowait(self, pid: str, slot: int, state: Message, snapshot: bool) -> None:
+        """Store one slot's state, which is its own snapshot if ``snapshot``. Never blocks.
+
+        The request path's single-slot twin of `put_results_nowait`.
+        """
+        self.put_results_nowait(pid, [(slot, state, state if snapshot else None)])
 
     def put_states_nowait(
         self, pid: str, first: int, states: Sequence[Message], snapshot_every: int
@@ -242,6 +258,23 @@ class MemoryStore(Store):
                     if snapshot is not state:
                         custom[slot] = snapshot
         self._results_written += len(results)
+
+    def get_assignment_nowait(self, pid: str, slot: int) -> Message | None:
+        proc = self._procs.get(pid)
+        if proc is None or not 0 <= slot < len(proc.assignments):
+            return None
+        return proc.assignments[slot]
+
+    def put_state_nowait(self, pid: str, slot: int, state: Message, snapshot: bool) -> None:
+        proc = self._proc(pid)
+        stored = proc.results
+        if slot != len(stored) or (snapshot and proc.snapshot_slots[-1:] >= [slot]):
+            super().put_state_nowait(pid, slot, state, snapshot)
+            return
+        stored.append(state)  # the common case: the next slot
+        if snapshot:
+            proc.snapshot_slots.append(slot)
+        self._results_written += 1
 
     def put_states_nowait(
         self, pid: str, first: int, states: Sequence[Message], snapshot_every: int

@@ -168,8 +168,12 @@ class GroupWorker:
         gap is large, or the assignments or stored results need I/O). Raises
         `ComputeError`; the worker then keeps the slots before the failing one.
         """
+        if self.phase is not Phase.IDLE or not self.plain:
+            return None
+        if slot == self.slot + 1:
+            return self._inline_one(slot)
         gap = slot - self.slot
-        if self.phase is not Phase.IDLE or not self.plain or not 0 < gap <= INLINE_MAX:
+        if not 0 < gap <= INLINE_MAX:
             return None
         store, pid, start = self.store, self.pid, self.slot + 1
         try:
@@ -189,6 +193,31 @@ class GroupWorker:
         if slot > self.target:
             self.target = slot
         return self.state
+
+    def _inline_one(self, slot: int) -> Message | None:
+        """`try_inline` for the next slot: the request path's common case, kept direct."""
+        store, pid = self.store, self.pid
+        try:
+            if store.get_result_nowait(pid, slot) is not None:
+                return None  # stored ahead of us: the worker jumps there instead
+            assignment = store.get_assignment_nowait(pid, slot)
+        except trio.WouldBlock:
+            return None
+        if assignment is None:
+            return None
+        rt = self.runtime
+        state = rt.apply_one(self.state, assignment)  # type: ignore[union-attr,arg-type]
+        try:
+            store.put_state_nowait(pid, slot, state, slot % rt.cache_frequency == 0)  # type: ignore[union-attr]
+        except StoreError as exc:
+            self._refused(slot, exc)
+        self.slot, self.state = slot, state
+        self.computed += 1
+        self.engine._slots_computed += 1
+        self.last_request = self.engine._now()
+        if slot > self.target:
+            self.target = slot
+        return state
 
     # Committing applied slots: the store comes first. If it refuses them
     # (`StoreError`), the worker keeps its previous state (it never holds a
