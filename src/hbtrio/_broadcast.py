@@ -10,9 +10,13 @@ getting an exception object of its own.
 
 Invariants (hold at every checkpoint):
 
-- every task in ``_waiters[s]`` is parked in ``wait_slot(s)`` and will read
-  what it is handed; no list in ``_waiters`` is empty;
+- every waiter under ``_waiters[s]`` (one `_Waiter`, or a list of two or
+  more) is parked in ``wait_slot(s)`` and will read what it is handed;
 - ``_count`` is the number of parked tasks.
+
+Each wait allocates one small object, which is also its abort function:
+fan-out to thousands of waiters is bounded by the garbage collector's work
+as much as by trio's, so every tracked allocation per waiter counts.
 
 Each wait is cancellation-atomic. trio calls the abort function synchronously
 when a parked task is cancelled, and the abort function removes the task, so a
@@ -37,15 +41,29 @@ __all__ = ["SlotBroadcaster"]
 _Abort = trio.lowlevel.Abort
 
 
+class _Waiter:
+    """One parked task: the abort function of its own wait (one allocation per wait)."""
+
+    __slots__ = ("board", "slot", "task")
+
+    def __init__(self, board: SlotBroadcaster, slot: int, task: trio.lowlevel.Task) -> None:
+        self.board, self.slot, self.task = board, slot, task
+
+    def __call__(self, _raise_cancel: object) -> trio.lowlevel.Abort:
+        self.board._remove(self)
+        return _Abort.SUCCEEDED
+
+
 class SlotBroadcaster:
     """Slot -> parked waiters, for one group worker."""
 
     __slots__ = ("_count", "_waiters")
 
     def __init__(self) -> None:
-        # Invariant: each dict is non-empty; its keys are tasks parked in wait_slot(slot).
-        self._waiters: dict[int, dict[trio.lowlevel.Task, None]] = {}
-        self._count = 0  # Invariant: == sum(len(d) for d in _waiters.values())
+        # Invariant: each value is one _Waiter or a list of two or more; every one
+        # of them is parked in wait_slot(its slot).
+        self._waiters: dict[int, _Waiter | list[_Waiter]] = {}
+        self._count = 0  # Invariant: the number of parked waiters in _waiters
 
     def __len__(self) -> int:
         """How many tasks are waiting."""
@@ -64,43 +82,59 @@ class SlotBroadcaster:
         Not a checkpoint before parking: the caller checks for cancellation.
         Cancellation-atomic: on `trio.Cancelled` the table is as it was.
         """
-        task = trio.lowlevel.current_task()
-        waiting = self._waiters.get(slot)
-        if waiting is None:
-            waiting = self._waiters[slot] = {}
-        waiting[task] = None
+        waiter = _Waiter(self, slot, trio.lowlevel.current_task())
+        waiters = self._waiters
+        present = waiters.get(slot)
+        if present is None:
+            waiters[slot] = waiter
+        elif type(present) is list:
+            present.append(waiter)
+        else:
+            waiters[slot] = [present, waiter]  # type: ignore[list-item]
         self._count += 1
+        return await trio.lowlevel.wait_task_rescheduled(waiter)  # type: ignore[no-any-return]
 
-        def abort(_: object) -> trio.lowlevel.Abort:
-            tasks = self._waiters[slot]
-            del tasks[task]
-            if not tasks:
+    def _remove(self, waiter: _Waiter) -> None:
+        slot = waiter.slot
+        present = self._waiters[slot]
+        if present is waiter:
+            del self._waiters[slot]
+        else:
+            assert type(present) is list
+            present.remove(waiter)
+            if not present:
                 del self._waiters[slot]
-            self._count -= 1
-            return _Abort.SUCCEEDED
+        self._count -= 1
 
-        return await trio.lowlevel.wait_task_rescheduled(abort)  # type: ignore[no-any-return]
+    def _pop(self, slot: int) -> list[_Waiter]:
+        present = self._waiters.pop(slot, None)
+        if present is None:
+            return []
+        taken = present if type(present) is list else [present]
+        self._count -= len(taken)
+        return taken  # type: ignore[return-value]
 
     def publish(self, slot: int, state: Message) -> int:
         """Hand ``state`` to every task waiting for ``slot``; returns how many. Never blocks."""
-        tasks = self._waiters.pop(slot, None)
-        if tasks is None:
+        present = self._waiters.pop(slot, None)
+        if present is None:
             return 0
-        self._count -= len(tasks)
-        reschedule, value = trio.lowlevel.reschedule, outcome.Value
-        for task in tasks:  # an outcome unwraps once: one each
-            reschedule(task, value(state))
-        return len(tasks)
+        value = outcome.Value
+        if type(present) is not list:  # the common case: one waiter
+            self._count -= 1
+            trio.lowlevel.reschedule(present.task, value(state))  # type: ignore[union-attr]
+            return 1
+        self._count -= len(present)
+        for waiter in present:  # an outcome unwraps once: one each
+            trio.lowlevel.reschedule(waiter.task, value(state))
+        return len(present)
 
     def _fail(self, slots: list[int], make_error: Callable[[int], BaseException]) -> int:
         n = 0
-        reschedule = trio.lowlevel.reschedule
         for slot in slots:
-            tasks = self._waiters.pop(slot)
-            self._count -= len(tasks)
-            n += len(tasks)
-            for task in tasks:
-                reschedule(task, outcome.Error(make_error(slot)))
+            for waiter in self._pop(slot):
+                trio.lowlevel.reschedule(waiter.task, outcome.Error(make_error(slot)))
+                n += 1
         return n
 
     def fail_from(self, first: int, make_error: Callable[[int], BaseException]) -> int:

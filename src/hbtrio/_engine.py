@@ -261,7 +261,12 @@ class Engine:
         self._requests += 1
         if worker is not None:
             # Fast path: the worker's current state, or an idle worker a few slots away.
-            state = worker.state if worker.slot == slot else worker.try_inline(slot)
+            if worker.slot == slot:
+                state = worker.state
+            elif worker.phase is Phase.IDLE:
+                state = worker.try_inline(slot)
+            else:
+                state = None
             if state is not None:
                 now = time.perf_counter()
                 if now >= self._next_yield:
@@ -283,9 +288,8 @@ class Engine:
             latest = await self._scheduler.latest(pid)
         if slot > latest:
             raise SlotNotScheduled(pid, latest + 1, latest)
-        return await self._wait_worker(pid, slot)
-
-    async def _wait_worker(self, pid: str, slot: int) -> Message:
+        # Wait for the worker (started if needed). Kept in this coroutine: with
+        # thousands of waiters, every coroutine object per waiter costs GC time.
         deaths = 0
         while True:
             self._check_open()
@@ -293,7 +297,10 @@ class Engine:
             if worker is None:
                 worker = self._start_worker(pid, slot)
             try:
-                return hand_out(await worker.request(slot))
+                state = worker.request(slot)
+                if state is None:
+                    state = await worker.waiters.wait_slot(slot)
+                return hand_out(state)
             except Reroute:
                 # The worker is past this slot and its stored result is missing:
                 # recompute it from the nearest earlier snapshot, here.

@@ -123,8 +123,22 @@ def _child(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+def _check_text(text: str, path: str) -> None:
+    """Reject text that is not valid Unicode (lone surrogates): CBOR cannot carry it."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidMessage(
+                f"{_where(path)}: text {text!r:.40} is not valid Unicode (a lone surrogate)"
+            ) from None
+
+
 def _freeze_value(value: object, path: str, active: set[int], depth: int) -> object:
     t = type(value)
+    if t is str:
+        _check_text(value, path)  # type: ignore[arg-type]
+        return value
     if t in _TRUSTED:
         return value
     if isinstance(value, Mapping):
@@ -164,7 +178,12 @@ def _freeze_map(m: Mapping[Any, Any], path: str, active: set[int], depth: int) -
             raise InvalidMessage(
                 f"{_where(path)}: key {key!r} is a {type(key).__name__}; message keys must be str"
             )
-        if type(value) in _TRUSTED:
+        _check_text(key, _child(path, key))
+        t = type(value)
+        if t is str:
+            _check_text(value, _child(path, key))
+            out[key] = value
+        elif t in _TRUSTED:
             out[key] = value
         else:
             out[key] = _freeze_value(value, _child(path, key), active, depth)

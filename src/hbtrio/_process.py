@@ -61,8 +61,13 @@ def adopt_state(new: object, slot: int, trusted: bool) -> Message:
     if type(new) is dict:
         if not trusted:
             for key, value in new.items():
-                if type(key) is not str or type(value) not in _TRUSTED:
-                    new = freeze(new, what="state")
+                if (
+                    type(key) is not str
+                    or type(value) not in _TRUSTED
+                    or not key.isascii()
+                    or (type(value) is str and not value.isascii())
+                ):
+                    new = freeze(new, what="state")  # checks all of it, or raises
                     break
         state = _Frozen(new)
     elif isinstance(new, Mapping):

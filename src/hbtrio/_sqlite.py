@@ -34,6 +34,7 @@ shell; message columns hold canonical CBOR::
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import sqlite3
@@ -46,12 +47,14 @@ import outcome
 import trio
 
 from ._codec import encode
-from ._exceptions import StoreError
+from ._exceptions import InvalidMessage, StoreError
 from ._message import Message
 from ._message import decode_trusted as decode
 from ._store import SlotResult, Store, StoreStatistics
 
 __all__ = ["SQLiteStore"]
+
+log = logging.getLogger("hbtrio")
 
 SCHEMA_VERSION: Final = 1
 
@@ -525,13 +528,18 @@ class SQLiteStore(Store):
             # snapshot None with is_snap: the slot's result is its snapshot (a flag, no copy).
             results, flags, snaps = [], [], []
             for rowid, slot, state, snapshot, is_snap in batch:
-                if state is not None:
-                    flag = 1 if is_snap and snapshot is None else 0
-                    results.append((rowid, slot, encode(state), flag))
-                elif is_snap and snapshot is None:
-                    flags.append((rowid, slot))
-                if is_snap and snapshot is not None:
-                    snaps.append((rowid, slot, encode(snapshot)))
+                try:
+                    if state is not None:
+                        flag = 1 if is_snap and snapshot is None else 0
+                        results.append((rowid, slot, encode(state), flag))
+                    elif is_snap and snapshot is None:
+                        flags.append((rowid, slot))
+                    if is_snap and snapshot is not None:
+                        snaps.append((rowid, slot, encode(snapshot)))
+                except InvalidMessage as exc:
+                    # Cannot happen for validated states; if it does, this one row is
+                    # not written (it is recomputed when needed), and no other row waits.
+                    log.error("slot %d of process #%d cannot be stored: %s", slot, rowid, exc)
             conn.executemany(
                 "INSERT OR REPLACE INTO results (proc, slot, state, snapshot) VALUES (?, ?, ?, ?)",
                 results,

@@ -138,18 +138,20 @@ class GroupWorker:
 
     # requests (called from the requesting task) ---------------------------------------------------
 
-    async def request(self, slot: int) -> Message:
-        """Wait for ``slot``, starting the worker's task if it is idle.
+    def request(self, slot: int) -> Message | None:
+        """Ask for ``slot``: its state if at hand, else ``None`` (then wait on `waiters`).
 
-        Raises `LeaderDied` if the worker is gone or goes before answering,
-        `Reroute` if it is already past ``slot``. Cancellation-atomic.
+        Raises the worker's target to ``slot`` and starts its task if it is
+        idle. Raises `LeaderDied` if the worker is gone, `Reroute` if it is
+        already past ``slot``. Never blocks: the caller then awaits
+        ``self.waiters.wait_slot(slot)`` (one coroutine less per waiter).
         """
         phase = self.phase
         if phase is Phase.STOPPED:
             raise LeaderDied(f"the worker of {self.pid} is gone")
         if phase is Phase.RUNNING or phase is Phase.IDLE:
             if slot == self.slot:
-                return self.state  # type: ignore[return-value]
+                return self.state
             if slot < self.slot:
                 raise Reroute
         self.last_request = self.engine._now()
@@ -158,7 +160,7 @@ class GroupWorker:
             if phase is Phase.IDLE:
                 self.phase = Phase.RUNNING
                 self.engine._nursery.start_soon(self.run, name=f"hbtrio worker {self.pid}")
-        return await self.waiters.wait_slot(slot)
+        return None
 
     def try_inline(self, slot: int) -> Message | None:
         """Apply up to ``slot`` in the calling task if this worker is idle. Never checkpoints.
@@ -374,7 +376,10 @@ class GroupWorker:
             error = exc
             self.waiters.fail_from(self.slot + 1, lambda _s: _store_error(error))
             self.target = self.slot
-        await trio.lowlevel.checkpoint()
+        if self.target > self.slot:
+            # Yield between chunks. Caught up, the task goes idle at once instead:
+            # the requester it just answered then finds it idle and is served inline.
+            await trio.lowlevel.checkpoint()
 
     async def _skip_stored(self, start: int) -> bool:
         """Jump to a stored snapshot ahead of us instead of recomputing; True if we jumped.
