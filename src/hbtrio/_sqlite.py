@@ -112,6 +112,11 @@ class _Job:
 _STOP: Final = object()
 
 
+_Slot = tuple[int, int, Message | None, Message | None, bool]
+_Run = tuple[int, int, Sequence[Message], int]
+_Entry = _Slot | _Run
+
+
 @attrs.define(eq=False)
 class _Proc:
     """What the store keeps in memory about one process (event-loop thread only)."""
@@ -161,7 +166,10 @@ class SQLiteStore(Store):
         self._token: trio.lowlevel.TrioToken | None = None
         self._procs: dict[str, _Proc] = {}
         # Write-behind state (event-loop thread only).
-        self._outbox: list[tuple[int, int, Message | None, Message | None, bool]] = []
+        # Entries: (rowid, slot, state, snapshot, is_snapshot) for one slot, or
+        # (rowid, first, states, snapshot_every) for a run of states that are their
+        # own snapshots (from `put_states_nowait`).
+        self._outbox: list[_Entry] = []
         self._flushing = False
         self._pending_count = 0
         self._drained: trio.Event | None = None
@@ -508,6 +516,32 @@ class SQLiteStore(Store):
         self._results_written += len(results)
         self._kick()
 
+    def put_states_nowait(
+        self, pid: str, first: int, states: Sequence[Message], snapshot_every: int
+    ) -> None:
+        proc = self._loaded(pid)
+        n = len(states)
+        last = first + n - 1
+        slots = range(first, last + 1)
+        proc.pending.update(zip(slots, states, strict=True))
+        cache = proc.assignments
+        if cache:
+            for slot in slots:
+                cache.pop(slot, None)
+        start = (-first) % snapshot_every
+        proc.pending_snapshots.update(
+            zip(
+                range(first + start, last + 1, snapshot_every),
+                states[start::snapshot_every],
+                strict=True,
+            )
+        )
+        proc.result_high = max(proc.result_high, last)
+        self._outbox.append((proc.rowid, first, states, snapshot_every))
+        self._pending_count += n
+        self._results_written += n
+        self._kick()
+
     async def put_snapshot(self, pid: str, slot: int, snapshot: Message) -> None:
         proc = await self._proc(pid)
         if proc is None:
@@ -526,8 +560,21 @@ class SQLiteStore(Store):
 
         def write(conn: sqlite3.Connection) -> None:
             # snapshot None with is_snap: the slot's result is its snapshot (a flag, no copy).
-            results, flags, snaps = [], [], []
-            for rowid, slot, state, snapshot, is_snap in batch:
+            results: list[tuple[int, int, bytes, int]] = []
+            flags: list[tuple[int, int]] = []
+            snaps: list[tuple[int, int, bytes]] = []
+            for entry in batch:
+                if len(entry) == 4:  # a run of states that are their own snapshots
+                    rowid, first, states, every = entry
+                    for slot, run_state in enumerate(states, first):
+                        try:
+                            results.append((rowid, slot, encode(run_state), int(slot % every == 0)))
+                        except InvalidMessage as exc:
+                            log.error(
+                                "slot %d of process #%d cannot be stored: %s", slot, rowid, exc
+                            )
+                    continue
+                rowid, slot, state, snapshot, is_snap = entry
                 try:
                     if state is not None:
                         flag = 1 if is_snap and snapshot is None else 0
@@ -572,11 +619,22 @@ class SQLiteStore(Store):
 
         self._submit(_Job(write, True, callback=done))
 
-    def _committed(
-        self, batch: list[tuple[int, int, Message | None, Message | None, bool]]
-    ) -> None:
+    def _committed(self, batch: list[_Entry]) -> None:
         by_row = {p.rowid: p for p in self._procs.values()}
-        for rowid, slot, state, _snapshot, is_snap in batch:
+        for entry in batch:
+            if len(entry) == 4:
+                rowid, first, states, every = entry
+                self._pending_count -= len(states)  # even for a process no longer loaded
+                run_proc = by_row.get(rowid)
+                if run_proc is not None:
+                    pending, snaps = run_proc.pending, run_proc.pending_snapshots
+                    for slot, run_state in enumerate(states, first):
+                        if pending.get(slot) is run_state:
+                            del pending[slot]
+                            if slot % every == 0 and snaps.get(slot) is run_state:
+                                del snaps[slot]
+                continue
+            rowid, slot, state, _snapshot, is_snap = entry
             if state is not None:
                 self._pending_count -= 1  # even for a process no longer loaded
             proc = by_row.get(rowid)
