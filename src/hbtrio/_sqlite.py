@@ -192,14 +192,21 @@ class SQLiteStore(Store):
             return
         self._token = trio.lowlevel.current_trio_token()
         self._queue = queue.SimpleQueue()
-        ready: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+        token, ready, failed = self._token, trio.Event(), []
+
+        def report(error: BaseException | None) -> None:  # called once, on the I/O thread
+            if error is not None:
+                failed.append(error)
+            token.run_sync_soon(ready.set)
+
         thread = threading.Thread(
-            target=self._serve, args=(ready,), name=f"hbtrio-sqlite:{self.path}", daemon=True
+            target=self._serve, args=(report,), name=f"hbtrio-sqlite:{self.path}", daemon=True
         )
         thread.start()
         # Shielded: a thread that started is always either adopted or joined.
         with trio.CancelScope(shield=True):
-            error = await trio.to_thread.run_sync(ready.get)
+            await ready.wait()
+        error = failed[0] if failed else None
         if error is not None:
             await trio.to_thread.run_sync(thread.join)
             raise StoreError(f"cannot open {self.path}: {error}") from error
@@ -239,13 +246,13 @@ class SQLiteStore(Store):
 
     # the I/O thread ---------------------------------------------------------------------------
 
-    def _serve(self, ready: queue.SimpleQueue[BaseException | None]) -> None:
+    def _serve(self, report: Callable[[BaseException | None], None]) -> None:
         try:
             conn = self._connect()
         except BaseException as exc:
-            ready.put(exc)
+            report(exc)
             return
-        ready.put(None)
+        report(None)
         try:
             while True:
                 jobs = [self._queue.get()]

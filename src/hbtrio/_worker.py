@@ -58,6 +58,8 @@ log = logging.getLogger("hbtrio")
 
 #: Most slots a requesting task applies itself on the fast path.
 INLINE_MAX: Final = 8
+#: Most assignments a catching-up worker reads ahead in one store call.
+AHEAD: Final = 4096
 
 
 class Phase(enum.Enum):
@@ -121,6 +123,8 @@ class GroupWorker:
     computed: int = 0
     # True while the idle reaper holds an entry for this worker.
     watched: bool = False
+    # Assignments read ahead of ``slot`` (consecutive from slot + 1), not yet applied.
+    ahead: list[Message] = attrs.field(factory=list)
 
     def info(self) -> WorkerInfo:
         now = trio.current_time()
@@ -340,8 +344,17 @@ class GroupWorker:
             self.waiters.fail_from(start, lambda _s: _startup_error(failed))
             self.target = self.slot
             return
+        stop = min(self.target, self.slot + CHUNK) + 1
         try:
-            batch = await rt.assignments(start, min(self.target, self.slot + CHUNK) + 1)
+            batch = self._read_ahead(start, stop)
+            if not batch:
+                # Read toward the target in one go: with a store that does I/O, the
+                # next chunks then come from memory instead of queueing behind the
+                # writes of the results we are about to produce.
+                fetched = await rt.assignments(
+                    start, max(stop, min(self.target, start + AHEAD) + 1)
+                )
+                batch, self.ahead = fetched[: stop - start], fetched[stop - start :]
         except ComputeError as exc:  # not scheduled, or the schedule cannot be read
             self._give_up(exc)
             return
@@ -380,6 +393,17 @@ class GroupWorker:
             # Yield between chunks. Caught up, the task goes idle at once instead:
             # the requester it just answered then finds it idle and is served inline.
             await trio.lowlevel.checkpoint()
+
+    def _read_ahead(self, start: int, stop: int) -> list[Message]:
+        """Assignments ``start..stop-1`` from what was read ahead (``[]`` if not there)."""
+        ahead = self.ahead
+        if not ahead:
+            return []
+        if ahead[0]["slot"] != start:  # an inline request or a jump moved us: drop it
+            self.ahead = []
+            return []
+        batch, self.ahead = ahead[: stop - start], ahead[stop - start :]
+        return batch
 
     async def _skip_stored(self, start: int) -> bool:
         """Jump to a stored snapshot ahead of us instead of recomputing; True if we jumped.
