@@ -73,6 +73,20 @@ class Flaky:
         return {**state, "count": state["count"] + assignment["body"].get("n", 0)}
 
 
+class Gate:
+    """``gate@1.0``: each slot adds 1, but only once the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.open = trio.Event()
+
+    def init(self, process: hbtrio.Message) -> dict[str, Any]:
+        return {"count": 0}
+
+    async def compute(self, state: hbtrio.Message, assignment: hbtrio.Message) -> dict[str, Any]:
+        await self.open.wait()
+        return {**state, "count": state["count"] + 1}
+
+
 async def counter_process(
     engine: hbtrio.Engine, slots: int, device: str = "counter@1.0", **extra: Any
 ) -> str:

@@ -25,22 +25,9 @@ import trio
 import hbtrio
 from hbtrio._cli import build_parser, format_message, format_table, main
 from hbtrio._http import make_app, run_server
+from helpers import Gate
 
 SRC = str(Path(hbtrio.__file__).resolve().parents[1])
-
-
-class Gate:
-    """``gate@1.0``: slots compute only once the test opens the gate."""
-
-    def __init__(self) -> None:
-        self.open = trio.Event()
-
-    def init(self, process: hbtrio.Message) -> dict[str, Any]:
-        return {"count": 0}
-
-    async def compute(self, state: hbtrio.Message, assignment: hbtrio.Message) -> dict[str, Any]:
-        await self.open.wait()
-        return {**state, "count": state["count"] + 1}
 
 
 @asynccontextmanager

@@ -34,26 +34,13 @@ from hypothesis import strategies as st
 import hbtrio
 from hbtrio import _codec, _jsonwire
 from hbtrio._http import HttpApp, check_bind, make_app, negotiate, run_server, serve
+from helpers import Gate
 
 CBOR = "application/cbor"
 SRC = str(Path(hbtrio.__file__).resolve().parents[1])
 
 
 # --------------------------------------------------------------------------- test devices
-
-
-class Gate:
-    """``gate@1.0``: each slot adds 1, but only once the test opens the gate."""
-
-    def __init__(self) -> None:
-        self.open = trio.Event()
-
-    def init(self, process: hbtrio.Message) -> dict[str, Any]:
-        return {"count": 0}
-
-    async def compute(self, state: hbtrio.Message, assignment: hbtrio.Message) -> dict[str, Any]:
-        await self.open.wait()
-        return {**state, "count": state["count"] + 1}
 
 
 class Echo:
