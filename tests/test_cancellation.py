@@ -1,10 +1,11 @@
 """Cancellation-safety of every public call, injected at every checkpoint of its path.
 
-`cancel_at_step(k, call)` runs ``call`` in the current task and cancels it right
-after the task's k-th step (the k-th time it yields to trio), i.e. at its k-th
-checkpoint. Each test walks k from 0 until the call completes untouched, and
-after every cancelled attempt checks that the engine and other callers carry
-on: correct answers, no stray waiters, no lost or duplicated slots.
+`hbtrio.testing.cancel_at_checkpoint(k, call)` runs ``call`` in the current
+task and cancels it right after the task's k-th step (the k-th time it yields
+to trio), i.e. at its k-th checkpoint. Each test walks k from 0 until the
+call completes untouched, and after every cancelled attempt checks that the
+engine and other callers carry on: correct answers, no stray waiters, no lost
+or duplicated slots.
 """
 
 from __future__ import annotations
@@ -17,33 +18,8 @@ import trio
 import trio.testing
 
 import hbtrio
+from hbtrio.testing import cancel_at_checkpoint
 from helpers import Recording, Slow, counter_process, expected_count
-
-
-class _StepCanceller(trio.abc.Instrument):
-    def __init__(self, task: trio.lowlevel.Task, steps: int, scope: trio.CancelScope) -> None:
-        self.task, self.left, self.scope = task, steps, scope
-
-    def after_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task is self.task:
-            self.left -= 1
-            if self.left == 0:
-                self.scope.cancel()
-
-
-async def cancel_at_step(k: int, call: Callable[[], Awaitable[Any]]) -> tuple[bool, Any]:
-    """Run ``call``; cancel it at its k-th checkpoint. Returns (completed, result)."""
-    scope = trio.CancelScope()
-    if k == 0:
-        scope.cancel()
-    instrument = _StepCanceller(trio.lowlevel.current_task(), k, scope)
-    trio.lowlevel.add_instrument(instrument)
-    try:
-        with scope:
-            return True, await call()
-        return False, None
-    finally:
-        trio.lowlevel.remove_instrument(instrument)
 
 
 async def walk_checkpoints(
@@ -54,7 +30,7 @@ async def walk_checkpoints(
     """For k = 0, 1, ...: set up, cancel at step k, check. Returns the k that completed."""
     for k in range(limit):
         call = await make()
-        completed, result = await cancel_at_step(k, call)
+        completed, result = await cancel_at_checkpoint(k, call)
         await check(completed, result)
         if completed and k > 0:
             return k

@@ -80,9 +80,13 @@ def dumps(value: object) -> bytes:
 
     Raises `InvalidMessage` for a value that is not a message value.
     """
-    return json.dumps(
+    text = json.dumps(
         to_json(value), ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":")
-    ).encode("utf-8")
+    )
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: not a message value
+        raise InvalidMessage(f"text that is not valid Unicode: {exc.reason}") from None
 
 
 def _object_hook(pairs: list[tuple[str, Any]]) -> Any:
