@@ -268,7 +268,7 @@ class Engine:
             else:
                 state = None
             if state is not None:
-                now = time.perf_counter()
+                now = time.perf_counter()  # _fast_return, inlined on the request path
                 if now >= self._next_yield:
                     self._next_yield = now + YIELD_EVERY
                     await trio.lowlevel.cancel_shielded_checkpoint()
