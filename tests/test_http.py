@@ -848,3 +848,34 @@ async def test_with_curl(node: Node, tmp_path: Path) -> None:
     with pytest.raises(subprocess.CalledProcessError) as info:
         await curl(f"{node.url}/{pid}/compute?slot=7")
     assert json.loads(info.value.stdout)["error"] == "slot-not-scheduled"
+
+
+async def test_node_survives_its_http_server_failing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hypercorn can let a protocol error escape a connection (two sends racing when a
+    client pipelines garbage), which ends its whole server: the node serves on."""
+    from hypercorn.trio.tcp_server import TCPServer
+
+    original = TCPServer.protocol_send
+    failures = {"left": 1}
+
+    async def racing_send(self: TCPServer, event: Any) -> None:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise trio.BusyResourceError("another task is currently sending data on this stream")
+        await original(self, event)
+
+    async with open_node() as n:
+        monkeypatch.setattr(TCPServer, "protocol_send", racing_send)
+        with pytest.raises(httpx.TransportError):
+            async with httpx.AsyncClient(base_url=n.url, timeout=5) as first:
+                await first.get("/stats")  # its server dies answering it
+        assert failures["left"] == 0
+        # The same address answers again, and the engine never noticed.
+        async with httpx.AsyncClient(base_url=n.url, timeout=5) as again:
+            for _ in range(50):  # the server is back within a scheduler pass or two
+                try:
+                    answer = await again.get("/stats")
+                    break
+                except httpx.TransportError:
+                    await trio.testing.wait_all_tasks_blocked(0.001)
+            assert answer.status_code == 200

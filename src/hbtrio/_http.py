@@ -947,6 +947,19 @@ async def _wait_for_signals(stop: trio.Event, force: trio.CancelScope, receiver:
             return
 
 
+class _ReportOnce:
+    """A task status that forwards only the first ``started()`` (one per serving attempt)."""
+
+    def __init__(self, task_status: trio.TaskStatus[list[str]]) -> None:
+        self._task_status = task_status
+        self.reported = False
+
+    def started(self, value: list[str] | None = None) -> None:
+        if not self.reported:
+            self.reported = True
+            self._task_status.started(value)  # type: ignore[arg-type]
+
+
 async def run_server(
     app: HttpApp,
     *,
@@ -976,10 +989,18 @@ async def run_server(
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise RuntimeError("serving HTTP needs hypercorn: pip install 'hbtrio[http]'") from exc
 
-    if port != 0:
-        _check_address(host, port)
+    # The listening socket is ours, handed to hypercorn by descriptor, so that
+    # serving can resume on it if hypercorn's server dies (see below).
+    bare = host.strip("[]")
+    listener = socket.socket(socket.AF_INET6 if ":" in bare else socket.AF_INET)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((bare, port))
+        listener.listen(128)
+    except OSError:
+        listener.close()
+        raise
     config = Config()
-    config.bind = [_bind(host, port)]
     config.graceful_timeout = grace + 1.0  # compute waits end at `grace`; answers need a moment
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
@@ -988,6 +1009,7 @@ async def run_server(
 
     async def begin_shutdown() -> None:
         await stop.wait()
+        listener.close()  # with hypercorn's copy closed too, new connections are refused
         app.begin_shutdown(grace)
 
     async def trigger_to_stop(trigger: Callable[[], Awaitable[object]]) -> None:
@@ -995,6 +1017,7 @@ async def run_server(
         stop.set()
 
     with ExitStack() as stack:
+        stack.callback(listener.close)
         async with trio.open_nursery() as nursery:
             if shutdown_trigger is None:
                 receiver = stack.enter_context(
@@ -1005,13 +1028,27 @@ async def run_server(
                 nursery.start_soon(trigger_to_stop, shutdown_trigger)
 
             async def serve_then_stop(task_status: trio.TaskStatus[list[str]]) -> None:
-                await hypercorn_serve(
-                    asgi_app,
-                    config,
-                    shutdown_trigger=begin_shutdown,
-                    mode="asgi",
-                    task_status=task_status,
-                )
+                report = _ReportOnce(task_status)
+                while True:
+                    # hypercorn owns (and closes) the descriptor it is given: a copy.
+                    config.bind = [f"fd://{os.dup(listener.fileno())}"]
+                    try:
+                        await hypercorn_serve(
+                            asgi_app,
+                            config,
+                            shutdown_trigger=begin_shutdown,
+                            mode="asgi",
+                            task_status=report,
+                        )
+                        break
+                    except Exception as exc:
+                        # hypercorn lets some protocol errors escape a connection
+                        # (two sends racing on one socket when a client pipelines
+                        # garbage) and its whole server dies: nothing a client sends
+                        # may stop the node, so serve again on the same socket.
+                        if stop.is_set() or not report.reported:
+                            raise
+                        logger.error("the HTTP server failed; serving again", exc_info=exc)
                 nursery.cancel_scope.cancel()
 
             urls: list[str] = await nursery.start(serve_then_stop)
