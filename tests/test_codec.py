@@ -12,23 +12,7 @@ from hypothesis import strategies as st
 
 from hbtrio import FrozenList, InvalidMessage, Message, decode, encode, freeze
 from hbtrio._message import decode_trusted
-
-scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False)
-    | st.text(max_size=8)
-    | st.binary(max_size=8)
-)
-values = st.recursive(
-    scalars,
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4)
-    ),
-    max_leaves=24,
-)
-messages = st.dictionaries(st.text(max_size=5), values, max_size=6)
+from strategies import messages
 
 
 @settings(max_examples=50, deadline=None)

@@ -20,24 +20,9 @@ from hypothesis import strategies as st
 import hbtrio
 from hbtrio import FrozenList, InvalidMessage, Message, encode, freeze, message_id
 from hbtrio._message import MAX_DEPTH, validate_slot
+from strategies import messages
 
 # -- strategies -------------------------------------------------------------------------------
-
-scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False)
-    | st.text(max_size=8)
-    | st.binary(max_size=8)
-)
-keys = st.text(max_size=6) | st.sampled_from(["priv", "a", "b", "slot"])
-values = st.recursive(
-    scalars,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(keys, children, max_size=4),
-    max_leaves=24,
-)
-messages = st.dictionaries(keys, values, max_size=6)
 
 
 def shuffled(value: Any, rnd: random.Random) -> Any:
