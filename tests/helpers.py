@@ -73,6 +73,15 @@ class Flaky:
         return {**state, "count": state["count"] + assignment["body"].get("n", 0)}
 
 
+class AsyncFlaky(Flaky):
+    """`Flaky` with an async ``compute``: never applied inline, always by the worker's task."""
+
+    async def compute(  # type: ignore[override]
+        self, state: hbtrio.Message, assignment: hbtrio.Message
+    ) -> dict[str, Any]:
+        return super().compute(state, assignment)
+
+
 class Gate:
     """``gate@1.0``: each slot adds 1, but only once the test opens the gate."""
 

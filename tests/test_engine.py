@@ -9,7 +9,16 @@ import trio
 import trio.testing
 
 import hbtrio
-from helpers import COUNTER, Flaky, Recording, Slow, counter_process, definition, expected_count
+from helpers import (
+    COUNTER,
+    AsyncFlaky,
+    Flaky,
+    Recording,
+    Slow,
+    counter_process,
+    definition,
+    expected_count,
+)
 
 
 async def test_spawn_schedule_compute_now() -> None:
@@ -176,7 +185,7 @@ async def test_many_waiters_fan_out_each_gets_its_own_slot() -> None:
 
 
 async def test_device_error_is_not_a_worker_death() -> None:
-    flaky = Flaky({3})
+    flaky = AsyncFlaky({3})  # async: every waiter parks on the worker, which fails them all
     async with hbtrio.open_engine(devices={"flaky@1.0": flaky}) as engine:
         pid = await counter_process(engine, 5, "flaky@1.0")
         errors: list[BaseException] = []
@@ -483,3 +492,17 @@ async def test_async_device_with_snapshot_hooks(tmp_path: Any) -> None:
         assert (await engine.now(pid))["box"] == (expected_count(11),)
         snap = await engine.store.latest_snapshot(pid, 10)
         assert snap == (10, {"saved": str(expected_count(10))})
+
+
+async def test_device_error_on_the_inline_path_keeps_the_last_good_state() -> None:
+    flaky = Flaky({3})  # plain: an idle worker's next slots are applied by the caller
+    async with hbtrio.open_engine(devices={"flaky@1.0": flaky}) as engine:
+        pid = await counter_process(engine, 5, "flaky@1.0")
+        with pytest.raises(hbtrio.ComputeError) as info:
+            await engine.compute(pid, 4)
+        assert (info.value.phase, info.value.attempted_slot) == ("compute", 3)
+        assert isinstance(info.value.__cause__, RuntimeError)
+        assert engine.workers[pid].slot == 2  # slots 1 and 2 applied and kept
+        assert engine.stats().leader_deaths == 0
+        assert await engine.compute(pid, 5) == {"count": 15, "at-slot": 5}
+        assert engine.stats().workers_started == 1

@@ -40,15 +40,16 @@ async def test_open_test_engine_catches_a_crashed_worker(monkeypatch: pytest.Mon
         raise RuntimeError("a bug in engine code")
 
     monkeypatch.setattr(hbtrio._worker.GroupWorker, "_compute_chunk", broken)
+    far = hbtrio._worker.INLINE_MAX + 5  # too far to apply inline: the worker's task runs
     with pytest.raises(AssertionError, match="crashed"):
         async with open_test_engine() as engine:
-            pid = await counter_process(engine, 3)
+            pid = await counter_process(engine, far)
             with pytest.raises(hbtrio.LeaderDied):
-                await engine.compute(pid, 3)
+                await engine.compute(pid, far)
     async with open_test_engine(allow_leader_deaths=True) as engine:
-        pid = await counter_process(engine, 3)
+        pid = await counter_process(engine, far)
         with pytest.raises(hbtrio.LeaderDied):
-            await engine.compute(pid, 3)
+            await engine.compute(pid, far)
 
 
 async def test_cancel_at_checkpoint() -> None:

@@ -44,7 +44,7 @@ from ._message import (
     validate_pid,
     validate_slot,
 )
-from ._process import compute_slot, validate_definition
+from ._process import ProcessRuntime, compute_slot, validate_definition
 from ._scheduler import Scheduler
 from ._store import MemoryStore, Store
 from ._worker import GroupWorker, Phase, Reroute, WorkerInfo
@@ -295,8 +295,12 @@ class Engine:
             self._check_open()
             worker = self._workers.get(pid)
             if worker is None:
-                worker = self._start_worker(pid, slot)
+                worker = self._adopt_idle_worker(pid, slot) or self._start_worker(pid, slot)
             try:
+                if worker.phase is Phase.IDLE:
+                    state = worker.try_inline(slot)
+                    if state is not None:
+                        return hand_out(state)
                 state = worker.request(slot)
                 if state is None:
                     state = await worker.waiters.wait_slot(slot)
@@ -313,6 +317,33 @@ class Engine:
                     raise LeaderDied(
                         f"slot {slot} of {pid}: lost its worker {deaths} times in a row"
                     ) from None
+
+    def _adopt_idle_worker(self, pid: str, slot: int) -> GroupWorker | None:
+        """Start ``pid``'s worker in the calling task, idle, when all it needs is in memory.
+
+        A plain device and a store that answers without I/O need no task to
+        restore from: the worker is created caught up at its snapshot (or at
+        ``init``), and the caller is then served inline like any request to an
+        idle worker. Never checkpoints. ``None`` when a task must do it.
+        Device failures (``init``, ``restore``) raise `ComputeError` here.
+        """
+        try:
+            runtime = ProcessRuntime.load_nowait(
+                pid, self._store, self._devices, self._cache_frequency, self._slot_timeout
+            )
+            state = runtime.restore_nowait(slot)
+        except trio.WouldBlock:
+            return None
+        at = state["at-slot"]
+        worker = GroupWorker(
+            pid, self, self._store, state=state, slot=at, target=at, phase=Phase.IDLE
+        )
+        worker.runtime, worker.plain = runtime, True
+        worker.started_at, worker.last_request = time.time(), self._now()
+        self._workers[pid] = worker
+        self._workers_started += 1
+        self._reaper.watch(worker)
+        return worker
 
     def _start_worker(self, pid: str, slot: int) -> GroupWorker:
         worker = GroupWorker(pid, self, self._store, target=slot)

@@ -187,7 +187,9 @@ class HttpError(Exception):
         self.extra = dict(extra or {})
 
     def response(self) -> Response:
-        body = {"error": self.code, "status": self.status, "message": str(self), **self.extra}
+        # The message may quote what the client sent, which need not be valid Unicode.
+        message = str(self).encode("utf-8", "backslashreplace").decode("utf-8")
+        body = {"error": self.code, "status": self.status, "message": message, **self.extra}
         return Response(self.status, _jsonwire.dumps(body), JSON, self.headers)
 
 

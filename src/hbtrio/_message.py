@@ -116,7 +116,10 @@ _TRUSTED: frozenset[type] = frozenset({_Frozen, Message, FrozenList}) | _SCALARS
 
 
 def _where(path: str) -> str:
-    return path or "the message"
+    """``path`` for an error message, printable even if a key is not valid Unicode."""
+    if not path:
+        return "the message"
+    return path if path.isascii() else path.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _child(path: str, key: str) -> str:

@@ -101,6 +101,31 @@ class ProcessRuntime:
     ) -> ProcessRuntime:
         """Look up ``pid``'s definition. Raises `ProcessNotFound` or `UnknownDevice`."""
         definition = await store.get_process(pid)
+        return cls._of(pid, definition, store, devices, cache_frequency, slot_timeout)
+
+    @classmethod
+    def load_nowait(
+        cls,
+        pid: str,
+        store: Store,
+        devices: Devices,
+        cache_frequency: int,
+        slot_timeout: float | None = None,
+    ) -> ProcessRuntime:
+        """`load` from memory: raises `trio.WouldBlock` if the store needs I/O."""
+        definition = store.get_process_nowait(pid)
+        return cls._of(pid, definition, store, devices, cache_frequency, slot_timeout)
+
+    @classmethod
+    def _of(
+        cls,
+        pid: str,
+        definition: Message | None,
+        store: Store,
+        devices: Devices,
+        cache_frequency: int,
+        slot_timeout: float | None,
+    ) -> ProcessRuntime:
         if definition is None:
             raise ProcessNotFound(pid)
         device = devices.get(definition["execution-device"])
@@ -168,11 +193,42 @@ class ProcessRuntime:
         self.store.put_results_nowait(self.pid, [(0, state, await self.snapshot_of(state))])
         return state
 
+    def restore_nowait(self, at_most: int) -> Message:
+        """`restore` in the calling task: never checkpoints.
+
+        Only for a plain device whose ``init`` and ``restore`` are plain too;
+        raises `trio.WouldBlock` otherwise, or when the store needs I/O.
+        """
+        d = self.device
+        if not self.plain or d.init_async or d.restore_async:
+            raise trio.WouldBlock
+        found = self.store.latest_snapshot_nowait(self.pid, at_most)
+        if found is not None:
+            slot, snap = found
+            if d.restore is None:
+                return self._own_snapshot(slot, snap)
+            try:
+                return adopt_state(d.restore(snap), slot, d.trusted)
+            except Exception as exc:
+                raise self._fail(slot, exc, "restore") from exc
+        assert d.init is not None
+        try:
+            state = adopt_state(d.init(self.definition), 0, d.trusted)
+        except Exception as exc:
+            raise self._fail(0, exc, "init") from exc
+        self.store.put_results_nowait(self.pid, [(0, state, state)])  # plain: its own snapshot
+        return state
+
+    @staticmethod
+    def _own_snapshot(slot: int, snap: Message) -> Message:
+        """The state a snapshot stands for when the device stores states as they are."""
+        return snap if snap.get("at-slot") == slot else adopt_state(dict(snap), slot, True)
+
     async def from_snapshot(self, slot: int, snap: Message) -> Message:
         """The state a stored snapshot at ``slot`` stands for."""
         d = self.device
         if d.restore is None:
-            return snap if snap.get("at-slot") == slot else adopt_state(dict(snap), slot, True)
+            return self._own_snapshot(slot, snap)
         try:
             new = await self._call(d.restore, d.restore_async, snap)
             return adopt_state(new, slot, d.trusted)

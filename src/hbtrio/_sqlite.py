@@ -415,6 +415,12 @@ class SQLiteStore(Store):
         proc = await self._proc(pid)
         return None if proc is None else proc.definition
 
+    def get_process_nowait(self, pid: str) -> Message | None:
+        proc = self._procs.get(pid)
+        if proc is None:
+            raise trio.WouldBlock
+        return proc.definition
+
     # assignments --------------------------------------------------------------------------------
 
     async def append_assignments(self, pid: str, assignments: Sequence[Message]) -> None:

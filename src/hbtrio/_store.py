@@ -28,6 +28,7 @@ import bisect
 from collections.abc import Sequence
 
 import attrs
+import trio
 
 from ._exceptions import StoreError
 from ._message import Message
@@ -75,6 +76,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_process(self, pid: str) -> Message | None:
         """The definition of ``pid``, or ``None``."""
+
+    def get_process_nowait(self, pid: str) -> Message | None:
+        """`get_process` from memory: raises `trio.WouldBlock` if it needs I/O."""
+        raise trio.WouldBlock
 
     # assignments ---------------------------------------------------------------------------
 
@@ -160,6 +165,10 @@ class Store(abc.ABC):
     async def latest_snapshot(self, pid: str, at_most: int) -> tuple[int, Message] | None:
         """The snapshot with the highest slot ``<= at_most``, as ``(slot, snapshot)``."""
 
+    def latest_snapshot_nowait(self, pid: str, at_most: int) -> tuple[int, Message] | None:
+        """`latest_snapshot` from memory: raises `trio.WouldBlock` if it needs I/O."""
+        raise trio.WouldBlock
+
     async def flush(self) -> None:  # noqa: B027 - optional hook
         """Return once everything stored so far is durable."""
 
@@ -212,6 +221,9 @@ class MemoryStore(Store):
         return True
 
     async def get_process(self, pid: str) -> Message | None:
+        return self.get_process_nowait(pid)
+
+    def get_process_nowait(self, pid: str) -> Message | None:
         proc = self._procs.get(pid)
         return None if proc is None else proc.definition
 
@@ -320,6 +332,9 @@ class MemoryStore(Store):
             proc.snapshots[slot] = snapshot
 
     async def latest_snapshot(self, pid: str, at_most: int) -> tuple[int, Message] | None:
+        return self.latest_snapshot_nowait(pid, at_most)
+
+    def latest_snapshot_nowait(self, pid: str, at_most: int) -> tuple[int, Message] | None:
         proc = self._procs.get(pid)
         if proc is None:
             return None

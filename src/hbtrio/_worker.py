@@ -4,8 +4,10 @@ Theory of operation
 -------------------
 A worker is created by the first request for its process that the store
 cannot answer. It lives in the engine's registry until it is evicted, stopped
-or crashes, and it keeps the process state in memory all that time. It runs a
-task (in the engine's root nursery) only while it has work:
+or crashes, and it keeps the process state in memory all that time. When the
+store answers from memory and the device is plain, the requesting task creates
+it already idle (`Engine._adopt_idle_worker`); otherwise it runs a task (in
+the engine's root nursery), and it runs one only while it has work:
 
 - ``STARTING``: its task restores the latest snapshot at or below the lowest
   slot anybody waits for (or runs ``init``);

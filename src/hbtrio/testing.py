@@ -99,6 +99,8 @@ _TWINS: Final = {
     "get_assignments_nowait": "get_assignments",
     "get_assignment_nowait": "get_assignments",
     "get_result_nowait": "get_result",
+    "get_process_nowait": "get_process",
+    "latest_snapshot_nowait": "latest_snapshot",
 }
 #: Synchronous writes and the method whose faults they follow.
 _WRITE_TWINS: Final = {
@@ -429,6 +431,14 @@ class FaultyStore(Store):
     def get_assignments_nowait(self, pid: str, start: int, stop: int) -> list[Message]:
         self._redirect("get_assignments_nowait", pid)
         return self.inner.get_assignments_nowait(pid, start, stop)
+
+    def get_process_nowait(self, pid: str) -> Message | None:
+        self._redirect("get_process_nowait", pid)
+        return self.inner.get_process_nowait(pid)
+
+    def latest_snapshot_nowait(self, pid: str, at_most: int) -> tuple[int, Message] | None:
+        self._redirect("latest_snapshot_nowait", pid)
+        return self.inner.latest_snapshot_nowait(pid, at_most)
 
     def get_assignment_nowait(self, pid: str, slot: int) -> Message | None:
         self._redirect("get_assignment_nowait", pid)
