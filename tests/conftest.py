@@ -7,16 +7,29 @@ object (memory is only as durable as the object), reopening a ``SQLiteStore``
 makes a fresh object on the same file. ``sqlite_factory`` is the same for
 tests that only make sense with a file. Every store a factory opened is
 closed when the test ends.
+
+Hypothesis explores new examples on every local run. Under CI (the ``CI``
+environment variable set, as `.ci/run` has it) the ``ci`` profile makes each
+property test draw the same examples every time, so a submission's verdict
+does not depend on the luck of the draw; set ``HYPOTHESIS_PROFILE=default``
+to explore there too.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 import hbtrio
+
+settings.register_profile("ci", derandomize=True)
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default")
+)
 
 STORE_KINDS = ("memory", "sqlite")
 
