@@ -41,9 +41,9 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def next_chain(previous: bytes, mid: str) -> bytes:
-    """The chain value after ``previous`` for a message with ID ``mid``."""
-    return hashlib.sha256(previous + _raw(mid)).digest()
+def next_chain(previous: bytes, digest: bytes) -> bytes:
+    """The chain value after ``previous`` for a message whose raw SHA-256 ID is ``digest``."""
+    return hashlib.sha256(previous + digest).digest()
 
 
 def make_assignment(
@@ -55,7 +55,7 @@ def make_assignment(
         mid = _b64(raw)
     else:
         raw = _raw(mid)
-    chain = hashlib.sha256(previous_chain + raw).digest()
+    chain = next_chain(previous_chain, raw)
     assignment = _Frozen(
         {
             "process": pid,
@@ -80,10 +80,10 @@ def verify_schedule(pid: str, assignments: Sequence[Message]) -> None:
             raise InvalidMessage(
                 f"slot {expected}: assignment is for {a.get('process')}/{a.get('slot')}"
             )
-        mid = message_id(a["body"])
-        if a.get("message-id") != mid:
+        digest = message_digest(a["body"])
+        if a.get("message-id") != _b64(digest):
             raise InvalidMessage(f"slot {expected}: message-id does not match the body")
-        chain = next_chain(chain, mid)
+        chain = next_chain(chain, digest)
         if a.get("hash-chain") != _b64(chain):
             raise InvalidMessage(f"slot {expected}: hash-chain does not verify")
 
