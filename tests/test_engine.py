@@ -416,6 +416,32 @@ async def test_fast_path_answers_still_let_other_tasks_run() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_fast_path_yields_even_when_the_clock_stands_still(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    # A MockClock that never advances: the yield budget counts answers too.
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    async with hbtrio.open_engine() as engine, trio.open_nursery() as nursery:
+        pid = await counter_process(engine, 5_000)
+        await engine.compute(pid, 0)
+        nursery.start_soon(ticker)
+        await trio.lowlevel.checkpoint()
+        before = ticks
+        for slot in range(1, 5_001):
+            await engine.compute(pid, slot)
+        assert engine.stats().workers_started == 1
+        assert mock_clock.current_time() == 0.0
+        assert ticks - before >= 10  # at least once per few hundred answers
+        nursery.cancel_scope.cancel()
+
+
 async def test_idle_worker_has_no_task_and_is_served_inline() -> None:
     async with hbtrio.open_engine() as engine:
         pid = await counter_process(engine, 50)

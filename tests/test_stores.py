@@ -220,6 +220,30 @@ async def test_nowait_reads_never_checkpoint(store: Store) -> None:
                 pass
 
 
+async def test_pending_assignment_is_a_scheduled_slot_without_a_result(store: Store) -> None:
+    proc = Proc()
+    await proc.put(store)
+    batch = proc.next(4)
+    await store.append_assignments(proc.pid, batch)
+    store.put_results_nowait(proc.pid, [(1, state(1), None), (3, state(3), None)])
+    expected = {0: None, 1: None, 2: batch[1], 3: None, 4: batch[3], 5: None, 9: None}
+    for slot, want in expected.items():
+        try:
+            with trio.testing.assert_no_checkpoints():
+                got = store.pending_assignment_nowait(proc.pid, slot)
+        except trio.WouldBlock:
+            continue  # this store needs I/O for it: allowed
+        if slot == 0:
+            # slot 0 (the definition) has no stored result here: it is pending
+            assert got == proc.assignments[0]
+        else:
+            assert got == want, slot
+    try:
+        assert store.pending_assignment_nowait("no-such-process", 1) is None
+    except trio.WouldBlock:
+        pass
+
+
 # -- results and snapshots ---------------------------------------------------------------------
 
 

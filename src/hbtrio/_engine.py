@@ -16,8 +16,9 @@ and closes the store; afterwards every method raises `EngineClosed`.
 Checkpoints: every async method checks for cancellation on entry. Calls that
 park or do I/O are schedule points too. Calls answered synchronously from
 memory (a stored result, an idle worker one slot away) skip the trip through
-the scheduler, but yield to it at least once per millisecond of such answers,
-so a loop of them cannot starve other tasks.
+the scheduler, but yield to it at least once per millisecond of the engine's
+clock and once per `YIELD_ANSWERS` such answers, so a loop of them cannot
+starve other tasks (even under a `trio.testing.MockClock` that stands still).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from ._exceptions import EngineClosed, HbTrioError, InvalidMessage, LeaderDied, 
 from ._idle import IdleReaper
 from ._message import (
     Message,
+    _Frozen,
     freeze,
     hand_out,
     id_of_bytes,
@@ -55,6 +57,8 @@ __all__ = ["Engine", "EngineStats", "open_engine"]
 MAX_TRIES: Final = 3
 #: Longest a fast-path caller runs without yielding to the scheduler (seconds).
 YIELD_EVERY: Final = 0.001
+#: Most calls answered from memory in a row without yielding to the scheduler.
+YIELD_ANSWERS: Final = 256
 
 
 @attrs.frozen
@@ -139,8 +143,9 @@ class Engine:
         self._executions: dict[tuple[bytes, bytes], Execution] = {}
         self._closed = False
         self._next_yield = 0.0
+        self._fast_left = 0
         # counters
-        self._slots_computed = 0
+        self._retired_computed = 0  # slots computed by workers no longer live
         self._cache_hits = 0
         self._workers_started = 0
         self._workers_stopped = 0
@@ -165,7 +170,7 @@ class Engine:
     def stats(self) -> EngineStats:
         """A frozen record of the engine's counters. Never blocks."""
         return EngineStats(
-            slots_computed=self._slots_computed,
+            slots_computed=self._retired_computed + sum(w.computed for w in self._workers.values()),
             cache_hits=self._cache_hits,
             workers_started=self._workers_started,
             workers_stopped=self._workers_stopped,
@@ -183,10 +188,15 @@ class Engine:
             raise EngineClosed("the engine's open_engine block has exited")
 
     async def _fast_return(self) -> None:
-        """The schedule point of a call answered from memory: at most one per millisecond."""
-        now = time.perf_counter()
-        if now >= self._next_yield:
-            self._next_yield = now + YIELD_EVERY
+        """The schedule point of a call answered from memory.
+
+        Yields once per `YIELD_EVERY` seconds of the engine's clock, or after
+        `YIELD_ANSWERS` answers (a `trio.testing.MockClock` may stand still).
+        """
+        now = self._now()
+        self._fast_left -= 1
+        if now >= self._next_yield or self._fast_left < 0:
+            self._next_yield, self._fast_left = now + YIELD_EVERY, YIELD_ANSWERS
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     # processes and schedules -------------------------------------------------------------------
@@ -263,16 +273,21 @@ class Engine:
             # Fast path: the worker's current state, or an idle worker a few slots away.
             if worker.slot == slot:
                 state = worker.state
+            elif slot == worker.slot + 1:
+                state = worker.step(slot)
             elif worker.phase is Phase.IDLE:
                 state = worker.try_inline(slot)
             else:
                 state = None
             if state is not None:
-                now = time.perf_counter()  # _fast_return, inlined on the request path
-                if now >= self._next_yield:
-                    self._next_yield = now + YIELD_EVERY
+                # One clock reading serves the idle reaper and the yield budget
+                # (`_fast_return`, inlined on the request path).
+                worker.last_request = now = self._now()
+                self._fast_left -= 1
+                if now >= self._next_yield or self._fast_left < 0:
+                    self._next_yield, self._fast_left = now + YIELD_EVERY, YIELD_ANSWERS
                     await trio.lowlevel.cancel_shielded_checkpoint()
-                return hand_out(state)
+                return _Frozen(state) if type(state) is dict else state  # hand_out, inlined
         store = self._store
         try:
             stored = store.get_result_nowait(pid, slot)
@@ -300,6 +315,7 @@ class Engine:
                 if worker.phase is Phase.IDLE:
                     state = worker.try_inline(slot)
                     if state is not None:
+                        worker.last_request = self._now()
                         return hand_out(state)
                 state = worker.request(slot)
                 if state is None:

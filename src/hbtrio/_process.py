@@ -89,6 +89,12 @@ class ProcessRuntime:
     cache_frequency: int
     #: Seconds an async device call may take before the slot fails (``None``: no limit).
     slot_timeout: float | None = None
+    # The device's compute and trust, looked up once for `apply_one`.
+    _compute: Callable[..., Any] = attrs.field(init=False, repr=False)
+    _trusted: bool = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._compute, self._trusted = self.device.compute, self.device.trusted  # type: ignore[assignment]
 
     @classmethod
     async def load(
@@ -298,10 +304,9 @@ class ProcessRuntime:
 
     def apply_one(self, state: Message, assignment: Message) -> Message:
         """`apply_sync` for one assignment: returns the new state (its own snapshot)."""
-        d = self.device
         try:
-            new = d.compute(state, assignment)  # type: ignore[misc]
-            return new if d.trusted else adopt_state(new, assignment["slot"], False)
+            new = self._compute(state, assignment)
+            return new if self._trusted else adopt_state(new, assignment["slot"], False)
         except Exception as exc:
             raise self._fail(assignment["slot"], exc) from exc
 

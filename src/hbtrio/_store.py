@@ -116,6 +116,16 @@ class Store(abc.ABC):
         found = self.get_assignments_nowait(pid, slot, slot + 1)
         return found[0] if found else None
 
+    def pending_assignment_nowait(self, pid: str, slot: int) -> Message | None:
+        """The assignment at ``slot`` if it is scheduled and has no stored result, else ``None``.
+
+        Raises `trio.WouldBlock` if it needs I/O. The request path's one store
+        read before an idle worker applies ``slot`` itself.
+        """
+        if self.get_result_nowait(pid, slot) is not None:
+            return None
+        return self.get_assignment_nowait(pid, slot)
+
     # results and snapshots -------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -277,15 +287,29 @@ class MemoryStore(Store):
             return None
         return proc.assignments[slot]
 
+    def pending_assignment_nowait(self, pid: str, slot: int) -> Message | None:
+        proc = self._procs.get(pid)
+        if proc is None:
+            return None
+        results = proc.results
+        if slot < len(results) and results[slot] is not None:
+            return None
+        assignments = proc.assignments
+        return assignments[slot] if 0 <= slot < len(assignments) else None
+
     def put_state_nowait(self, pid: str, slot: int, state: Message, snapshot: bool) -> None:
-        proc = self._proc(pid)
+        proc = self._procs.get(pid) or self._proc(pid)
         stored = proc.results
-        if slot != len(stored) or (snapshot and proc.snapshot_slots[-1:] >= [slot]):
+        if slot != len(stored):
             super().put_state_nowait(pid, slot, state, snapshot)
             return
-        stored.append(state)  # the common case: the next slot
         if snapshot:
-            proc.snapshot_slots.append(slot)
+            slots = proc.snapshot_slots
+            if slots and slots[-1] >= slot:
+                super().put_state_nowait(pid, slot, state, snapshot)
+                return
+            slots.append(slot)
+        stored.append(state)  # the common case: the next slot
         self._results_written += 1
 
     def put_states_nowait(

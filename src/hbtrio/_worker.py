@@ -72,6 +72,9 @@ class Phase(enum.Enum):
     STOPPED = "stopped"
 
 
+_IDLE: Final = Phase.IDLE
+
+
 class Reroute(Exception):
     """Internal: the worker cannot serve this slot; ask the engine again (not a leader death)."""
 
@@ -175,11 +178,12 @@ class GroupWorker:
         worker is busy or starting, somebody waits, the device is async, the
         gap is large, or the assignments or stored results need I/O). Raises
         `ComputeError`; the worker then keeps the slots before the failing one.
+        The caller records the request's time in ``last_request``.
         """
         if self.phase is not Phase.IDLE or not self.plain:
             return None
         if slot == self.slot + 1:
-            return self._inline_one(slot)
+            return self.step(slot)
         gap = slot - self.slot
         if not 0 < gap <= INLINE_MAX:
             return None
@@ -197,22 +201,24 @@ class GroupWorker:
             self.runtime.apply_sync(self.state, batch, states)  # type: ignore[union-attr,arg-type]
         finally:
             self._commit_states(start, states)
-        self.last_request = self.engine._now()
         if slot > self.target:
             self.target = slot
         return self.state
 
-    def _inline_one(self, slot: int) -> Message | None:
-        """`try_inline` for the next slot: the request path's common case, kept direct."""
-        store, pid = self.store, self.pid
+    def step(self, slot: int) -> Message | None:
+        """`try_inline` for the next slot (``self.slot + 1``): the request path's common case.
+
+        Never checkpoints; ``None`` when the fast path does not apply.
+        """
+        if self.phase is not _IDLE or not self.plain:
+            return None
         try:
-            if store.get_result_nowait(pid, slot) is not None:
-                return None  # stored ahead of us: the worker jumps there instead
-            assignment = store.get_assignment_nowait(pid, slot)
+            assignment = self.store.pending_assignment_nowait(self.pid, slot)
         except trio.WouldBlock:
             return None
-        if assignment is None:
+        if assignment is None:  # unscheduled, or stored ahead (the worker jumps there)
             return None
+        store, pid = self.store, self.pid
         rt = self.runtime
         state = rt.apply_one(self.state, assignment)  # type: ignore[union-attr,arg-type]
         try:
@@ -221,10 +227,7 @@ class GroupWorker:
             self._refused(slot, exc)
         self.slot, self.state = slot, state
         self.computed += 1
-        self.engine._slots_computed += 1
-        self.last_request = self.engine._now()
-        if slot > self.target:
-            self.target = slot
+        self.target = slot  # idle, so it was at most our slot
         return state
 
     # Committing applied slots: the store comes first. If it refuses them
@@ -263,7 +266,6 @@ class GroupWorker:
         n = len(states)
         self.slot, self.state = first + n - 1, states[-1]
         self.computed += n
-        self.engine._slots_computed += n
         waiters = self.waiters
         if waiters._count:
             if len(waiters._waiters) < n:
@@ -447,6 +449,7 @@ class GroupWorker:
             if engine._workers.get(self.pid) is self:
                 del engine._workers[self.pid]
             engine._workers_stopped += 1
+            engine._retired_computed += self.computed
             self.waiters.fail_all(lambda _s: LeaderDied(f"the worker of {self.pid} stopped"))
             if self.stopped is not None:
                 self.stopped.set()

@@ -444,6 +444,10 @@ class FaultyStore(Store):
         self._redirect("get_assignment_nowait", pid)
         return self.inner.get_assignment_nowait(pid, slot)
 
+    def pending_assignment_nowait(self, pid: str, slot: int) -> Message | None:
+        # The two reads it stands for, each through this wrapper: faults on either apply.
+        return Store.pending_assignment_nowait(self, pid, slot)
+
     def put_results_nowait(self, pid: str, results: Sequence[SlotResult]) -> None:
         self._enter_sync("put_results_nowait", pid)
         self.inner.put_results_nowait(pid, results)
