@@ -206,6 +206,7 @@ async def w4_many_groups(a: Adapter, *, n: int, r: int = 10) -> Result:
             for slot in range(1, r + 1):
                 see(slot, await compute(pid, slot))
 
+        gc.collect()
         probe = MemoryProbe()
         probe.start()
         t0 = perf_counter()

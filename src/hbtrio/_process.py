@@ -55,9 +55,13 @@ def adopt_state(new: object, slot: int, trusted: bool) -> Message:
     """Turn what a device returned into the read-only state at ``slot``.
 
     A fresh ``dict`` whose values are already frozen is checked at its top
-    level only; anything else is validated and frozen in full.
+    level only; anything else is validated and frozen in full. A trusted
+    device's plain ``dict`` stays a plain dict, like its computed states (see
+    `DeviceInfo.trusted`): the garbage collector need not track it.
     """
     state: Message
+    if trusted and type(new) is dict:
+        return {**new, "at-slot": slot}  # type: ignore[return-value]
     if type(new) is dict:
         if not trusted:
             for key, value in new.items():

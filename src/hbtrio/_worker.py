@@ -129,7 +129,8 @@ class GroupWorker:
     # True while the idle reaper holds an entry for this worker.
     watched: bool = False
     # Assignments read ahead of ``slot`` (consecutive from slot + 1), not yet applied.
-    ahead: list[Message] = attrs.field(factory=list)
+    # (``None`` rather than an empty list: one object fewer per idle worker for the GC.)
+    ahead: list[Message] | None = None
 
     def info(self) -> WorkerInfo:
         now = trio.current_time()
@@ -358,7 +359,7 @@ class GroupWorker:
                 fetched = await rt.assignments(
                     start, max(stop, min(self.target, start + AHEAD) + 1)
                 )
-                batch, self.ahead = fetched[: stop - start], fetched[stop - start :]
+                batch, self.ahead = fetched[: stop - start], fetched[stop - start :] or None
         except ComputeError as exc:  # not scheduled, or the schedule cannot be read
             self._give_up(exc)
             return
@@ -404,9 +405,9 @@ class GroupWorker:
         if not ahead:
             return []
         if ahead[0]["slot"] != start:  # an inline request or a jump moved us: drop it
-            self.ahead = []
+            self.ahead = None
             return []
-        batch, self.ahead = ahead[: stop - start], ahead[stop - start :]
+        batch, self.ahead = ahead[: stop - start], ahead[stop - start :] or None
         return batch
 
     async def _skip_stored(self, start: int) -> bool:
