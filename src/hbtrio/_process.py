@@ -93,12 +93,14 @@ class ProcessRuntime:
     cache_frequency: int
     #: Seconds an async device call may take before the slot fails (``None``: no limit).
     slot_timeout: float | None = None
-    # The device's compute and trust, looked up once for `apply_one`.
-    _compute: Callable[..., Any] = attrs.field(init=False, repr=False)
-    _trusted: bool = attrs.field(init=False, repr=False)
+    #: ``compute_one(state, assignment)``: one slot of a plain device, its result
+    #: adopted as the new state (a trusted device's own ``compute``, with no layer
+    #: in between). Raises what the device raises: wrap that with `failure`.
+    compute_one: Callable[[Message, Message], Message] = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        self._compute, self._trusted = self.device.compute, self.device.trusted  # type: ignore[assignment]
+        d = self.device
+        self.compute_one = d.compute if d.trusted else self._compute_untrusted  # type: ignore[assignment]
 
     @classmethod
     async def load(
@@ -145,7 +147,8 @@ class ProcessRuntime:
             )
         return cls(pid, definition, device, store, cache_frequency, slot_timeout)
 
-    def _fail(self, slot: int, exc: BaseException, what: str = "compute") -> ComputeError:
+    def failure(self, slot: int, exc: BaseException, what: str = "compute") -> ComputeError:
+        """The `ComputeError` for device method ``what`` failing at ``slot`` with ``exc``."""
         return ComputeError(
             f"process {self.pid}: {what} failed at slot {slot}: {exc!r}",
             phase="compute",
@@ -176,7 +179,7 @@ class ProcessRuntime:
             new = await self._call(d.init, d.init_async, self.definition)
             return adopt_state(new, 0, d.trusted)
         except (Exception, trio.TooSlowError) as exc:
-            raise self._fail(0, exc, "init") from exc
+            raise self.failure(0, exc, "init") from exc
 
     async def snapshot_of(self, state: Message) -> Message:
         """The restorable form of ``state`` (the state itself without a ``snapshot`` method)."""
@@ -187,7 +190,7 @@ class ProcessRuntime:
             snap = await self._call(d.snapshot, d.snapshot_async, state)
             frozen = freeze(snap, what="snapshot")
         except Exception as exc:
-            raise self._fail(state["at-slot"], exc, "snapshot") from exc
+            raise self.failure(state["at-slot"], exc, "snapshot") from exc
         return frozen
 
     async def restore(self, at_most: int) -> Message:
@@ -220,12 +223,12 @@ class ProcessRuntime:
             try:
                 return adopt_state(d.restore(snap), slot, d.trusted)
             except Exception as exc:
-                raise self._fail(slot, exc, "restore") from exc
+                raise self.failure(slot, exc, "restore") from exc
         assert d.init is not None
         try:
             state = adopt_state(d.init(self.definition), 0, d.trusted)
         except Exception as exc:
-            raise self._fail(0, exc, "init") from exc
+            raise self.failure(0, exc, "init") from exc
         self.store.put_results_nowait(self.pid, [(0, state, state)])  # plain: its own snapshot
         return state
 
@@ -243,7 +246,7 @@ class ProcessRuntime:
             new = await self._call(d.restore, d.restore_async, snap)
             return adopt_state(new, slot, d.trusted)
         except Exception as exc:
-            raise self._fail(slot, exc, "restore") from exc
+            raise self.failure(slot, exc, "restore") from exc
 
     # assignments ---------------------------------------------------------------------------------
 
@@ -289,30 +292,24 @@ class ProcessRuntime:
         store them with `Store.put_states_nowait`.
         """
         d = self.device
-        compute = d.compute
-        assert compute is not None and d.snapshot is None
+        assert d.compute is not None and d.snapshot is None
         if d.compute_batch is not None:
             try:
                 d.compute_batch(state, assignments, out)
             except Exception as exc:
-                raise self._fail(assignments[len(out)]["slot"], exc) from exc
+                raise self.failure(assignments[len(out)]["slot"], exc) from exc
             return
-        append = out.append
+        compute_one, append = self.compute_one, out.append
         for a in assignments:
             try:
-                new = compute(state, a)
-                state = new if d.trusted else adopt_state(new, a["slot"], False)
+                state = compute_one(state, a)
             except Exception as exc:
-                raise self._fail(a["slot"], exc) from exc
+                raise self.failure(a["slot"], exc) from exc
             append(state)
 
-    def apply_one(self, state: Message, assignment: Message) -> Message:
-        """`apply_sync` for one assignment: returns the new state (its own snapshot)."""
-        try:
-            new = self._compute(state, assignment)
-            return new if self._trusted else adopt_state(new, assignment["slot"], False)
-        except Exception as exc:
-            raise self._fail(assignment["slot"], exc) from exc
+    def _compute_untrusted(self, state: Message, assignment: Message) -> Message:
+        new = self.device.compute(state, assignment)  # type: ignore[misc]
+        return adopt_state(new, assignment["slot"], False)
 
     async def apply_async(
         self,
@@ -335,7 +332,7 @@ class ProcessRuntime:
                 new = await self._call(compute, is_async, state, a)
                 new_state = adopt_state(new, slot, d.trusted)
             except Exception as exc:
-                raise self._fail(slot, exc) from exc
+                raise self.failure(slot, exc) from exc
             snap = await self.snapshot_of(new_state) if slot % freq == 0 else None
             state = new_state
             on_result((slot, state, snap))

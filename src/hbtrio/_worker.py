@@ -219,11 +219,14 @@ class GroupWorker:
             return None
         if assignment is None:  # unscheduled, or stored ahead (the worker jumps there)
             return None
-        store, pid = self.store, self.pid
         rt = self.runtime
-        state = rt.apply_one(self.state, assignment)  # type: ignore[union-attr,arg-type]
+        assert rt is not None and self.state is not None
         try:
-            store.put_state_nowait(pid, slot, state, slot % rt.cache_frequency == 0)  # type: ignore[union-attr]
+            state = rt.compute_one(self.state, assignment)
+        except Exception as exc:
+            raise rt.failure(slot, exc) from exc
+        try:
+            self.store.put_state_nowait(self.pid, slot, state, slot % rt.cache_frequency == 0)
         except StoreError as exc:
             self._refused(slot, exc)
         self.slot, self.state = slot, state
