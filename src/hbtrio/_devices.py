@@ -153,12 +153,13 @@ class Counter:
         """`compute` for consecutive assignments, appending each state to ``out``."""
         count = state["count"]
         append = out.append
-        for a in assignments:
+        # Consecutive slots: counted, not read from each assignment.
+        for slot, a in enumerate(assignments, assignments[0]["slot"] if assignments else 0):
             n = a["body"].get("n", 0)
             if type(n) is not int:
                 raise TypeError(f'counter@1.0: body "n" must be an int, not {type(n).__name__}')
             count += n
-            append({"count": count, "at-slot": a["slot"]})
+            append({"count": count, "at-slot": slot})
 
 
 class _InThread:
