@@ -53,6 +53,8 @@ from ._worker import GroupWorker, Phase, Reroute, WorkerInfo
 
 __all__ = ["Engine", "EngineStats", "open_engine"]
 
+_IDLE: Final = Phase.IDLE
+
 #: How many workers one request may lose before it gives up with `LeaderDied`.
 MAX_TRIES: Final = 3
 #: Longest a fast-path caller runs without yielding to the scheduler (seconds).
@@ -273,12 +275,12 @@ class Engine:
             # Fast path: the worker's current state, or an idle worker a few slots away.
             if worker.slot == slot:
                 state = worker.state
+            elif worker.phase is not _IDLE:
+                state = None
             elif slot == worker.slot + 1:
                 state = worker.step(slot)
-            elif worker.phase is Phase.IDLE:
-                state = worker.try_inline(slot)
             else:
-                state = None
+                state = worker.try_inline(slot)
             if state is not None:
                 # One clock reading serves the idle reaper and the yield budget
                 # (`_fast_return`, inlined on the request path).
@@ -297,17 +299,20 @@ class Engine:
             self._cache_hits += 1
             await self._fast_return()
             return hand_out(stored)
-        try:
-            latest = self._scheduler.latest_nowait(pid)
-        except trio.WouldBlock:
-            latest = await self._scheduler.latest(pid)
-        if slot > latest:
-            raise SlotNotScheduled(pid, latest + 1, latest)
+        # Every slot a worker ever aimed for was scheduled (schedules only grow).
+        if worker is None or slot > worker.target:
+            try:
+                latest = self._scheduler.latest_nowait(pid)
+            except trio.WouldBlock:
+                latest = await self._scheduler.latest(pid)
+            if slot > latest:
+                raise SlotNotScheduled(pid, latest + 1, latest)
         # Wait for the worker (started if needed). Kept in this coroutine: with
         # thousands of waiters, every coroutine object per waiter costs GC time.
         deaths = 0
         while True:
-            self._check_open()
+            if self._closed:
+                raise EngineClosed("the engine's open_engine block has exited")
             worker = self._workers.get(pid)
             if worker is None:
                 worker = self._adopt_idle_worker(pid, slot) or self._start_worker(pid, slot)

@@ -3,8 +3,9 @@
 Theory of operation
 -------------------
 A worker that goes idle asks to be *watched*: the reaper keeps a heap of
-``(deadline, worker)`` with ``deadline = last_request + max_idle`` and sleeps
-in a cancel scope whose deadline is the earliest one. Requests do not touch
+workers ordered by ``reap_at = last_request + max_idle`` (set when the entry
+is pushed; the workers themselves are the entries, so watching allocates
+nothing) and sleeps in a cancel scope whose deadline is the earliest one. Requests do not touch
 the heap (they only update ``last_request``), so the request path stays cheap;
 when an entry comes due, the reaper compares the worker's real deadline with
 the clock and either retires the worker or pushes the entry back with its new
@@ -19,7 +20,6 @@ time it goes idle.
 from __future__ import annotations
 
 import heapq
-import itertools
 import math
 from typing import TYPE_CHECKING
 
@@ -36,9 +36,9 @@ class IdleReaper:
 
     def __init__(self, max_idle: float) -> None:
         self.max_idle = max_idle
-        # Invariant: an entry for each worker whose ``watched`` is True, and no other.
-        self._heap: list[tuple[float, int, GroupWorker]] = []
-        self._tiebreak = itertools.count()
+        # Invariant: each worker whose ``watched`` is True, and no other, ordered
+        # by ``reap_at`` (which does not change while the worker is in here).
+        self._heap: list[GroupWorker] = []
         self._scope: trio.CancelScope | None = None
 
     def watch(self, worker: GroupWorker) -> None:
@@ -46,8 +46,8 @@ class IdleReaper:
         if worker.watched:
             return
         worker.watched = True
-        deadline = worker.last_request + self.max_idle
-        heapq.heappush(self._heap, (deadline, next(self._tiebreak), worker))
+        worker.reap_at = deadline = worker.last_request + self.max_idle
+        heapq.heappush(self._heap, worker)
         if self._scope is not None and deadline < self._scope.deadline:
             self._scope.deadline = deadline
 
@@ -58,8 +58,8 @@ class IdleReaper:
         heap = self._heap
         while True:
             now = trio.current_time()
-            while heap and heap[0][0] <= now:
-                _, _, worker = heapq.heappop(heap)
+            while heap and heap[0].reap_at <= now:
+                worker = heapq.heappop(heap)
                 worker.watched = False
                 if worker.phase is not Phase.IDLE:
                     continue
@@ -67,7 +67,7 @@ class IdleReaper:
                     self.watch(worker)
                 else:
                     await worker.retire()
-            with trio.move_on_at(heap[0][0] if heap else math.inf) as scope:
+            with trio.move_on_at(heap[0].reap_at if heap else math.inf) as scope:
                 self._scope = scope
                 await trio.sleep_forever()
             self._scope = None

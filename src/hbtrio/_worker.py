@@ -72,9 +72,6 @@ class Phase(enum.Enum):
     STOPPED = "stopped"
 
 
-_IDLE: Final = Phase.IDLE
-
-
 class Reroute(Exception):
     """Internal: the worker cannot serve this slot; ask the engine again (not a leader death)."""
 
@@ -126,11 +123,18 @@ class GroupWorker:
     last_request: float = 0.0
     started_at: float = 0.0
     computed: int = 0
-    # True while the idle reaper holds an entry for this worker.
+    # True while the idle reaper holds an entry for this worker; its deadline then.
     watched: bool = False
+    reap_at: float = 0.0
     # Assignments read ahead of ``slot`` (consecutive from slot + 1), not yet applied.
-    # (``None`` rather than an empty list: one object fewer per idle worker for the GC.)
+    # ``ahead[ahead_at:]`` are those (an index, not slices: no copying per chunk);
+    # ``None`` rather than an empty list: one object fewer per idle worker for the GC.
     ahead: list[Message] | None = None
+    ahead_at: int = 0
+
+    def __lt__(self, other: GroupWorker) -> bool:
+        """The idle reaper's heap order: the earlier ``reap_at`` first."""
+        return self.reap_at < other.reap_at
 
     def info(self) -> WorkerInfo:
         now = trio.current_time()
@@ -164,7 +168,6 @@ class GroupWorker:
                 return self.state
             if slot < self.slot:
                 raise Reroute
-        self.last_request = self.engine._now()
         if slot > self.target and phase is not Phase.STOPPING:
             self.target = slot
             if phase is Phase.IDLE:
@@ -207,11 +210,12 @@ class GroupWorker:
         return self.state
 
     def step(self, slot: int) -> Message | None:
-        """`try_inline` for the next slot (``self.slot + 1``): the request path's common case.
+        """`try_inline` for the next slot (``self.slot + 1``) of an idle worker.
 
-        Never checkpoints; ``None`` when the fast path does not apply.
+        The request path's common case: the caller checked that this worker is
+        idle. Never checkpoints; ``None`` when the fast path does not apply.
         """
-        if self.phase is not _IDLE or not self.plain:
+        if not self.plain:
             return None
         try:
             assignment = self.store.pending_assignment_nowait(self.pid, slot)
@@ -318,6 +322,8 @@ class GroupWorker:
         finally:
             if ending == "idle":
                 self.phase = Phase.IDLE
+                # Idle from now: requests that waited on the work did not stamp it.
+                self.last_request = engine._now()
                 engine._reaper.watch(self)
             else:
                 await self._finish(snapshot=ending == "stop")
@@ -362,7 +368,9 @@ class GroupWorker:
                 fetched = await rt.assignments(
                     start, max(stop, min(self.target, start + AHEAD) + 1)
                 )
-                batch, self.ahead = fetched[: stop - start], fetched[stop - start :] or None
+                batch = fetched[: stop - start]
+                self.ahead = fetched if len(fetched) > len(batch) else None
+                self.ahead_at = len(batch)
         except ComputeError as exc:  # not scheduled, or the schedule cannot be read
             self._give_up(exc)
             return
@@ -404,13 +412,18 @@ class GroupWorker:
 
     def _read_ahead(self, start: int, stop: int) -> list[Message]:
         """Assignments ``start..stop-1`` from what was read ahead (``[]`` if not there)."""
-        ahead = self.ahead
-        if not ahead:
+        ahead, at = self.ahead, self.ahead_at
+        if ahead is None:
             return []
-        if ahead[0]["slot"] != start:  # an inline request or a jump moved us: drop it
+        if ahead[at]["slot"] != start:  # an inline request or a jump moved us: drop it
             self.ahead = None
             return []
-        batch, self.ahead = ahead[: stop - start], ahead[stop - start :] or None
+        batch = ahead[at : at + stop - start]
+        at += len(batch)
+        if at < len(ahead):
+            self.ahead_at = at
+        else:
+            self.ahead = None
         return batch
 
     async def _skip_stored(self, start: int) -> bool:
