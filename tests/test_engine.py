@@ -306,6 +306,22 @@ async def test_requests_keep_a_worker_alive(autojump_clock: trio.testing.MockClo
         assert engine.stats().workers_started == 1
 
 
+async def test_idle_time_counts_from_the_end_of_the_work(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A request that waited 20 s for its slots must not leave a worker that is
+    # evicted the moment it goes idle: max_idle counts from then.
+    async with hbtrio.open_engine(devices={"slow@1.0": Slow(1.0)}, max_idle=10) as engine:
+        pid = await counter_process(engine, 30, "slow@1.0")
+        await engine.compute(pid, 20)
+        await trio.sleep(9)
+        assert engine.workers[pid].phase == "idle"
+        assert engine.workers[pid].idle_seconds == pytest.approx(9)
+        await trio.sleep(2)
+        assert pid not in engine.workers
+        assert engine.stats().workers_stopped == 1
+
+
 async def test_workers_and_stats_introspection(autojump_clock: trio.testing.MockClock) -> None:
     async with hbtrio.open_engine(devices={"slow@1.0": Slow(1.0)}) as engine:
         pid = await counter_process(engine, 10, "slow@1.0")
