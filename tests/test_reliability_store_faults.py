@@ -152,6 +152,32 @@ async def test_custom_errors_are_raised_as_given() -> None:
         assert await engine.schedule(pid, {"n": 1}) == 1
 
 
+@pytest.mark.parametrize("kind", STORES)
+async def test_the_restore_read_follows_the_faults_of_the_reads_it_stands_for(
+    kind: str, tmp_path: Path
+) -> None:
+    store = FaultyStore(make_store(kind, tmp_path))
+    async with open_test_engine(store, cache_frequency=5) as engine:
+        pid = await counter_process(engine, 20)
+        assert (await engine.compute(pid, 12))["count"] == expected_count(12)
+        snapshot = await store.latest_snapshot(pid, 12)
+        assert snapshot is not None and snapshot[0] == 10
+        fault = store.fail(methods="latest_snapshot", times=1)
+        with fault, pytest.raises(hbtrio.StoreError):
+            await store.snapshot_and_assignments(pid, 12, 21, 100)
+        assert fault.fired == 1
+        # A fault on get_assignments: nothing is read ahead, and the fault is left
+        # for the caller's own read of the assignments.
+        with store.fail(methods="get_assignments") as fault:
+            assert await store.snapshot_and_assignments(pid, 12, 21, 100) == (snapshot, [])
+            assert fault.fired == 0
+            with pytest.raises(hbtrio.StoreError):
+                await store.get_assignments(pid, 11, 21)
+        found, ahead = await store.snapshot_and_assignments(pid, 12, 21, 100)
+        assert found == snapshot
+        assert ahead == (await store.get_assignments(pid, 11, 21))[: len(ahead)]
+
+
 # --------------------------------------------------------------------------- schedule and spawn
 
 

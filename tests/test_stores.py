@@ -331,6 +331,38 @@ async def test_latest_snapshot_while_it_is_being_written(store: Store) -> None:
         assert await store.latest_snapshot(proc.pid, slot + 5) == (slot, snapshot)
 
 
+async def test_snapshot_and_assignments_is_latest_snapshot_with_a_read_ahead(
+    store_factory: StoreFactory,
+) -> None:
+    store = await store_factory.open()
+    proc = Proc()
+    await proc.put(store)
+    await store.append_assignments(proc.pid, proc.next(12))
+    s = {slot: state(slot) for slot in range(1, 13)}
+    store.put_results_nowait(proc.pid, [(slot, s[slot], None) for slot in range(1, 9)])
+    store.put_results_nowait(proc.pid, [(3, s[3], s[3])])  # the state is its own snapshot
+    await store.put_snapshot(proc.pid, 6, freeze({"packed": b"six"}))
+    ranges = [(100, 100), (9, 100), (100, 2), (4, 100), (0, 100), (100, 0)]
+
+    for phase in ("pending", "flushed", "reopened", "reopened, then appended to"):
+        if phase == "flushed":
+            await store.flush()
+        elif phase == "reopened":
+            store = await store_factory.reopen(store)
+        elif phase == "reopened, then appended to":
+            await store.append_assignments(proc.pid, proc.next(3))  # slots 13..15
+        for at_most in (0, 2, 3, 5, 6, 7, 12, 50):
+            for stop, limit in ranges:
+                where = (phase, at_most, stop, limit)
+                found, ahead = await store.snapshot_and_assignments(proc.pid, at_most, stop, limit)
+                assert found == await store.latest_snapshot(proc.pid, at_most), where
+                # A read-ahead: any prefix of the assignments after the snapshot.
+                first = 1 if found is None else found[0] + 1
+                after = proc.assignments[first : max(first, min(stop, first + limit))]
+                assert ahead == after[: len(ahead)], where
+    assert await store.snapshot_and_assignments("no-such-process", 5, 10, 10) == (None, [])
+
+
 async def test_flush_then_reopen_everything_is_durable(store_factory: StoreFactory) -> None:
     store = await store_factory.open()
     procs = [Proc("a"), Proc("b")]
@@ -453,12 +485,16 @@ async def test_cancelled_reads_leave_the_store_usable(store_factory: StoreFactor
                 nursery.start_soon(store.get_assignments, proc.pid, 0, 4)
                 nursery.start_soon(store.get_result, proc.pid, 1)
                 nursery.start_soon(store.latest_snapshot, proc.pid, 3)
+                nursery.start_soon(store.snapshot_and_assignments, proc.pid, 3, 4, 10)
                 for _ in range(delay):
                     await trio.lowlevel.checkpoint()
                 scope.cancel()
     assert await store.get_assignments(proc.pid, 0, 4) == proc.assignments
     assert await result_at(store, proc.pid, 1) == state(1)
     assert await store.latest_snapshot(proc.pid, 3) == (1, state(1))
+    found, ahead = await store.snapshot_and_assignments(proc.pid, 3, 4, 10)
+    assert found == (1, state(1))
+    assert ahead == proc.assignments[2 : 2 + len(ahead)]
 
 
 # -- SQLite only --------------------------------------------------------------------------------
@@ -498,6 +534,96 @@ async def test_sqlite_file_is_readable_with_the_stdlib(sqlite_factory: StoreFact
         snapshots = dict(conn.execute("SELECT slot, snapshot FROM snapshots"))
         assert set(snapshots) == {2}
         assert cbor2.loads(snapshots[2]) == custom
+
+
+async def test_sqlite_restore_reads_the_snapshot_and_what_follows_in_one_trip(
+    sqlite_factory: StoreFactory,
+) -> None:
+    store = await sqlite_factory.open()
+    proc, done = Proc(), Proc("computed")
+    for p in (proc, done):
+        await p.put(store)
+        await store.append_assignments(p.pid, p.next(30))
+    snapshots = {10: state(10), 20: state(20)}
+    store.put_results_nowait(proc.pid, [(s, state(s), snapshots.get(s)) for s in range(1, 21)])
+    store.put_results_nowait(done.pid, [(s, state(s), None) for s in range(1, 31)])
+    store = await sqlite_factory.reopen(store)
+
+    # Loading a process keeps its latest assignment while it has no result: the
+    # scheduler reads it next (its hash chain continues the schedule).
+    reads = store.statistics().reads
+    assert await store.latest_slot(proc.pid) == 30
+    assert await store.get_assignments(proc.pid, 30, 31) == [proc.assignments[30]]
+    assert store.statistics().reads == reads + 1
+    assert await store.latest_slot(done.pid) == 30
+    with pytest.raises(trio.WouldBlock):
+        store.get_assignments_nowait(done.pid, 30, 31)  # computed: not kept
+
+    # The snapshot and the assignments after it, in full, in one read.
+    reads = store.statistics().reads
+    found, ahead = await store.snapshot_and_assignments(proc.pid, 25, 31, 100)
+    assert (found, ahead) == ((20, state(20)), proc.assignments[21:31])
+    found, ahead = await store.snapshot_and_assignments(proc.pid, 19, 100, 4)
+    assert (found, ahead) == ((10, state(10)), proc.assignments[11:15])
+    assert store.statistics().reads == reads + 2
+    # Assignments appended since the load come from memory, after those from the file.
+    await store.append_assignments(proc.pid, proc.next(5))
+    reads = store.statistics().reads
+    found, ahead = await store.snapshot_and_assignments(proc.pid, 25, 100, 100)
+    assert (found, ahead) == ((20, state(20)), proc.assignments[21:36])
+    assert store.statistics().reads == reads + 1
+
+
+async def test_sqlite_bad_rows_read_ahead_are_left_to_the_callers_own_read(
+    sqlite_factory: StoreFactory,
+) -> None:
+    store = await sqlite_factory.open()
+    proc = Proc()
+    await proc.put(store)
+    await store.append_assignments(proc.pid, proc.next(6))
+    store.put_results_nowait(proc.pid, [(2, state(2), state(2))])
+    await store.close()
+    with sqlite3.connect(sqlite_factory.path) as conn:
+        conn.execute("UPDATE assignments SET assignment = x'ff' WHERE slot IN (4, 6)")
+    store = await sqlite_factory.open()
+    # The latest assignment (6) is unreadable: the process still loads.
+    assert await store.get_result(proc.pid, 2) == state(2)
+    assert await store.snapshot_and_assignments(proc.pid, 5, 7, 10) == ((2, state(2)), [])
+    for start in (3, 6):
+        with pytest.raises(hbtrio.InvalidMessage):
+            await store.get_assignments(proc.pid, start, 7)
+
+
+async def test_sqlite_rows_read_together_decode_as_they_would_alone(
+    sqlite_factory: StoreFactory,
+) -> None:
+    store = await sqlite_factory.open()
+    proc = Proc()
+    await proc.put(store)
+    await store.append_assignments(proc.pid, proc.next(8))
+    await store.close()
+    # Row 4 gets the next message's bytes after its own: alone, they are ignored.
+    row = hbtrio.encode(proc.assignments[4]) + hbtrio.encode(proc.assignments[5])
+    with sqlite3.connect(sqlite_factory.path) as conn:
+        conn.execute("UPDATE assignments SET assignment = ? WHERE slot = 4", (row,))
+    store = await sqlite_factory.open()
+    for start, stop in ((1, 9), (3, 6), (4, 5), (2, 5)):
+        assert await store.get_assignments(proc.pid, start, stop) == proc.assignments[start:stop]
+
+
+async def test_sqlite_cold_start_reads_the_file_twice(sqlite_factory: StoreFactory) -> None:
+    """A fresh engine computing past the latest snapshot reads the process, then the
+    snapshot with the assignments after it: no other round trip to the I/O thread."""
+    store = sqlite_factory.new()
+    async with hbtrio.open_engine(store, cache_frequency=50) as engine:
+        pid = await engine.spawn(COUNTER)
+        await engine.schedule_many(pid, [{"n": n} for n in range(1, 301)])
+        assert (await engine.compute(pid, 200))["count"] == 200 * 201 // 2
+    store = sqlite_factory.new()
+    async with hbtrio.open_engine(store, cache_frequency=50) as engine:
+        assert (await engine.compute(pid, 300))["count"] == 300 * 301 // 2
+        assert store.statistics().reads == 2
+        assert engine.stats().slots_computed == 100
 
 
 async def test_sqlite_refuses_a_newer_schema(sqlite_factory: StoreFactory) -> None:

@@ -202,6 +202,27 @@ class ProcessRuntime:
         found = await self.store.latest_snapshot(self.pid, at_most)
         if found is not None:
             return await self.from_snapshot(*found)
+        return await self._initial_stored()
+
+    async def restore_ahead(
+        self, at_most: int, stop: int, limit: int
+    ) -> tuple[Message, list[Message]]:
+        """`restore`, and the assignments after the restored slot, read in the same store trip.
+
+        Returns the state and a prefix (possibly empty) of the assignments for
+        the slots after it, below ``stop`` and at most ``limit`` of them (see
+        `Store.snapshot_and_assignments`): read the rest with `assignments`.
+        Blocks on the store and on an async device's ``restore`` or ``init``,
+        and fails, like `restore`. Cancellation-safe: a cancelled call stored
+        nothing (slot 0 is stored after the last await).
+        """
+        found, ahead = await self.store.snapshot_and_assignments(self.pid, at_most, stop, limit)
+        if found is not None:
+            return await self.from_snapshot(*found), ahead
+        return await self._initial_stored(), ahead
+
+    async def _initial_stored(self) -> Message:
+        """The initial state, stored as slot 0's result and snapshot."""
         state = await self.initial()
         self.store.put_results_nowait(self.pid, [(0, state, await self.snapshot_of(state))])
         return state

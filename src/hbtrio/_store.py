@@ -179,6 +179,26 @@ class Store(abc.ABC):
         """`latest_snapshot` from memory: raises `trio.WouldBlock` if it needs I/O."""
         raise trio.WouldBlock
 
+    async def snapshot_and_assignments(
+        self, pid: str, at_most: int, stop: int, limit: int
+    ) -> tuple[tuple[int, Message] | None, list[Message]]:
+        """`latest_snapshot`, with the assignments after it read ahead: what a restore needs.
+
+        Returns ``(latest_snapshot(pid, at_most), ahead)``. ``ahead`` holds the
+        assignments for slots ``first, first + 1, ...`` below ``stop``, at most
+        ``limit`` of them, where ``first`` follows the snapshot (``1`` without
+        one: slot 0 is the device's ``init``). It is a read-ahead, not an
+        answer: any prefix of those assignments may come back, down to none,
+        and a failure to read them is not reported here. The caller reads what
+        is missing with `get_assignments`, and meets any failure there.
+
+        Blocks and is cancellation-safe like `latest_snapshot`. A store that
+        does I/O answers both in one round trip; this default reads no
+        assignments ahead, which suits a store that answers
+        `get_assignments_nowait` from memory.
+        """
+        return await self.latest_snapshot(pid, at_most), []
+
     async def flush(self) -> None:  # noqa: B027 - optional hook
         """Return once everything stored so far is durable."""
 

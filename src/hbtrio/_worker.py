@@ -334,7 +334,9 @@ class GroupWorker:
             self.pid, engine._store, engine._devices, engine._cache_frequency, engine._slot_timeout
         )
         lowest = min(self.waiters.slots(), default=self.target)
-        self.state = await rt.restore(max(lowest, 0))
+        # The snapshot and the assignments after it (toward the target) in one store read.
+        self.state, ahead = await rt.restore_ahead(max(lowest, 0), self.target + 1, AHEAD)
+        self.ahead, self.ahead_at = ahead or None, 0
         self.slot = self.state["at-slot"]
         self.plain = rt.plain
         self.waiters.publish(self.slot, self.state)

@@ -251,6 +251,9 @@ class FaultyStore(Store):
     ``put_state_nowait`` and ``put_states_nowait``, which follow its faults)
     cannot block: failing faults raise from it, slow ones do not apply to it
     (target ``wait_writable`` for a slow disk applying backpressure).
+    ``snapshot_and_assignments`` follows the faults of ``latest_snapshot``; while
+    a fault targets ``get_assignments`` it reads nothing ahead, so the caller's
+    own `get_assignments` meets that fault.
 
     Example::
 
@@ -481,6 +484,17 @@ class FaultyStore(Store):
     async def latest_snapshot(self, pid: str, at_most: int) -> tuple[int, Message] | None:
         await self._enter("latest_snapshot", pid)
         return await self.inner.latest_snapshot(pid, at_most)
+
+    async def snapshot_and_assignments(
+        self, pid: str, at_most: int, stop: int, limit: int
+    ) -> tuple[tuple[int, Message] | None, list[Message]]:
+        # Faults on latest_snapshot apply to it. While a fault targets
+        # get_assignments nothing is read ahead, so the caller's own read meets it.
+        for fault in self.faults:
+            if not fault.exhausted and fault.matches("get_assignments", pid):
+                return await Store.snapshot_and_assignments(self, pid, at_most, stop, limit)
+        await self._enter("latest_snapshot", pid)
+        return await self.inner.snapshot_and_assignments(pid, at_most, stop, limit)
 
     async def flush(self) -> None:
         await self._enter("flush")
