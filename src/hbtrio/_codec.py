@@ -19,13 +19,26 @@ from ._exceptions import InvalidMessage
 if TYPE_CHECKING:
     from ._message import Message
 
-__all__ = ["decode", "encode"]
+__all__ = ["decode", "encode", "encode_plain"]
 
 
 def encode(value: Any) -> bytes:
     """Canonical CBOR bytes of a frozen message (or any message value)."""
     try:
         return cbor2.dumps(value, canonical=True)
+    except (cbor2.CBOREncodeError, TypeError, ValueError) as exc:
+        raise InvalidMessage(f"cannot encode as CBOR: {exc}") from exc
+
+
+def encode_plain(value: Any) -> bytes:
+    """CBOR bytes of a message in its own key order: not canonical, same message.
+
+    For states written to storage, where nothing hashes or compares the bytes:
+    about three times faster than `encode`, whose key sorting dominates small
+    maps. Anything whose bytes are hashed (IDs) or compared uses `encode`.
+    """
+    try:
+        return cbor2.dumps(value)
     except (cbor2.CBOREncodeError, TypeError, ValueError) as exc:
         raise InvalidMessage(f"cannot encode as CBOR: {exc}") from exc
 
