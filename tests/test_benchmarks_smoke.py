@@ -97,3 +97,21 @@ def test_one_workload_prints_one_json_line(impl: str) -> None:
         "expected_final_count": 50 * 51 // 2,
         "ok": True,
     }
+
+
+@pytest.mark.skipif(not HAVE_ENGINE, reason="hbtrio.open_engine cannot be imported yet")
+def test_hbtrio_bench_runs_the_suite_from_anywhere(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    suite_args = ["--quick", "--reps", "1", "--workloads", "w1", "--impl", "hbtrio"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "hbtrio", "bench", *suite_args, "--no-latest", "--json", str(out)],
+        cwd=tmp_path,  # not the checkout: the command finds the suite itself
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (run,) = json.loads(out.read_text())["runs"]
+    assert (run["workload"], run["impl"], run["check"]["ok"]) == ("W1_roundtrip", "hbtrio", True)
+    assert "W1_roundtrip" in proc.stdout

@@ -8,6 +8,7 @@
     hbtrio schedule "$PID" n:=5      # -> its slot
     hbtrio compute "$PID" 1          # -> its state after slot 1
     hbtrio now "$PID"; hbtrio workers; hbtrio stats
+    hbtrio bench --quick             # the benchmark suite (from a source checkout)
 
 Exit status: 0 success, 1 an error (the node's answer or no node), 2 bad
 usage (including ``serve`` refusing to start), 3 a result that is not ready
@@ -314,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the node's engine statistics",
         description="Print the node's engine statistics (slots computed, cache hits, ...).",
     )
+    commands.add_parser(
+        "bench",
+        add_help=False,  # --help goes to the suite's own options
+        help="run the benchmark suite of a source checkout (python -m benchmarks)",
+        description="Run the benchmark suite; every argument goes to python -m benchmarks.",
+    ).add_argument("bench_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
 
@@ -745,6 +752,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- bench
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """``python -m benchmarks`` of the checkout this package runs from."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "benchmarks" / "runner.py").is_file():
+        raise CliError(
+            "the benchmark suite comes with a source checkout of hbtrio, not with the "
+            "installed package: install from a clone (pip install -e '.[bench]')",
+            status=EXIT_USAGE,
+        )
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    runner = importlib.import_module("benchmarks.runner")
+    status: int = runner.main(list(args.bench_args))
+    return status
+
+
 # --------------------------------------------------------------------------- main
 
 _COMMANDS: Final = {
@@ -756,18 +782,23 @@ _COMMANDS: Final = {
     "now": _cmd_now,
     "workers": _cmd_workers,
     "stats": _cmd_stats,
+    "bench": _cmd_bench,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``hbtrio`` command with ``argv`` (default ``sys.argv[1:]``); the exit status."""
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    # Message fields may also come after options ("schedule PID --json n:=1").
-    if extra and hasattr(args, "fields") and not any(e.startswith("-") for e in extra):
-        args.fields += extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # every argument after it is the suite's
+        args = argparse.Namespace(command="bench", bench_args=argv[1:])
+    else:
+        args, extra = parser.parse_known_args(argv)
+        # Message fields may also come after options ("schedule PID --json n:=1").
+        if extra and hasattr(args, "fields") and not any(e.startswith("-") for e in extra):
+            args.fields += extra
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return _COMMANDS[args.command](args)
     except CliError as exc:

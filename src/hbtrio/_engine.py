@@ -54,6 +54,8 @@ from ._worker import GroupWorker, Phase, Reroute, WorkerInfo
 __all__ = ["Engine", "EngineStats", "open_engine"]
 
 _IDLE: Final = Phase.IDLE
+# Looked up once: the request path awaits it on every call.
+_checkpoint_if_cancelled: Final = trio.lowlevel.checkpoint_if_cancelled
 
 #: How many workers one request may lose before it gives up with `LeaderDied`.
 MAX_TRIES: Final = 3
@@ -269,7 +271,7 @@ class Engine:
             worker = None
         if worker is None:
             validate_pid(pid)
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await _checkpoint_if_cancelled()
         self._requests += 1
         if worker is not None:
             # Fast path: the worker's current state, or an idle worker a few slots away.

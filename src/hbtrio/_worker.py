@@ -223,14 +223,14 @@ class GroupWorker:
             return None
         if assignment is None:  # unscheduled, or stored ahead (the worker jumps there)
             return None
-        rt = self.runtime
-        assert rt is not None and self.state is not None
+        rt = self.runtime  # set, like state, whenever plain is
         try:
-            state = rt.compute_one(self.state, assignment)
+            state = rt.compute_one(self.state, assignment)  # type: ignore[union-attr,arg-type]
         except Exception as exc:
-            raise rt.failure(slot, exc) from exc
+            raise rt.failure(slot, exc) from exc  # type: ignore[union-attr]
         try:
-            self.store.put_state_nowait(self.pid, slot, state, slot % rt.cache_frequency == 0)
+            snapshot = slot % rt.cache_frequency == 0  # type: ignore[union-attr]
+            self.store.put_state_nowait(self.pid, slot, state, snapshot)
         except StoreError as exc:
             self._refused(slot, exc)
         self.slot, self.state = slot, state
