@@ -5,11 +5,13 @@ run all at once. Afterwards every answer is checked against a reference model
 (the state at slot s is the sum of the first s scheduled numbers), every slot
 must have been applied exactly once (cache_frequency=1 keeps every slot
 restorable, so nothing is ever recomputed), and no task may be left behind.
+``HBTRIO_EXAMPLES=1500`` explores further than the 150 examples of a normal run.
 """
 
 from __future__ import annotations
 
 import collections
+import os
 from typing import Any
 
 import trio
@@ -55,7 +57,11 @@ op = st.one_of(
 program = st.lists(st.tuples(st.floats(0, 20), op), min_size=1, max_size=40)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=int(os.environ.get("HBTRIO_EXAMPLES", 150)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(
     program=program,
     delays=st.none() | st.lists(st.sampled_from([0.0, 0.1, 1.0]), min_size=1, max_size=4),
