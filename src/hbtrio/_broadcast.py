@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-A waiter parks in `SlotBroadcaster.wait_slot` under the slot it wants. The
+A waiter parks under the slot it wants: `SlotBroadcaster.enter` registers
+it, and it awaits ``trio.lowlevel.wait_task_rescheduled`` at once. The
 worker, after computing a slot, calls `publish` for it: every task parked
 under that slot is rescheduled with the state; tasks parked under other slots
 stay parked. Errors fan out the same way (`fail_from`, `fail_all`), each waiter
@@ -11,7 +12,7 @@ getting an exception object of its own.
 Invariants (hold at every checkpoint):
 
 - every waiter under ``_waiters[s]`` (one `_Waiter`, or a list of two or
-  more) is parked in ``wait_slot(s)`` and will read what it is handed;
+  more) is parked under slot ``s`` and will read what it is handed;
 - ``_count`` is the number of parked tasks.
 
 Each wait allocates one small object, which is also its abort function:
@@ -61,7 +62,7 @@ class SlotBroadcaster:
 
     def __init__(self) -> None:
         # Invariant: each value is one _Waiter or a list of two or more; every one
-        # of them is parked in wait_slot(its slot).
+        # of them is parked under its slot (see enter).
         self._waiters: dict[int, _Waiter | list[_Waiter]] = {}
         self._count = 0  # Invariant: the number of parked waiters in _waiters
 
@@ -76,11 +77,15 @@ class SlotBroadcaster:
         """The slots somebody waits for, ascending."""
         return sorted(self._waiters)
 
-    async def wait_slot(self, slot: int) -> Message:
-        """Park until ``slot`` is published (or failed) and return its state.
+    def enter(self, slot: int) -> _Waiter:
+        """Register the calling task under ``slot``; returns its abort function.
 
-        Not a checkpoint before parking: the caller checks for cancellation.
-        Cancellation-atomic: on `trio.Cancelled` the table is as it was.
+        The caller must then at once (no other await in between) park with
+        ``state = await trio.lowlevel.wait_task_rescheduled(abort)``, which
+        returns the published state or raises the failure. That await is the
+        only checkpoint: a pending cancellation is delivered there, through
+        the abort function, which leaves the table as it was. (No coroutine
+        of our own around it: one object fewer per waiter.)
         """
         waiter = _Waiter(self, slot, trio.lowlevel.current_task())
         waiters = self._waiters
@@ -92,7 +97,7 @@ class SlotBroadcaster:
         else:
             waiters[slot] = [present, waiter]  # type: ignore[list-item]
         self._count += 1
-        return await trio.lowlevel.wait_task_rescheduled(waiter)  # type: ignore[no-any-return]
+        return waiter
 
     def _remove(self, waiter: _Waiter) -> None:
         slot = waiter.slot

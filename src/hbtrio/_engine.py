@@ -56,6 +56,7 @@ __all__ = ["Engine", "EngineStats", "open_engine"]
 _IDLE: Final = Phase.IDLE
 # Looked up once: the request path awaits it on every call.
 _checkpoint_if_cancelled: Final = trio.lowlevel.checkpoint_if_cancelled
+_wait_task_rescheduled: Final = trio.lowlevel.wait_task_rescheduled
 
 #: How many workers one request may lose before it gives up with `LeaderDied`.
 MAX_TRIES: Final = 3
@@ -326,7 +327,7 @@ class Engine:
                         return hand_out(state)
                 state = worker.request(slot)
                 if state is None:
-                    state = await worker.waiters.wait_slot(slot)
+                    state = await _wait_task_rescheduled(worker.waiters.enter(slot))
                 return hand_out(state)
             except Reroute:
                 # The worker is past this slot and its stored result is missing:

@@ -157,8 +157,8 @@ class GroupWorker:
 
         Raises the worker's target to ``slot`` and starts its task if it is
         idle. Raises `LeaderDied` if the worker is gone, `Reroute` if it is
-        already past ``slot``. Never blocks: the caller then awaits
-        ``self.waiters.wait_slot(slot)`` (one coroutine less per waiter).
+        already past ``slot``. Never blocks: the caller then parks on
+        ``self.waiters`` (`SlotBroadcaster.enter`; one coroutine less per waiter).
         """
         phase = self.phase
         if phase is Phase.STOPPED:
