@@ -313,6 +313,10 @@ async def test_idle_time_counts_from_the_end_of_the_work(
     # evicted the moment it goes idle: max_idle counts from then.
     async with hbtrio.open_engine(devices={"slow@1.0": Slow(1.0)}, max_idle=10) as engine:
         pid = await counter_process(engine, 30, "slow@1.0")
+        with trio.move_on_after(15):
+            await engine.compute(pid, 20)  # the caller leaves; the work goes on
+        assert engine.workers[pid].phase == "running"
+        assert engine.workers[pid].idle_seconds == 0  # at work, though nobody waits now
         await engine.compute(pid, 20)
         await trio.sleep(9)
         assert engine.workers[pid].phase == "idle"

@@ -86,6 +86,8 @@ class WorkerInfo:
     slot: int
     target: int
     waiting: int
+    #: Seconds since its last request, or since its last work ended, while it
+    #: is idle; 0 while it works.
     idle_seconds: float
     computed: int
     #: Wall-clock time (``time.time()``) when the worker started.
@@ -145,7 +147,8 @@ class GroupWorker:
             slot=self.slot,
             target=self.target,
             waiting=len(self.waiters),
-            idle_seconds=max(0.0, now - self.last_request) if not self.waiters else 0.0,
+            # Only an idle worker is idle: a busy one is at work for somebody.
+            idle_seconds=max(0.0, now - self.last_request) if self.phase is Phase.IDLE else 0.0,
             computed=self.computed,
             started_at=self.started_at,
         )
