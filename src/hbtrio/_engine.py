@@ -314,8 +314,7 @@ class Engine:
         # thousands of waiters, every coroutine object per waiter costs GC time.
         deaths = 0
         while True:
-            if self._closed:
-                raise EngineClosed("the engine's open_engine block has exited")
+            self._check_open()
             worker = self._workers.get(pid)
             if worker is None:
                 worker = self._adopt_idle_worker(pid, slot) or self._start_worker(pid, slot)

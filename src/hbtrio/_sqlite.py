@@ -57,8 +57,7 @@ import cbor2
 import outcome
 import trio
 
-from ._codec import encode
-from ._codec import encode_plain as encode_state
+from ._codec import encode, encode_plain
 from ._exceptions import InvalidMessage, StoreError
 from ._message import Message, _adopt_map, _Frozen
 from ._message import decode_trusted as decode
@@ -609,7 +608,7 @@ class SQLiteStore(Store):
                     for slot, run_state in enumerate(states, first):
                         try:
                             flag = int(slot % every == 0)
-                            results.append((rowid, slot, encode_state(run_state), flag))
+                            results.append((rowid, slot, encode_plain(run_state), flag))
                         except InvalidMessage as exc:
                             log.error(
                                 "slot %d of process #%d cannot be stored: %s", slot, rowid, exc
@@ -619,11 +618,11 @@ class SQLiteStore(Store):
                 try:
                     if state is not None:
                         flag = 1 if is_snap and snapshot is None else 0
-                        results.append((rowid, slot, encode_state(state), flag))
+                        results.append((rowid, slot, encode_plain(state), flag))
                     elif is_snap and snapshot is None:
                         flags.append((rowid, slot))
                     if is_snap and snapshot is not None:
-                        snaps.append((rowid, slot, encode_state(snapshot)))
+                        snaps.append((rowid, slot, encode_plain(snapshot)))
                 except InvalidMessage as exc:
                     # Cannot happen for validated states; if it does, this one row is
                     # not written (it is recomputed when needed), and no other row waits.

@@ -319,15 +319,11 @@ class MemoryStore(Store):
 
     def put_state_nowait(self, pid: str, slot: int, state: Message, snapshot: bool) -> None:
         proc = self._procs.get(pid) or self._proc(pid)
-        stored = proc.results
-        if slot != len(stored):
+        stored, slots = proc.results, proc.snapshot_slots
+        if slot != len(stored) or (snapshot and slots and slots[-1] >= slot):
             super().put_state_nowait(pid, slot, state, snapshot)
             return
         if snapshot:
-            slots = proc.snapshot_slots
-            if slots and slots[-1] >= slot:
-                super().put_state_nowait(pid, slot, state, snapshot)
-                return
             slots.append(slot)
         stored.append(state)  # the common case: the next slot
         self._results_written += 1

@@ -300,7 +300,6 @@ class GroupWorker:
         try:
             if self.phase is Phase.STARTING:
                 self.started_at = time.time()  # wall clock, for people reading it
-                self.last_request = self.engine._now()
                 try:
                     await self._start()
                 except HbTrioError as exc:
