@@ -65,6 +65,14 @@ def load_adapter(impl: str) -> Adapter:
     return adapter
 
 
+def _check_slots(out: list[Any]) -> dict[str, Any]:
+    """The ``check`` of responses ``out[i]`` for slots ``i + 1``, and of the final count."""
+    checker = Checker()
+    checker.verify(out)
+    final = out[-1]["count"] if out and out[-1] is not None else None
+    return checker.as_dict(len(out), final_count=(final, expected_count(len(out))))
+
+
 # W1 ------------------------------------------------------------------------------------------
 
 
@@ -82,14 +90,11 @@ async def w1_roundtrip(a: Adapter, *, n: int) -> Result:
             out[slot - 1] = await compute(pid, slot)
         elapsed = perf_counter() - t0
         stats = a.engine_stats(engine)
-    checker = Checker()
-    checker.verify(out)
-    final = out[-1]["count"] if out and out[-1] is not None else None
     return {
         "value": elapsed / n * 1e6,
         "unit": "us_per_request",
         "elapsed_s": elapsed,
-        "check": checker.as_dict(n, final_count=(final, expected_count(n))),
+        "check": _check_slots(out),
         "engine_stats": stats,
     }
 
@@ -176,15 +181,12 @@ async def w3_fanout(a: Adapter, *, n: int) -> Result:
                 tg.start_soon(waiter, slot)
         elapsed = last - t0
         stats = a.engine_stats(engine)
-    checker = Checker()
-    checker.verify(out)
-    final = out[-1]["count"] if out and out[-1] is not None else None
     return {
         "value": elapsed / n * 1e6,
         "unit": "us_per_waiter",
         "elapsed_s": elapsed,
         "engine_stats": stats,
-        "check": checker.as_dict(n, final_count=(final, expected_count(n))),
+        "check": _check_slots(out),
     }
 
 

@@ -109,3 +109,13 @@ async def counter_process(
 def expected_count(slot: int) -> int:
     """The count at ``slot`` for a process made by `counter_process`."""
     return slot * (slot + 1) // 2
+
+
+async def reap(proc: trio.Process) -> None:
+    """End a test's subprocess whatever happened: kill it if it runs, wait, close its stdout."""
+    if proc.returncode is None:
+        proc.kill()
+    with trio.CancelScope(shield=True):
+        await proc.wait()
+    if proc.stdout is not None:
+        await proc.stdout.aclose()

@@ -25,7 +25,7 @@ import trio
 import hbtrio
 from hbtrio._cli import build_parser, format_message, format_table, main
 from hbtrio._http import make_app, run_server
-from helpers import Gate
+from helpers import Gate, reap
 
 SRC = str(Path(hbtrio.__file__).resolve().parents[1])
 
@@ -281,8 +281,4 @@ async def test_serve_subprocess_stops_on_sigint(tmp_path: Path) -> None:
                 seen += chunk
         assert b"hbtrio node stopped" in seen
     finally:
-        if proc.returncode is None:
-            proc.kill()
-        with trio.CancelScope(shield=True):
-            await proc.wait()
-        await proc.stdout.aclose()
+        await reap(proc)

@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 import hbtrio
 from hbtrio import _codec, _jsonwire
 from hbtrio._http import HttpApp, check_bind, make_app, negotiate, run_server, serve
-from helpers import Gate
+from helpers import Gate, reap
 
 CBOR = "application/cbor"
 SRC = str(Path(hbtrio.__file__).resolve().parents[1])
@@ -756,12 +756,7 @@ async def node_process(
         assert url is not None, seen
         yield proc, url.group(1).decode(), seen
     finally:
-        if proc.returncode is None:
-            proc.kill()
-        with trio.CancelScope(shield=True):
-            await proc.wait()
-        if proc.stdout is not None:
-            await proc.stdout.aclose()
+        await reap(proc)
 
 
 async def test_sigterm_drains_in_flight_requests_and_keeps_everything(tmp_path: Path) -> None:

@@ -49,6 +49,7 @@ import trio
 import hbtrio
 from crash_child import DEVICES, PROCS, body, definition
 from hbtrio.testing import audit_process, replay
+from helpers import reap
 
 CHILD = Path(__file__).with_name("crash_child.py")
 TESTS = str(Path(__file__).parent)
@@ -167,11 +168,7 @@ async def run_child(db: Path, seed: int, options: dict[str, Any], plan: Plan) ->
                 nursery.cancel_scope.cancel()
             code = await proc.wait()
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            with trio.CancelScope(shield=True):
-                await proc.wait()
-        await proc.stdout.aclose()
+        await reap(proc)
     done = bool(lines) and lines[-1] == "DONE"
     if not killed or code != -9:
         assert code == 0 and done, (
@@ -337,11 +334,7 @@ async def node(db: Path) -> AsyncIterator[tuple[trio.Process, str]]:
         assert url is not None, seen
         yield proc, url.group(1).decode()
     finally:
-        if proc.returncode is None:
-            proc.kill()
-        with trio.CancelScope(shield=True):
-            await proc.wait()
-        await proc.stdout.aclose()
+        await reap(proc)
 
 
 CBOR = {"accept": "application/cbor"}
