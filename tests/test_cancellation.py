@@ -11,6 +11,7 @@ or duplicated slots.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+import collections
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ import trio.testing
 
 import hbtrio
 from hbtrio.testing import cancel_at_checkpoint
-from helpers import Recording, Slow, counter_process, expected_count
+from helpers import Recording, Slow, counter_process, definition, expected_count
 
 
 async def walk_checkpoints(
@@ -298,3 +299,63 @@ async def test_resolve_errors_and_distinct_requests() -> None:
             "at-slot": 2,
         }
         assert pid == hbtrio.message_id(process)
+
+
+# --------------------------------------------------------------------------- leaving the engine
+
+
+class _Busy:
+    """An async device whose first slot blocks until cancelled; notes who went first."""
+
+    def __init__(self) -> None:
+        self.engine: hbtrio.Engine | None = None
+        self.order = ""
+
+    def init(self, process: hbtrio.Message) -> dict[str, Any]:
+        return {"count": 0}
+
+    async def compute(self, state: hbtrio.Message, assignment: hbtrio.Message) -> dict[str, Any]:
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            # Has leaving the block begun (the engine is closed) before this worker ends?
+            assert self.engine is not None
+            self.order = "exit-first" if "closed" in repr(self.engine) else "worker-first"
+            raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def test_leaving_after_an_outside_cancellation_is_prompt_in_either_order() -> None:
+    """Regression (issue 10.2): the cancelled worker may end before the engine waits for it.
+
+    Trio delivers the outside cancellation to the block's task and to the
+    worker's task in one batch, in either order; under Hypothesis the order is
+    drawn (``random_module`` seeds Trio's scheduler), so both orders are run,
+    reproducibly. Whichever comes first, leaving the block takes no time
+    (never the 30 s ``shutdown_grace`` of a wait for an event nobody sets).
+    """
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    orders: collections.Counter[str] = collections.Counter()
+
+    @settings(max_examples=40, deadline=None, database=None)
+    @given(st.random_module())
+    def leave(_seed: object) -> None:
+        device = _Busy()
+
+        async def main() -> None:
+            start = trio.current_time()
+            with trio.move_on_after(0.3):
+                async with hbtrio.open_engine(devices={"busy@1.0": device}) as engine:
+                    device.engine = engine
+                    pid = await engine.spawn(definition("busy@1.0"))
+                    await engine.schedule(pid, {"n": 1})
+                    await engine.compute(pid, 1)
+            assert trio.current_time() - start < 1.0, trio.current_time() - start
+            orders[device.order] += 1
+
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+    leave()
+    assert orders["exit-first"] and orders["worker-first"], orders

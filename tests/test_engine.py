@@ -89,6 +89,61 @@ async def test_engine_closed_after_block() -> None:
             await call
 
 
+async def test_an_error_from_the_block_leaves_it_as_itself() -> None:
+    """Regression (issue 10.3): not wrapped in an ExceptionGroup by the engine's nursery."""
+    try:
+        async with hbtrio.open_engine() as engine:
+            pid = await counter_process(engine, 2)
+            await engine.compute(pid, 5)
+    except hbtrio.SlotNotScheduled as exc:
+        caught: BaseException = exc
+    else:  # pragma: no cover - the test fails here
+        raise AssertionError("SlotNotScheduled did not reach the except clause")
+    assert type(caught) is hbtrio.SlotNotScheduled
+    assert caught.attempted_slot == 3
+    assert not isinstance(caught.__context__, BaseExceptionGroup)
+    frames = [f.name for f in __import__("traceback").extract_tb(caught.__traceback__)]
+    assert "compute" in frames  # raised where the body called the engine
+
+
+@pytest.mark.parametrize("kind", [KeyboardInterrupt, ValueError])
+async def test_any_exception_from_the_block_leaves_it_as_itself(kind: type) -> None:
+    cause = RuntimeError("the cause")
+    with pytest.raises(kind) as info:
+        async with hbtrio.open_engine() as engine:
+            await counter_process(engine, 1)
+            raise kind("mine") from cause
+    assert type(info.value) is kind and info.value.__cause__ is cause
+
+
+async def test_the_blocks_own_group_stays_the_same_group() -> None:
+    mine = ExceptionGroup("mine", [ValueError(1), KeyError(2)])
+    with pytest.raises(ExceptionGroup) as info:
+        async with hbtrio.open_engine():
+            raise mine
+    assert info.value is mine
+
+
+async def test_several_failures_leaving_the_block_stay_a_group(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from hbtrio._idle import IdleReaper
+
+    raised = trio.Event()
+
+    async def crashing_reaper(self: IdleReaper) -> None:  # an engine bug, at the worst moment
+        await raised.wait()
+        raise RuntimeError("engine bug")
+
+    monkeypatch.setattr(IdleReaper, "run", crashing_reaper)
+    with pytest.raises(BaseExceptionGroup) as info:
+        async with hbtrio.open_engine():
+            await trio.testing.wait_all_tasks_blocked()  # the reaper waits for the event
+            raised.set()
+            raise ValueError("mine")
+    assert sorted(type(e).__name__ for e in info.value.exceptions) == ["RuntimeError", "ValueError"]
+
+
 async def test_leaving_stores_snapshots_and_leaves_no_task() -> None:
     store = hbtrio.MemoryStore()
     before = trio.lowlevel.current_statistics().tasks_living

@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, Final, final
+from typing import Any, Final, NoReturn, final
 
 import attrs
 import trio
@@ -395,13 +395,8 @@ class Engine:
         await self._stop_worker(worker)
 
     async def _stop_worker(self, worker: GroupWorker) -> None:
-        if worker.stopped is None:
-            worker.stopped = trio.Event()
-        if not worker.stop_requested:
-            worker.stop_requested = True
-            if worker.phase is Phase.IDLE:  # no task to notice: retire it in one of ours
-                self._nursery.start_soon(worker.retire)
-        await worker.stopped.wait()
+        worker.request_stop()
+        await worker.wait_stopped()
 
     # generic resolution --------------------------------------------------------------------------
 
@@ -466,6 +461,27 @@ class Engine:
                     nursery.start_soon(self._stop_worker, worker)
 
 
+def _reraise_alone(exc: BaseException) -> NoReturn:
+    """Raise ``exc`` as it was, not as the context of the group being handled."""
+    context = exc.__context__
+    try:
+        raise exc
+    finally:
+        exc.__context__ = context
+        del exc, context
+
+
+def _same_exception(a: BaseException, b: BaseException) -> bool:
+    """``a`` is ``b``, or a group with the same leaves (trio's nurseries re-derive groups)."""
+    if a is b:
+        return True
+    if isinstance(a, BaseExceptionGroup) and isinstance(b, BaseExceptionGroup):
+        return len(a.exceptions) == len(b.exceptions) and all(
+            _same_exception(x, y) for x, y in zip(a.exceptions, b.exceptions, strict=True)
+        )
+    return False
+
+
 def _dedup_key(base: object, request: object) -> tuple[bytes, bytes] | None:
     """The canonical bytes of both messages without ``"priv"`` (``None`` if not encodable)."""
     if not (isinstance(base, dict) and isinstance(request, dict)):
@@ -523,24 +539,38 @@ async def open_engine(
     if not isinstance(store, Store):
         raise TypeError(f"store must be an hbtrio Store, not {type(store).__name__}")
     await store.open()
+    body_error: BaseException | None = None
     try:
-        async with trio.open_nursery() as nursery:
-            engine = Engine(
-                store,
-                registry,
-                nursery,
-                max_idle=max_idle,
-                cache_frequency=cache_frequency,
-                shutdown_grace=shutdown_grace,
-                slot_timeout=slot_timeout,
-            )
-            nursery.start_soon(engine._reaper.run, name="hbtrio idle reaper")
-            try:
-                yield engine
-            finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(shutdown_grace):
-                    await engine._shutdown()
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                engine = Engine(
+                    store,
+                    registry,
+                    nursery,
+                    max_idle=max_idle,
+                    cache_frequency=cache_frequency,
+                    shutdown_grace=shutdown_grace,
+                    slot_timeout=slot_timeout,
+                )
+                nursery.start_soon(engine._reaper.run, name="hbtrio idle reaper")
+                try:
+                    yield engine
+                except BaseException as exc:
+                    body_error = exc
+                    raise
+                finally:
+                    with trio.CancelScope(shield=True), trio.move_on_after(shutdown_grace):
+                        await engine._shutdown()
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The root nursery groups what leaves it. One exception (the body's,
+            # typically) is the caller's own and leaves as itself; several stay a group.
+            if len(group.exceptions) == 1:
+                leaf = group.exceptions[0]
+                if body_error is not None and _same_exception(leaf, body_error):
+                    leaf = body_error  # the nursery re-derives groups: give back the original
+                _reraise_alone(leaf)
+            raise
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(shutdown_grace):
             await store.close()

@@ -350,6 +350,33 @@ class GroupWorker:
         if self.phase is Phase.IDLE:
             await self._finish(snapshot=True)
 
+    def request_stop(self) -> None:
+        """Ask the worker to stop after its current slot (storing a snapshot). Never blocks.
+
+        A worker with a task stops when that task next looks; an idle one has
+        no task to notice, so one is started to retire it. Idempotent, and a
+        no-op for a worker that has stopped already.
+        """
+        if self.phase is Phase.STOPPED or self.stop_requested:
+            return
+        self.stop_requested = True
+        if self.phase is Phase.IDLE:
+            self.engine._nursery.start_soon(self.retire)
+
+    async def wait_stopped(self) -> None:
+        """Return once the worker has stopped; at once if it already has. Checkpoints.
+
+        A worker can finish before anybody waits for it (an outside
+        cancellation ends its task as soon as it is delivered), so the phase
+        is what counts, not who created the event first.
+        """
+        if self.phase is Phase.STOPPED:
+            await trio.lowlevel.checkpoint()
+            return
+        if self.stopped is None:
+            self.stopped = trio.Event()
+        await self.stopped.wait()
+
     async def _compute_chunk(self) -> None:
         rt = self.runtime
         assert rt is not None and self.state is not None
