@@ -219,7 +219,7 @@ def well_formed_pid(pid: object) -> bool:
 
 
 def valid_slot(slot: object) -> bool:
-    return type(slot) is int and slot >= 0
+    return type(slot) is int and 0 <= slot <= 2**63 - 1
 
 
 class Model:

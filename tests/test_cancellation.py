@@ -10,8 +10,8 @@ or duplicated slots.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 import collections
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest

@@ -74,6 +74,42 @@ async def test_bad_input_is_rejected() -> None:
         assert await engine.now(pid) == {"count": 1, "at-slot": 1}
 
 
+@pytest.mark.parametrize("store_kind", ["memory", "sqlite"])
+@pytest.mark.parametrize("pid", ["x" * 43, "_" * 43, "A" * 42 + "B", "-" * 43])
+async def test_any_43_base64url_characters_name_a_process(
+    pid: str, store_kind: str, tmp_path: Any
+) -> None:
+    """Regression (issue 10.5): a well-formed ID is a lookup, never a validation error."""
+    store = hbtrio.MemoryStore() if store_kind == "memory" else hbtrio.SQLiteStore(tmp_path / "s")
+    async with hbtrio.open_engine(store) as engine:
+        for call in (
+            lambda: engine.compute(pid, 1),
+            lambda: engine.now(pid),
+            lambda: engine.latest_slot(pid),
+            lambda: engine.schedule(pid, {"n": 1}),
+        ):
+            with pytest.raises(hbtrio.ProcessNotFound) as info:
+                await call()
+            assert info.value.pid == pid
+        await engine.stop(pid)  # nothing to stop: a no-op, not an error
+    for bad in ("x" * 42, "x" * 44, "x" * 42 + "=", "x" * 42 + "+", "é" * 43):
+        async with hbtrio.open_engine() as engine:
+            with pytest.raises(hbtrio.InvalidMessage, match="43 base64url"):
+                await engine.compute(bad, 1)
+
+
+async def test_slot_not_scheduled_names_the_requested_and_the_first_missing_slot() -> None:
+    async with hbtrio.open_engine() as engine:
+        pid = await counter_process(engine, 2)
+        with pytest.raises(hbtrio.SlotNotScheduled) as info:
+            await engine.compute(pid, 9)
+    exc = info.value
+    assert (exc.requested_slot, exc.attempted_slot, exc.latest) == (9, 3, 2)
+    assert str(exc) == (
+        f"slot 9 of process {pid} is not scheduled (latest is 2; slot 3 is the first missing)"
+    )
+
+
 async def test_engine_closed_after_block() -> None:
     async with hbtrio.open_engine() as engine:
         pid = await counter_process(engine, 1)

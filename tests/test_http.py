@@ -459,7 +459,10 @@ async def test_error_statuses(node: Node) -> None:
         ("GET", f"/{unknown}/compute?slot=0", {}, 404, "process-not-found"),
         ("GET", f"/{unknown}/slot/current", {}, 404, "process-not-found"),
         ("POST", f"/{unknown}/schedule", {"json": {"n": 1}}, 404, "process-not-found"),
-        ("GET", "/not-a-process-id/now", {}, 404, "process-not-found"),
+        ("GET", "/not-a-process-id/now", {}, 400, "invalid-message"),
+        ("GET", f"/{'x' * 43}/now", {}, 404, "process-not-found"),  # any 43 base64url chars
+        ("GET", f"/{pid}/compute?slot={'9' * 31}", {}, 400, "bad-parameter"),
+        ("GET", f"/{pid}/compute?slot={2**63}", {}, 400, "bad-parameter"),
         ("GET", f"/{pid}/compute", {}, 400, "bad-parameter"),
         ("GET", f"/{pid}/compute?slot=-1", {}, 400, "bad-parameter"),
         ("GET", f"/{pid}/compute?slot=1.5", {}, 400, "bad-parameter"),
@@ -480,14 +483,18 @@ async def test_error_statuses(node: Node) -> None:
             assert r.headers["allow"] in ("GET", "POST")
         if status == 413:
             assert body["max-body"] == 4096
-        if code == "process-not-found" and "not-a-process" not in path:
+        if code == "process-not-found" and "x" * 43 not in path:
             assert body["process"] == unknown
+        if "slot=9999" in path or f"slot={2**63}" in path:
+            assert "slot too large" in body["message"]
 
     r = await c.get(f"/{pid}/compute", params={"slot": 99})
     body = assert_error(r, 422, "slot-not-scheduled")
     assert body["phase"] == "get-schedule"
     assert body["attempted-slot"] == 2
+    assert body["requested-slot"] == 99
     assert body["latest-slot"] == 1
+    assert "slot 99 of process" in body["message"]
 
     # The node is fine after all that.
     assert (await c.get(f"/{pid}/now")).json() == {"at-slot": 1, "count": 1}

@@ -339,9 +339,18 @@ def test_messages_are_unhashable() -> None:
 # -- slots ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("slot", [0, 1, 7, 2**70])
-def test_validate_slot_accepts_non_negative_ints(slot: int) -> None:
+@pytest.mark.parametrize("slot", [0, 1, 7, 2**63 - 1])
+def test_validate_slot_accepts_non_negative_ints_up_to_the_largest_slot(slot: int) -> None:
     assert validate_slot(slot) == slot
+
+
+@pytest.mark.parametrize(
+    "slot", [2**63, 2**70, 10**30, pytest.param(10**5000, id="5001-digits")]
+)
+def test_validate_slot_says_too_large(slot: int) -> None:
+    """Regression (issue 10.8): a slot no store can hold is refused, and said to be too large."""
+    with pytest.raises(hbtrio.InvalidMessage, match="too large"):
+        validate_slot(slot)
 
 
 @pytest.mark.parametrize("slot", [-1, -(2**70), True, False, 1.0, 0.0, "1", None, [1]])

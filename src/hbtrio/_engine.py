@@ -34,9 +34,17 @@ import trio
 from ._codec import encode
 from ._dedup import Execution, ExecutionInfo
 from ._devices import PROCESS_DEVICE, Devices
-from ._exceptions import EngineClosed, HbTrioError, InvalidMessage, LeaderDied, SlotNotScheduled
+from ._exceptions import (
+    EngineClosed,
+    HbTrioError,
+    InvalidMessage,
+    LeaderDied,
+    SlotNotScheduled,
+    StoreError,
+)
 from ._idle import IdleReaper
 from ._message import (
+    MAX_SLOT,
     Message,
     _Frozen,
     freeze,
@@ -58,6 +66,9 @@ _IDLE: Final = Phase.IDLE
 _checkpoint_if_cancelled: Final = trio.lowlevel.checkpoint_if_cancelled
 _wait_task_rescheduled: Final = trio.lowlevel.wait_task_rescheduled
 
+#: ``id()`` of every store an open engine uses (each store object has one engine at a time).
+_stores_in_use: set[int] = set()
+
 #: How many workers one request may lose before it gives up with `LeaderDied`.
 MAX_TRIES: Final = 3
 #: Longest a fast-path caller runs without yielding to the scheduler (seconds).
@@ -68,17 +79,27 @@ YIELD_ANSWERS: Final = 256
 
 @attrs.frozen
 class EngineStats:
-    """Counters of one engine since it opened (`Engine.stats`)."""
+    """Counters of one engine since it opened (`Engine.statistics`)."""
 
+    #: Device applications (``compute`` calls that produced a slot's state).
     slots_computed: int
+    #: `Engine.compute` calls answered from a stored result.
     cache_hits: int
+    #: Process workers started (each first request of a process without a live one).
     workers_started: int
+    #: Process workers that ended (stopped, evicted when idle, at shutdown, or crashed).
     workers_stopped: int
+    #: `Engine.resolve` callers that joined an identical resolution already under way.
     deduplicated: int
+    #: Workers that crashed in the engine's own code while requests waited on them.
     leader_deaths: int
+    #: `Engine.compute` calls (``now`` included), answered or not.
     requests: int
+    #: Deduplicated resolutions that ran to an outcome (each once for all its callers).
     executions: int
+    #: Process workers alive now.
     live_workers: int
+    #: Requests parked now, on workers and on resolutions.
     waiters: int
 
 
@@ -172,8 +193,8 @@ class Engine:
         """The engine's store."""
         return self._store
 
-    def stats(self) -> EngineStats:
-        """A frozen record of the engine's counters. Never blocks."""
+    def statistics(self) -> EngineStats:
+        """A frozen record of the engine's counters (see `EngineStats`). Never blocks."""
         return EngineStats(
             slots_computed=self._retired_computed + sum(w.computed for w in self._workers.values()),
             cache_hits=self._cache_hits,
@@ -187,6 +208,9 @@ class Engine:
             waiters=sum(len(w.waiters) for w in self._workers.values())
             + sum(len(e.waiters) for e in self._executions.values()),
         )
+
+    #: The same as `statistics`.
+    stats = statistics
 
     def _check_open(self) -> None:
         if self._closed:
@@ -264,7 +288,7 @@ class Engine:
         """
         if self._closed:
             raise EngineClosed("the engine's open_engine block has exited")
-        if type(slot) is not int or slot < 0:
+        if type(slot) is not int or not 0 <= slot <= MAX_SLOT:
             validate_slot(slot)
         try:
             worker = self._workers.get(pid)
@@ -309,7 +333,7 @@ class Engine:
             except trio.WouldBlock:
                 latest = await self._scheduler.latest(pid)
             if slot > latest:
-                raise SlotNotScheduled(pid, latest + 1, latest)
+                raise SlotNotScheduled(pid, latest + 1, latest, requested_slot=slot)
         # Wait for the worker (started if needed). Kept in this coroutine: with
         # thousands of waiters, every coroutine object per waiter costs GC time.
         deaths = 0
@@ -538,7 +562,14 @@ async def open_engine(
     store = MemoryStore() if store is None else store
     if not isinstance(store, Store):
         raise TypeError(f"store must be an hbtrio Store, not {type(store).__name__}")
-    await store.open()
+    if id(store) in _stores_in_use:
+        raise StoreError(f"{store!r} is in use by another engine: one engine at a time per store")
+    _stores_in_use.add(id(store))
+    try:
+        await store.open()
+    except BaseException:
+        _stores_in_use.discard(id(store))
+        raise
     body_error: BaseException | None = None
     try:
         try:
@@ -572,5 +603,8 @@ async def open_engine(
                 _reraise_alone(leaf)
             raise
     finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(shutdown_grace):
-            await store.close()
+        try:
+            with trio.CancelScope(shield=True), trio.move_on_after(shutdown_grace):
+                await store.close()
+        finally:
+            _stores_in_use.discard(id(store))

@@ -74,17 +74,30 @@ class ComputeError(HbTrioError):
 class SlotNotScheduled(ComputeError):
     """``compute`` for a slot beyond the latest scheduled one.
 
-    ``attempted_slot`` is the first slot that has no assignment.
+    Attributes:
+        attempted_slot: the first slot that has no assignment (``latest + 1``).
+        requested_slot: the slot that was asked for, when known.
+        latest: the latest scheduled slot.
     """
 
-    def __init__(self, pid: str, attempted_slot: int, latest: int) -> None:
+    def __init__(
+        self, pid: str, attempted_slot: int, latest: int, *, requested_slot: int | None = None
+    ) -> None:
+        if requested_slot is None or requested_slot == attempted_slot:
+            text = f"slot {attempted_slot} of process {pid} is not scheduled (latest is {latest})"
+        else:
+            text = (
+                f"slot {requested_slot} of process {pid} is not scheduled (latest is {latest}; "
+                f"slot {attempted_slot} is the first missing)"
+            )
         super().__init__(
-            f"slot {attempted_slot} of process {pid} is not scheduled (latest is {latest})",
+            text,
             phase="get-schedule",
             attempted_slot=attempted_slot,
             pid=pid,
         )
         self.latest = latest
+        self.requested_slot = requested_slot
 
 
 class LeaderDied(HbTrioError):

@@ -64,7 +64,7 @@ from ._exceptions import (
     SlotNotScheduled,
     UnknownDevice,
 )
-from ._message import Message, validate_pid
+from ._message import MAX_SLOT, Message, validate_pid
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -209,7 +209,12 @@ def error_response(exc: Exception) -> Response:
             422,
             "slot-not-scheduled",
             str(exc),
-            {"phase": exc.phase, "attempted-slot": exc.attempted_slot, "latest-slot": exc.latest},
+            {
+                "phase": exc.phase,
+                "attempted-slot": exc.attempted_slot,
+                "requested-slot": exc.requested_slot,
+                "latest-slot": exc.latest,
+            },
         ).response()
     if isinstance(exc, ComputeError):
         cause = exc.__cause__
@@ -529,9 +534,16 @@ def _slot_param(params: Mapping[str, str]) -> int:
     text = params.get("slot")
     if text is None:
         raise HttpError(400, "bad-parameter", "the 'slot' query parameter is required")
-    if not (text.isascii() and text.isdigit()) or len(text) > 30:
+    if not (text.isascii() and text.isdigit()):
         raise HttpError(
             400, "bad-parameter", f"slot must be a non-negative integer, not {text[:40]!r}"
+        )
+    if len(text) > len(str(MAX_SLOT)) or int(text) > MAX_SLOT:
+        raise HttpError(
+            400,
+            "bad-parameter",
+            f"slot too large: {text[:40]}{'...' if len(text) > 40 else ''} "
+            f"(the largest slot is {MAX_SLOT})",
         )
     return int(text)
 
@@ -624,15 +636,7 @@ class HttpApp:
             )
         route, allowed, handler_name, pid = matched
         if pid is not None:
-            try:
-                validate_pid(pid)
-            except InvalidMessage:
-                raise HttpError(
-                    404,
-                    "process-not-found",
-                    f"{pid!r:.60} is not a process ID",
-                    {"process": pid[:60]},
-                ) from None
+            validate_pid(pid)  # 400 unless 43 base64url characters; unknown ones are 404 later
         if request.method != allowed:
             raise HttpError(
                 405,

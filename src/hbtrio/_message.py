@@ -18,7 +18,7 @@ import base64
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 import cbor2
 
@@ -282,20 +282,33 @@ def id_of_bytes(data: bytes) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode("ascii")
 
 
+#: The largest slot there can be: SQLite's largest integer (a store row key).
+MAX_SLOT: Final = 2**63 - 1
+
+
 def validate_slot(slot: object, *, what: str = "slot") -> int:
-    """Return ``slot`` if it is a non-negative ``int`` (not a bool), else raise `InvalidMessage`."""
+    """``slot`` if it is an ``int`` (not a bool) in ``0..MAX_SLOT``; else `InvalidMessage`."""
     if type(slot) is not int:
         raise InvalidMessage(f"{what} must be an int, not {type(slot).__name__}")
     if slot < 0:
         raise InvalidMessage(f"{what} must be >= 0, not {slot}")
+    if slot > MAX_SLOT:
+        raise InvalidMessage(
+            f"{what} is too large (a {slot.bit_length()}-bit number; the largest slot is 2**63 - 1)"
+        )
     return slot
 
 
-_PID_RE = re.compile(r"[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]")
+#: Any 43 base64url characters: the form of a message ID (unpadded SHA-256).
+_PID_RE = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 def validate_pid(pid: object) -> str:
-    """Return ``pid`` if it is a well-formed message ID, else raise `InvalidMessage`."""
+    """Return ``pid`` if it is a well-formed process ID, else raise `InvalidMessage`.
+
+    Well-formed means 43 base64url characters, the form of a message ID; any
+    such string may name a process (an unknown one is `ProcessNotFound`).
+    """
     if type(pid) is not str or _PID_RE.fullmatch(pid) is None:
-        raise InvalidMessage(f"process ID must be a 43-character base64url ID, not {pid!r:.60}")
+        raise InvalidMessage(f"process ID must be 43 base64url characters, not {pid!r:.60}")
     return pid

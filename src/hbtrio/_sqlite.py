@@ -59,6 +59,7 @@ import trio
 
 from ._codec import encode, encode_plain
 from ._exceptions import InvalidMessage, StoreError
+from ._filelock import FileLock
 from ._message import Message, _adopt_map, _Frozen
 from ._message import decode_trusted as decode
 from ._store import SlotResult, Store, StoreStatistics
@@ -225,11 +226,18 @@ class SQLiteStore(Store):
         error = failed[0] if failed else None
         if error is not None:
             await trio.to_thread.run_sync(thread.join)
+            if isinstance(error, StoreError):
+                raise error
             raise StoreError(f"cannot open {self.path}: {error}") from error
         self._thread = thread
 
     async def close(self) -> None:
-        """Write everything pending, then stop the I/O thread."""
+        """Write everything pending, then stop the I/O thread and release the file.
+
+        Cancellation stops the writing of what is pending (results are only
+        written behind: they are recomputed when needed), never the stop: the
+        thread is always joined, so the file is free when this returns.
+        """
         thread = self._thread
         if thread is None:
             return
@@ -238,34 +246,45 @@ class SQLiteStore(Store):
         finally:
             self._queue.put(_STOP)
             self._thread = None
-            await trio.to_thread.run_sync(thread.join)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(thread.join)
             self._procs.clear()
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=5.0
         )
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={self._synchronous}")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path}: schema version {version} is newer than this hbtrio "
+                    f"({SCHEMA_VERSION})"
+                )
+            if version < SCHEMA_VERSION:
+                # One transaction, so a crash leaves either no schema or all of it.
+                conn.executescript(
+                    f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;"
+                )
+        except BaseException:
             conn.close()
-            raise StoreError(
-                f"schema version {version} is newer than this hbtrio ({SCHEMA_VERSION})"
-            )
-        if version < SCHEMA_VERSION:
-            # One transaction, so a crash leaves either no schema or all of it.
-            conn.executescript(
-                f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;"
-            )
+            raise
         return conn
 
     # the I/O thread ---------------------------------------------------------------------------
 
     def _serve(self, report: Callable[[BaseException | None], None]) -> None:
         try:
+            lock = FileLock.acquire(self.path)
+        except BaseException as exc:
+            report(exc)
+            return
+        try:
             conn = self._connect()
         except BaseException as exc:
+            lock.release(remove_created=True)
             report(exc)
             return
         report(None)
@@ -283,6 +302,7 @@ class SQLiteStore(Store):
                     return
         finally:
             conn.close()
+            lock.release()  # after the connection: its own locks must not be dropped
 
     def _run_batch(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
         with self._lock:

@@ -94,8 +94,11 @@ class WorkerInfo:
     started_at: float
 
 
-def _copy_compute_error(exc: ComputeError) -> ComputeError:
-    fresh = ComputeError(str(exc), phase=exc.phase, attempted_slot=exc.attempted_slot, pid=exc.pid)
+def _copy_error(exc: HbTrioError) -> HbTrioError:
+    """A fresh copy of ``exc`` (its type, attributes and cause): one per waiter."""
+    fresh = type(exc).__new__(type(exc))
+    fresh.__dict__.update(exc.__dict__)
+    fresh.args = exc.args
     fresh.__cause__ = exc.__cause__
     return fresh
 
@@ -306,7 +309,7 @@ class GroupWorker:
                     # The process cannot run (unknown, bad device, failing init or
                     # restore, store down): each waiter gets the reason; none re-routes.
                     reason = exc
-                    self.waiters.fail_all(lambda _s: _startup_error(reason))
+                    self.waiters.fail_all(lambda _s: _copy_error(reason))
                     ending = "failed"
                     return
             self.phase = Phase.RUNNING
@@ -386,7 +389,7 @@ class GroupWorker:
                 return
         except (ComputeError, StoreError) as exc:  # reading or restoring the snapshot failed
             failed = exc
-            self.waiters.fail_from(start, lambda _s: _startup_error(failed))
+            self.waiters.fail_from(start, lambda _s: _copy_error(failed))
             self.target = self.slot
             return
         stop = min(self.target, self.slot + CHUNK) + 1
@@ -482,7 +485,7 @@ class GroupWorker:
     def _give_up(self, exc: ComputeError) -> None:
         """Fail the waiters that needed the failing slot; keep the last good state."""
         first = exc.attempted_slot if exc.attempted_slot is not None else self.slot + 1
-        self.waiters.fail_from(first, lambda _s: _copy_compute_error(exc))
+        self.waiters.fail_from(first, lambda _s: _copy_error(exc))
         self.target = self.slot
 
     async def _finish(self, *, snapshot: bool) -> None:
@@ -511,16 +514,6 @@ class GroupWorker:
             await rt.store.put_snapshot(self.pid, self.slot, await rt.snapshot_of(state))
         except HbTrioError as exc:
             log.warning("worker of %s could not store its snapshot: %s", self.pid, exc)
-
-
-def _startup_error(exc: HbTrioError) -> HbTrioError:
-    if isinstance(exc, ComputeError):
-        return _copy_compute_error(exc)
-    fresh = type(exc).__new__(type(exc))
-    fresh.__dict__.update(exc.__dict__)
-    fresh.args = exc.args
-    fresh.__cause__ = exc.__cause__
-    return fresh
 
 
 def _store_error(exc: StoreError) -> StoreError:
