@@ -13,8 +13,9 @@ no tags at all. cbor2 is told to refuse every tag when it reads the tag's head
 read, so shared and string references (tags 28/29, 256/25), bignums (2/3) and
 every other tag never expand anything. Without tags every decoded value takes
 at least one byte of the input, so a decoded message is never larger than the
-bytes it came from. Duplicate map keys and keys that are not strings are
-refused as cbor2 reads them, and nesting is bounded.
+bytes it came from. Duplicate map keys, and keys that are neither text nor
+bytes, are refused as cbor2 reads them (`freeze` then refuses bytes keys),
+and nesting is bounded.
 
 Nothing here blocks or checkpoints; callers that encode large states off the
 event loop do so from a thread.
