@@ -40,7 +40,7 @@ from hbtrio import _jsonwire
 from hbtrio._http import make_app, run_server
 from hbtrio._message import _Frozen
 from helpers import COUNTER
-from strategies import big_ints, head, ints
+from strategies import TAGS, big_ints, head, ints
 from test_http import assert_error, open_node, schedule, spawn
 
 CBOR_TYPE = "application/cbor"
@@ -581,6 +581,24 @@ async def test_big_bodies_are_400_and_the_process_reads_as_before(media: str, bo
         assert_error(r, 400, "invalid-message")
         assert (await c.get(f"/{pid}/now")).json() == {"at-slot": 1, "count": 7}
         assert not any(status >= 500 for (_, _, status) in node.app.metrics.requests)
+
+
+async def test_every_tag_in_a_body_is_400() -> None:
+    async with open_node(default_wait=5.0) as node:
+        c = node.client
+        pid = await spawn(c)
+        for tag in TAGS:
+            for body in (
+                head(5, 1) + head(3, 1) + b"n" + head(6, tag) + b"\x01",  # a tagged value
+                head(6, tag) + bytes.fromhex("a1616e01"),  # a tagged message
+                head(5, 1) + head(6, tag) + head(3, 1) + b"n" + b"\x01",  # a tagged key
+            ):
+                r = await c.post(
+                    f"/{pid}/schedule", content=body, headers={"content-type": CBOR_TYPE}
+                )
+                error = assert_error(r, 400, "invalid-message")
+                assert f"CBOR tag {tag} is not accepted" in error["message"]
+        assert (await c.get(f"/{pid}/slot/current")).json()["slot"] == 0
 
 
 async def test_integers_at_the_ends_of_the_range_never_make_a_read_fail() -> None:
