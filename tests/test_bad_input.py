@@ -32,7 +32,7 @@ import cbor2
 import httpx
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import hbtrio
@@ -1163,6 +1163,7 @@ raw_requests = st.one_of(
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.lists(raw_requests, min_size=1, max_size=5))
+@example(data=[b"GET /stats HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"])
 async def test_a_real_server_survives_raw_garbage(data: list[bytes]) -> None:
     async with hbtrio.open_engine() as engine:
         pid = await engine.spawn({"device": "process@1.0", "execution-device": "counter@1.0"})
@@ -1188,7 +1189,10 @@ async def test_a_real_server_survives_raw_garbage(data: list[bytes]) -> None:
                             answer += chunk
                     match = re.match(rb"HTTP/1\.[01] (\d{3})", answer)
                     if match:
-                        assert int(match.group(1)) < 500 or int(match.group(1)) == 505, answer
+                        # 501: a transfer coding the server does not implement (RFC 9112 6.1);
+                        # 505: an HTTP version it does not speak. Both are the protocol's.
+                        status = int(match.group(1))
+                        assert status < 500 or status in (501, 505), answer
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass  # the server hung up on garbage: fine
                 finally:
