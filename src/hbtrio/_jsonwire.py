@@ -34,7 +34,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Final
 
-from ._codec import encode
+from ._codec import MAX_DEPTH, encode
 from ._exceptions import InvalidMessage
 from ._message import MAX_INT, MIN_INT, Message, freeze, int_out_of_range
 
@@ -172,8 +172,8 @@ def from_json(text: str | bytes) -> Any:
         )
     except json.JSONDecodeError as exc:
         raise InvalidMessage(f"body is not JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidMessage("body is nested too deeply") from None
+    except RecursionError:  # far deeper than freeze would take
+        raise InvalidMessage(f"body is nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as exc:
         if isinstance(exc, InvalidMessage):
             raise
