@@ -115,3 +115,24 @@ def test_hbtrio_bench_runs_the_suite_from_anywhere(tmp_path: Path) -> None:
     (run,) = json.loads(out.read_text())["runs"]
     assert (run["workload"], run["impl"], run["check"]["ok"]) == ("W1_roundtrip", "hbtrio", True)
     assert "W1_roundtrip" in proc.stdout
+
+
+def test_wire_bench_runs_and_its_decoders_agree(tmp_path: Path) -> None:
+    out = tmp_path / "wire.json"
+    args = ["--quick", "--reps", "1", "--mib", "0.01", "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/wire_bench.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["case"], r["body"]) for r in rows} >= {
+        ("cbor-decode", "schedule-body"),
+        ("json-decode", "floats"),
+        ("cbor-answer", "maps"),
+    }
+    assert all(r["ok"] for r in rows)

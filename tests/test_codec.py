@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 from typing import Any
 
 import cbor2
@@ -12,8 +14,8 @@ from hypothesis import strategies as st
 
 from hbtrio import FrozenList, InvalidMessage, Message, decode, encode, freeze
 from hbtrio._codec import encode_plain
-from hbtrio._message import decode_trusted
-from strategies import messages
+from hbtrio._message import MAX_DEPTH, MAX_INT, MIN_INT, decode_trusted
+from strategies import TAGS, encodings, head, messages
 
 
 @settings(max_examples=50, deadline=None)
@@ -73,9 +75,7 @@ RFC_EXAMPLES: list[tuple[object, str]] = [
     (1000000, "1a000f4240"),
     (1000000000000, "1b000000e8d4a51000"),
     (18446744073709551615, "1bffffffffffffffff"),
-    (18446744073709551616, "c249010000000000000000"),
     (-18446744073709551616, "3bffffffffffffffff"),
-    (-18446744073709551617, "c349010000000000000000"),
     (-1, "20"),
     (-10, "29"),
     (-100, "3863"),
@@ -117,6 +117,18 @@ def test_rfc8949_shortest_encodings(value: object, expected: str) -> None:
     assert encode(freeze({"v": value})) == bytes.fromhex("a16176" + expected)
 
 
+@pytest.mark.parametrize(
+    ("value", "tagged"),
+    [(2**64, "c249010000000000000000"), (-(2**64) - 1, "c349010000000000000000")],
+)
+def test_rfc8949_bignums_are_outside_the_message_range(value: int, tagged: str) -> None:
+    # The RFC's next integers need a bignum tag: no message holds them, either way.
+    with pytest.raises(InvalidMessage, match="65-bit integer is outside the message range"):
+        freeze({"v": value})
+    with pytest.raises(InvalidMessage, match=r"tag [23] is not accepted"):
+        decode(bytes.fromhex("a16176" + tagged))
+
+
 def test_non_finite_floats_round_trip() -> None:
     back = decode(encode(freeze({"nan": math.nan, "inf": math.inf})))
     assert math.isnan(back["nan"])
@@ -141,6 +153,12 @@ GARBAGE: list[tuple[str, object]] = [
     ("top-level int", bytes.fromhex("01")),
     ("int key", bytes.fromhex("a10102")),
     ("array key", bytes.fromhex("a1810102")),
+    ("simple value 16", bytes.fromhex("a16173f0")),
+    ("simple value 255", bytes.fromhex("a16173f8ff")),
+    ("reserved simple value", bytes.fromhex("a16173f818")),
+    ("indefinite int", bytes.fromhex("a161731f")),
+    ("lone break in a map", bytes.fromhex("bf6161ff")),
+    ("text chunk in a byte string", bytes.fromhex("a161735f6161ff")),
     ("set tag", bytes.fromhex("a16173d90102820102")),
     ("datetime tag", bytes.fromhex("a16174c074323032302d30312d30315430303a30303a30305a")),
     ("undefined", bytes.fromhex("a16175f7")),
@@ -158,6 +176,117 @@ def test_decode_refuses_garbage(data: Any) -> None:
     with pytest.raises(InvalidMessage) as info:
         decode(data)
     assert isinstance(info.value, ValueError)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), message=messages)
+def test_any_encoding_of_a_message_decodes_to_it_and_is_no_smaller(
+    data: st.DataObject, message: dict[str, Any]
+) -> None:
+    # Any widths, key orders, definite or indefinite lengths: the same message. Its canonical
+    # bytes are never longer than what it came from, give or take a header byte per 256 items
+    # (an indefinite container of 256+ items has a shorter header than the definite one).
+    raw = data.draw(encodings(message))
+    back = decode(raw)
+    assert back == message
+    assert len(encode(back)) <= len(raw) + len(raw) // 256
+
+
+A_KEY = head(3, 1) + b"k"  # "k"
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_every_tag_is_refused_when_its_head_is_read(tag: int) -> None:
+    tagged = head(6, tag)
+    for data in (
+        tagged,  # nothing after the head: refused before cbor2 reads any content
+        tagged + bytes.fromhex("a0"),
+        head(5, 1) + A_KEY + tagged + b"\x00",  # a tagged value
+        head(5, 1) + A_KEY + head(4, 2) + b"\x01" + tagged + b"\x40",  # in an array
+        head(5, 1) + tagged + A_KEY + b"\x00",  # a tagged key
+        head(5, 1) + tagged + head(2, 9) + b"\x01" + bytes(8) + b"\x00",  # a key of any tag
+    ):
+        with pytest.raises(InvalidMessage, match=rf"CBOR tag {tag} is not accepted"):
+            decode(data)
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), message=messages, tag=st.sampled_from(TAGS) | st.integers(0, 2**64 - 1))
+def test_a_tag_anywhere_is_refused(data: st.DataObject, message: dict[str, Any], tag: int) -> None:
+    inner = data.draw(encodings(message))
+    for raw in (
+        head(6, tag) + inner,
+        head(5, 1) + A_KEY + head(4, 2) + b"\x00" + head(6, tag) + inner,
+    ):
+        with pytest.raises(InvalidMessage, match=f"CBOR tag {tag} "):
+            decode(raw)
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ("a2 6161 01 6161 02", "'a'"),
+        ("a2 6161 01 780161 02", "'a'"),  # the same key, a longer head
+        ("bf 6161 01 7f 6161 ff 02 ff", "'a'"),  # indefinite map, key in chunks
+        ("a1 6178 a3 6162 01 6163 02 6162 03", "'b'"),  # nested
+        ("a2 4100 01 4100 02", "b'\\x00'"),  # bytes keys (refused anyway)
+    ],
+)
+def test_duplicate_keys_are_refused_naming_the_key(data: str, key: str) -> None:
+    # cbor2 keeps the last value silently unless told otherwise; JSON's are refused too.
+    with pytest.raises(InvalidMessage, match=f"[Dd]uplicate map key: {re.escape(key)}"):
+        decode(bytes.fromhex(data))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        "a1 01 00",  # int
+        "a1 20 00",  # negative int
+        "a1 1bffffffffffffffff 00",  # the largest int
+        "a1 f93c00 00",  # float
+        "a1 f5 00",  # true
+        "a1 f6 00",  # null
+        "a1 80 00",  # array
+        "a1 a0 00",  # map
+        "a1 4161 00",  # bytes
+        "a1 c2 49 010000000000000000 00",  # a bignum (a tag)
+    ],
+)
+def test_map_keys_that_are_not_text_are_invalid(data: str) -> None:
+    with pytest.raises(InvalidMessage, match=r"not accepted|key"):
+        decode(bytes.fromhex(data))
+
+
+@pytest.mark.parametrize("indefinite", [False, True], ids=["definite", "indefinite"])
+@pytest.mark.parametrize("kind", ["maps", "arrays"])
+def test_nesting_limit_is_exact_in_every_form(kind: str, indefinite: bool) -> None:
+    def nested(levels: int) -> bytes:
+        # The message (a map), then `levels` containers inside it, the innermost holding 0.
+        one = (b"\xbf" if indefinite else b"\xa1") + A_KEY if kind == "maps" else b""
+        end = b"\xff" if indefinite else b""
+        if kind == "maps":
+            return one * (levels + 1) + b"\x00" + end * (levels + 1)
+        start = b"\x9f" if indefinite else b"\x81"
+        return head(5, 1) + A_KEY + start * levels + b"\x00" + end * levels
+
+    assert decode(nested(MAX_DEPTH))
+    for levels in (MAX_DEPTH + 1, MAX_DEPTH + 2, 10_000):
+        with pytest.raises(InvalidMessage, match=f"nested deeper than {MAX_DEPTH} levels"):
+            decode(nested(levels))
+
+
+@pytest.mark.parametrize(
+    ("data", "value"),
+    [
+        ("1bffffffffffffffff", 2**64 - 1),
+        ("3bffffffffffffffff", -(2**64)),
+        ("1b0000000000000000", 0),  # not the shortest form: still the number
+        ("3800", -1),
+    ],
+)
+def test_integers_at_the_ends_of_the_range(data: str, value: int) -> None:
+    assert decode(bytes.fromhex("a16176" + data)) == {"v": value}
 
 
 @settings(max_examples=300, deadline=None)
@@ -226,3 +355,14 @@ def test_trusted_decode_gives_read_only_messages() -> None:
 def test_trusted_decode_refuses_what_is_not_a_stored_message(data: bytes) -> None:
     with pytest.raises(InvalidMessage):
         decode_trusted(data)
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+@pytest.mark.parametrize("doc", ["http.md", "api.md"])
+def test_the_docs_state_the_limits_the_code_has(doc: str) -> None:
+    text = " ".join((DOCS / doc).read_text().split())
+    assert (MIN_INT, MAX_INT) == (-(2**64), 2**64 - 1)
+    assert "`-2**64`" in text and "`2**64-1`" in text
+    assert f"at most {MAX_DEPTH} levels below the message itself" in text

@@ -35,6 +35,7 @@ import hbtrio
 from hbtrio import _codec, _jsonwire
 from hbtrio._http import HttpApp, check_bind, make_app, negotiate, run_server, serve
 from helpers import Gate, reap
+from strategies import ints
 
 CBOR = "application/cbor"
 SRC = str(Path(hbtrio.__file__).resolve().parents[1])
@@ -67,11 +68,17 @@ class Node:
 
 
 @asynccontextmanager
-async def open_node(*, grace: float = 5.0, **app_options: Any) -> AsyncIterator[Node]:
-    """An engine (memory store) behind a real server on a free loopback port."""
+async def open_node(
+    *,
+    grace: float = 5.0,
+    store: hbtrio.Store | None = None,
+    devices: dict[str, object] | None = None,
+    **app_options: Any,
+) -> AsyncIterator[Node]:
+    """An engine (memory store unless given one) behind a real server on a free loopback port."""
     gate = Gate()
-    devices = {"gate@1.0": gate, "echo@1.0": Echo()}
-    async with hbtrio.open_engine(devices=devices) as engine:
+    devices = {"gate@1.0": gate, "echo@1.0": Echo(), **(devices or {})}
+    async with hbtrio.open_engine(store, devices=devices) as engine:
         app = make_app(engine, **app_options)
         stop = trio.Event()
         try:
@@ -285,7 +292,7 @@ message_keys = st.sampled_from(["/bytes", "/float", "//x", "/", "", "a"]) | st.t
 scalars = (
     st.none()
     | st.booleans()
-    | st.integers()
+    | ints
     | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=8)
     | st.binary(max_size=8)
@@ -305,6 +312,16 @@ def test_json_wire_round_trip(message: dict[str, Any]) -> None:
     json.loads(text)  # plain, standard JSON
     back = _jsonwire.loads(text)
     assert _codec.encode(back) == _codec.encode(message)
+
+
+def test_json_wire_integer_range_is_exact() -> None:
+    for n in (2**64 - 1, -(2**64), 0):
+        assert _jsonwire.loads(_jsonwire.dumps({"n": n})) == {"n": n}
+    assert _jsonwire.loads(b'{"n": 1e308}') == {"n": 1e308}  # the largest decades still fit
+    for n in (2**64, -(2**64) - 1, 10**4300, 10**5000):
+        # Out of the range: refused, never a ValueError of Python's int-to-text limit.
+        with pytest.raises(hbtrio.InvalidMessage, match="outside the message range"):
+            _jsonwire.dumps({"n": [n]})
 
 
 def test_json_wire_encoding_examples() -> None:
@@ -334,8 +351,15 @@ def test_json_wire_encoding_examples() -> None:
         (b'{"a": Infinity}', "bare Infinity"),
         (b'{"a": "\\ud800"}', "surrogate|CBOR"),
         (b"\xff\xfe", "not UTF-8"),
-        (b"[" * 5000 + b"]" * 5000, "nested"),
-        (b'{"a": 1' + b"0" * 5000 + b"}", "not acceptable JSON"),
+        (b"[" * 5000 + b"]" * 5000, "nested deeper than 100 levels"),
+        (b'{"a":' * 102 + b"1" + b"}" * 102, "nested deeper than 100 levels"),
+        (b'{"a": 1' + b"0" * 5000 + b"}", "too many digits"),
+        (b'{"a": 1' + b"0" * 4299 + b"}", r"a: a 14281-bit integer is outside the message range"),
+        (b'{"a": [18446744073709551616]}', r"a\[0\]: a 65-bit integer is outside"),
+        (b'{"a": -18446744073709551617}', r"a: a 65-bit integer is outside"),
+        (b'{"a": 1e400}', r'1e400 is too large for a float \(send \{"/float": "Infinity"\}'),
+        (b'{"a": [-1E+400]}', r"-1E\+400 is too large for a float"),
+        (b'{"a": 1' + b"0" * 400 + b".0}", "too large for a float"),
     ],
 )
 def test_json_wire_rejects(text: bytes, match: str) -> None:

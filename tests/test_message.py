@@ -134,6 +134,9 @@ BAD_VALUES: list[tuple[str, Callable[[], dict[Any, Any]], str]] = [
     ("dict cycle", _dict_cycle, "inner.back"),
     ("list cycle", _list_cycle, "a.items[1]"),
     ("too deep", lambda: _nested(MAX_DEPTH + 5), "n.n.n"),
+    ("int above the range", lambda: {"n": {"big": 2**64}}, "n.big"),
+    ("int below the range", lambda: {"n": [0, -(2**64) - 1]}, "n[1]"),
+    ("int of 4,301 digits", lambda: {"n": 10**4300}, "n: a 14285-bit integer"),
 ]
 
 
@@ -187,7 +190,8 @@ def test_allowed_values() -> None:
     message = {
         "bytes": b"\x00\xff",
         "str": "text",
-        "int": -(2**70),
+        "int": -(2**64),
+        "biggest int": 2**64 - 1,
         "float": 1.5,
         "bool": True,
         "none": None,

@@ -40,6 +40,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invar
 
 import hbtrio
 from hbtrio.testing import cancel_at_checkpoint
+from strategies import ints
 
 STEP_LIMIT = 60.0  # real seconds one step may take before the test calls it a hang
 #: Real seconds everything must be idle before virtual time jumps. Not 0: with 0 and no
@@ -328,7 +329,7 @@ class EngineMachine(RuleBasedStateMachine):
     def restart(self) -> None:
         self.engine.restart()
 
-    @rule(x=st.integers())
+    @rule(x=ints)
     def unknown_process(self, x: int) -> None:
         pid = hbtrio.message_id({"never spawned": x})
 

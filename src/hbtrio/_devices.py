@@ -18,7 +18,7 @@ import attrs
 import trio
 
 from ._exceptions import InvalidMessage, UnknownDevice
-from ._message import Message
+from ._message import MAX_INT, MIN_INT, Message
 
 __all__ = ["Counter", "DeviceInfo", "Devices", "call_maybe_async", "run_in_thread"]
 
@@ -134,8 +134,9 @@ class Devices:
 class Counter:
     """``counter@1.0``: state ``{"count": 0}``; each assignment adds its body's ``"n"``.
 
-    A body without ``"n"`` adds nothing; an ``"n"`` that is not an ``int``
-    makes the slot fail with `ComputeError`.
+    A body without ``"n"`` adds nothing; an ``"n"`` that is not an ``int``,
+    or a count that would leave the message integer range (``-2**64`` to
+    ``2**64-1``), makes the slot fail with `ComputeError`.
     """
 
     hbtrio_trusted: Final = True
@@ -147,19 +148,32 @@ class Counter:
         n = assignment["body"].get("n", 0)
         if type(n) is not int:
             raise TypeError(f'counter@1.0: body "n" must be an int, not {type(n).__name__}')
-        return {"count": state["count"] + n, "at-slot": assignment["slot"]}
+        count = state["count"] + n
+        if not MIN_INT <= count <= MAX_INT:
+            raise _overflow(count)
+        return {"count": count, "at-slot": assignment["slot"]}
 
     def compute_batch(self, state: Message, assignments: list[Message], out: list[Any]) -> None:
         """`compute` for consecutive assignments, appending each state to ``out``."""
         count = state["count"]
         append = out.append
+        lo, hi = MIN_INT, MAX_INT
         # Consecutive slots: counted, not read from each assignment.
         for slot, a in enumerate(assignments, assignments[0]["slot"] if assignments else 0):
             n = a["body"].get("n", 0)
             if type(n) is not int:
                 raise TypeError(f'counter@1.0: body "n" must be an int, not {type(n).__name__}')
             count += n
+            if not lo <= count <= hi:
+                raise _overflow(count)
             append({"count": count, "at-slot": slot})
+
+
+def _overflow(count: int) -> OverflowError:
+    return OverflowError(
+        f"counter@1.0: the count would be a {count.bit_length()}-bit integer, "
+        "outside the message range (-2**64 to 2**64-1)"
+    )
 
 
 class _InThread:

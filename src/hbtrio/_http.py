@@ -64,7 +64,7 @@ from ._exceptions import (
     SlotNotScheduled,
     UnknownDevice,
 )
-from ._message import MAX_SLOT, Message, validate_pid
+from ._message import MAX_SLOT, Message, check_ints, validate_pid
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -702,6 +702,35 @@ class HttpApp:
     def _ok(self, value: object, media: str, status: int = 200, headers: Headers = ()) -> Response:
         return Response(status, encode_body(value, media), media, headers)
 
+    def _state(self, pid: str, state: Mapping[str, Any], media: str) -> Response:
+        """A state's answer; 422 ``invalid-state`` if it holds what no message may.
+
+        Only a state that never went through validation can: one stored by an
+        earlier hbtrio (an integer outside the message range), or kept by a
+        device that skips validation. The JSON encoder refuses such a value on
+        its own; CBOR carries a big integer as a bignum tag, whose head (byte
+        0xc2 or 0xc3) must then be in the bytes: only then are they looked for.
+        """
+        try:
+            body = encode_body(state, media)
+            if media == CBOR and (b"\xc2" in body or b"\xc3" in body):
+                check_ints(state)
+            return Response(200, body, media)
+        except InvalidMessage as exc:
+            error = exc
+        try:
+            check_ints(state)  # names the key, where the JSON encoder does not
+        except InvalidMessage as exc:
+            error = exc
+        slot = state.get("at-slot")
+        raise HttpError(
+            422,
+            "invalid-state",
+            f"process {pid}: the state at slot {slot} is not a message, "
+            f"so it cannot be answered: {error}",
+            {"attempted-slot": slot if type(slot) is int else None},
+        )
+
     # ------------------------------------------------------------------ handlers
 
     async def _h_spawn(
@@ -829,7 +858,7 @@ class HttpApp:
         if error is not None:
             raise error
         if state is not None:
-            return self._ok(state, media)
+            return self._state(pid, state, media)
         if gone:
             return None
         if slot is None:

@@ -8,7 +8,9 @@ unambiguous encoding to travel as JSON. The rules (documented in
   section 4) with padding on output; on input the padding may be left off.
 * a non-finite ``float`` becomes ``{"/float": "NaN"}``, ``{"/float":
   "Infinity"}`` or ``{"/float": "-Infinity"}``. Bare ``NaN``/``Infinity``
-  tokens are rejected on input.
+  tokens are rejected on input, and so is a number too large for a float
+  (``1e400``), which Python would read as infinity.
+* integers are those of a message (``-2**64`` to ``2**64-1``), both ways.
 * keys starting with ``"/"`` are reserved for these two forms. A message key
   that starts with ``"/"`` is sent with one more ``"/"`` in front (``"/x"``
   travels as ``"//x"``) and loses it again on input. Any other key starting
@@ -32,9 +34,9 @@ import math
 from collections.abc import Mapping
 from typing import Any, Final
 
-from ._codec import encode
+from ._codec import MAX_DEPTH, encode
 from ._exceptions import InvalidMessage
-from ._message import Message, freeze
+from ._message import MAX_INT, MIN_INT, Message, freeze, int_out_of_range
 
 __all__ = ["dumps", "from_json", "loads", "to_json"]
 
@@ -42,7 +44,7 @@ BYTES_KEY: Final = "/bytes"
 FLOAT_KEY: Final = "/float"
 
 _NON_FINITE: Final = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-_SCALARS: Final = frozenset({str, int, bool, type(None)})
+_SCALARS: Final = frozenset({str, bool, type(None)})
 
 
 def _float_name(value: float) -> str:
@@ -59,6 +61,10 @@ def to_json(value: object) -> Any:
     t = type(value)
     if t in _SCALARS:
         return value
+    if t is int:
+        if MIN_INT <= value <= MAX_INT:  # type: ignore[operator]
+            return value
+        raise int_out_of_range(value)  # type: ignore[arg-type]
     if t is float:
         return value if math.isfinite(value) else {FLOAT_KEY: _float_name(value)}  # type: ignore[arg-type]
     if t is bytes:
@@ -78,15 +84,22 @@ def to_json(value: object) -> Any:
 def dumps(value: object) -> bytes:
     """UTF-8 JSON bytes of a message (or message value), keys sorted.
 
-    Raises `InvalidMessage` for a value that is not a message value.
+    Raises `InvalidMessage` for a value that is not a message value, and
+    nothing else, whatever ``value`` holds.
     """
-    text = json.dumps(
-        to_json(value), ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":")
-    )
     try:
+        text = json.dumps(
+            to_json(value),
+            ensure_ascii=False,
+            allow_nan=False,
+            sort_keys=True,
+            separators=(",", ":"),
+        )
         return text.encode("utf-8")
     except UnicodeEncodeError as exc:  # a lone surrogate: not a message value
         raise InvalidMessage(f"text that is not valid Unicode: {exc.reason}") from None
+    except RecursionError:
+        raise InvalidMessage("nested too deeply") from None
 
 
 def _object_hook(pairs: list[tuple[str, Any]]) -> Any:
@@ -128,6 +141,18 @@ def _reject_constant(name: str) -> Any:
     raise InvalidMessage(f'bare {name} is not JSON (send {{"{FLOAT_KEY}": "{name}"}})')
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number with a fraction or exponent; one too large for a float is refused."""
+    value = float(text)
+    if value - value == 0.0:  # finite
+        return value
+    name = "Infinity" if value > 0 else "-Infinity"
+    raise InvalidMessage(
+        f"the number {text[:40]} is too large for a float "
+        f'(send {{"{FLOAT_KEY}": "{name}"}} for {name})'
+    )
+
+
 def from_json(text: str | bytes) -> Any:
     """Decode JSON text into a message value (not necessarily a mapping).
 
@@ -139,15 +164,25 @@ def from_json(text: str | bytes) -> Any:
         except UnicodeDecodeError as exc:
             raise InvalidMessage(f"body is not UTF-8: {exc}") from None
     try:
-        return json.loads(text, object_pairs_hook=_object_hook, parse_constant=_reject_constant)
+        return json.loads(
+            text,
+            object_pairs_hook=_object_hook,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+        )
     except json.JSONDecodeError as exc:
         raise InvalidMessage(f"body is not JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidMessage("body is nested too deeply") from None
-    except ValueError as exc:  # e.g. an int with more digits than Python converts
+    except RecursionError:  # far deeper than freeze would take
+        raise InvalidMessage(f"body is nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:
         if isinstance(exc, InvalidMessage):
             raise
-        raise InvalidMessage(f"body is not acceptable JSON: {exc}") from None
+        # The one other ValueError: an int with more digits than Python converts
+        # (sys.get_int_max_str_digits(), 4300 by default), far outside the range.
+        raise InvalidMessage(
+            "body has an integer with too many digits: messages hold integers "
+            "from -2**64 to 2**64-1"
+        ) from None
 
 
 def loads(data: str | bytes, *, what: str = "body") -> Message:

@@ -1,13 +1,15 @@
 """Messages: validation, read-only (frozen) messages and message IDs.
 
 A message is a mapping from ``str`` keys to values, where a value is ``bytes``,
-``str``, ``int``, ``float``, ``bool``, ``None``, a list (or tuple) of values, or
-a nested message. `freeze` checks a candidate once and returns a `Message`: a
-read-only ``dict`` whose lists became tuples and whose nested mappings are
-`Message` too, so nothing reachable from it can be mutated through the normal
-mapping and sequence APIs. A `Message` is trusted as it is: freezing one again
-costs nothing, and freezing a mapping built from frozen parts only looks at its
-top level. That is what keeps read-only states cheap on the per-slot hot path.
+``str``, ``int`` (from ``MIN_INT`` to ``MAX_INT``: what CBOR carries without a
+tag), ``float``, ``bool``, ``None``, a list (or tuple) of values, or a nested
+message, nested at most ``MAX_DEPTH`` levels deep. `freeze` checks a candidate
+once and returns a `Message`: a read-only ``dict`` whose lists became tuples and
+whose nested mappings are `Message` too, so nothing reachable from it can be
+mutated through the normal mapping and sequence APIs. A `Message` is trusted as
+it is: freezing one again costs nothing, and freezing a mapping built from
+frozen parts only looks at its top level. That is what keeps read-only states
+cheap on the per-slot hot path.
 
 Nothing here blocks or checkpoints.
 """
@@ -22,13 +24,14 @@ from typing import Any, Final, NoReturn
 
 import cbor2
 
-from ._codec import encode
+from ._codec import MAX_DEPTH, encode
 from ._exceptions import InvalidMessage
 
 __all__ = ["FrozenList", "Message", "freeze", "message_id", "validate_slot"]
 
-#: Deepest nesting a message may have (deeper input is rejected, not recursed into).
-MAX_DEPTH = 100
+#: The integers a message may hold: CBOR's major types 0 and 1, no bignum tags.
+MIN_INT: Final = -(2**64)
+MAX_INT: Final = 2**64 - 1
 
 
 def _read_only(self: object, *args: object, **kwargs: object) -> NoReturn:
@@ -113,6 +116,7 @@ _new_list = tuple.__new__
 
 _SCALARS: frozenset[type] = frozenset({str, bytes, int, float, bool, type(None)})
 _TRUSTED: frozenset[type] = frozenset({_Frozen, Message, FrozenList}) | _SCALARS
+_NO_INTS: frozenset[type] = _SCALARS - {int}
 
 
 def _where(path: str) -> str:
@@ -120,6 +124,13 @@ def _where(path: str) -> str:
     if not path:
         return "the message"
     return path if path.isascii() else path.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _show(value: object) -> str:
+    """``repr(value)`` for an error message; an integer too long to print is described."""
+    if type(value) is int and value.bit_length() > 64:
+        return f"a {value.bit_length()}-bit integer"
+    return repr(value)
 
 
 def _child(path: str, key: str) -> str:
@@ -137,10 +148,20 @@ def _check_text(text: str, path: str) -> None:
             ) from None
 
 
+def int_out_of_range(value: int, path: str | None = None) -> InvalidMessage:
+    """The error for an integer outside ``MIN_INT..MAX_INT`` (never printing it: it may be huge)."""
+    text = f"a {value.bit_length()}-bit integer is outside the message range (-2**64 to 2**64-1)"
+    return InvalidMessage(text if path is None else f"{_where(path)}: {text}")
+
+
 def _freeze_value(value: object, path: str, active: set[int], depth: int) -> object:
     t = type(value)
     if t is str:
         _check_text(value, path)  # type: ignore[arg-type]
+        return value
+    if t is int:
+        if not MIN_INT <= value <= MAX_INT:  # type: ignore[operator]
+            raise int_out_of_range(value, path)  # type: ignore[arg-type]
         return value
     if t in _TRUSTED:
         return value
@@ -179,12 +200,17 @@ def _freeze_map(m: Mapping[Any, Any], path: str, active: set[int], depth: int) -
     for key, value in m.items():
         if type(key) is not str:
             raise InvalidMessage(
-                f"{_where(path)}: key {key!r} is a {type(key).__name__}; message keys must be str"
+                f"{_where(path)}: key {_show(key):.60} is a {type(key).__name__}; "
+                "message keys must be str"
             )
         _check_text(key, _child(path, key))
         t = type(value)
         if t is str:
             _check_text(value, _child(path, key))
+            out[key] = value
+        elif t is int:
+            if not MIN_INT <= value <= MAX_INT:
+                raise int_out_of_range(value, _child(path, key))
             out[key] = value
         elif t in _TRUSTED:
             out[key] = value
@@ -260,6 +286,40 @@ def decode_trusted(data: bytes) -> Message:
     return frozen
 
 
+def check_ints(value: object) -> None:
+    """Raise `InvalidMessage` naming the first integer in ``value`` outside the message range.
+
+    For values that never went through `freeze`: states read back from a store
+    written by an earlier hbtrio, or kept by a device that skips validation.
+    """
+    found = _bad_int(value)
+    if found is not None:
+        parts, bad = found
+        raise int_out_of_range(bad, "".join(reversed(parts)).removeprefix("."))
+
+
+def _bad_int(value: object) -> tuple[list[str], int] | None:
+    """(reversed path parts, the integer) of the first out-of-range integer, or ``None``."""
+    if type(value) is int:
+        return None if MIN_INT <= value <= MAX_INT else ([], value)
+    if type(value) in _SCALARS:
+        return None
+    if isinstance(value, Mapping):
+        items: Iterable[tuple[object, object]] = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if type(item) in _NO_INTS:
+            continue
+        found = _bad_int(item)
+        if found is not None:
+            found[0].append(f"[{key}]" if type(key) is int else f".{key}")
+            return found
+    return None
+
+
 def message_id(message: Mapping[str, Any]) -> str:
     """The ID of ``message``: SHA-256 of its canonical CBOR without ``"priv"``.
 
@@ -291,7 +351,7 @@ def validate_slot(slot: object, *, what: str = "slot") -> int:
     if type(slot) is not int:
         raise InvalidMessage(f"{what} must be an int, not {type(slot).__name__}")
     if slot < 0:
-        raise InvalidMessage(f"{what} must be >= 0, not {slot}")
+        raise InvalidMessage(f"{what} must be >= 0, not {_show(slot)}")
     if slot > MAX_SLOT:
         raise InvalidMessage(
             f"{what} is too large (a {slot.bit_length()}-bit number; the largest slot is 2**63 - 1)"
@@ -310,5 +370,5 @@ def validate_pid(pid: object) -> str:
     such string may name a process (an unknown one is `ProcessNotFound`).
     """
     if type(pid) is not str or _PID_RE.fullmatch(pid) is None:
-        raise InvalidMessage(f"process ID must be 43 base64url characters, not {pid!r:.60}")
+        raise InvalidMessage(f"process ID must be 43 base64url characters, not {_show(pid):.60}")
     return pid

@@ -22,7 +22,16 @@ import trio
 
 from ._devices import PROCESS_DEVICE, DeviceInfo, Devices
 from ._exceptions import ComputeError, InvalidMessage, ProcessNotFound, SlotNotScheduled, StoreError
-from ._message import _TRUSTED, Message, _Frozen, freeze, hand_out, validate_slot
+from ._message import (
+    _TRUSTED,
+    MAX_INT,
+    MIN_INT,
+    Message,
+    _Frozen,
+    freeze,
+    hand_out,
+    validate_slot,
+)
 from ._store import SlotResult, Store
 
 __all__ = ["ProcessRuntime", "compute_slot", "validate_definition"]
@@ -55,7 +64,8 @@ def adopt_state(new: object, slot: int, trusted: bool) -> Message:
     """Turn what a device returned into the read-only state at ``slot``.
 
     A fresh ``dict`` whose values are already frozen is checked at its top
-    level only; anything else is validated and frozen in full. A trusted
+    level only (integers included: out of range is `InvalidMessage`, which
+    fails the slot); anything else is validated and frozen in full. A trusted
     device's plain ``dict`` stays a plain dict, like its computed states (see
     `DeviceInfo.trusted`): the garbage collector need not track it.
     """
@@ -65,11 +75,13 @@ def adopt_state(new: object, slot: int, trusted: bool) -> Message:
     if type(new) is dict:
         if not trusted:
             for key, value in new.items():
+                t = type(value)
                 if (
                     type(key) is not str
-                    or type(value) not in _TRUSTED
+                    or t not in _TRUSTED
                     or not key.isascii()
-                    or (type(value) is str and not value.isascii())
+                    or (t is str and not value.isascii())
+                    or (t is int and not MIN_INT <= value <= MAX_INT)
                 ):
                     new = freeze(new, what="state")  # checks all of it, or raises
                     break
