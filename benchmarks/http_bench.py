@@ -56,7 +56,7 @@ if __package__ in (None, ""):  # run as a script: make the src layout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import hbtrio
-from hbtrio._http import make_app, run_server
+from hbtrio.http import make_app, run_server
 
 
 @attrs.frozen

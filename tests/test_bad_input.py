@@ -37,8 +37,8 @@ from hypothesis import strategies as st
 
 import hbtrio
 from hbtrio import _jsonwire
-from hbtrio._http import make_app, run_server
 from hbtrio._message import _Frozen
+from hbtrio.http import make_app, run_server
 from helpers import COUNTER
 from strategies import TAGS, big_ints, head, ints
 from test_http import assert_error, open_node, schedule, spawn

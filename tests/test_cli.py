@@ -24,7 +24,7 @@ import trio
 
 import hbtrio
 from hbtrio._cli import build_parser, format_message, format_table, main
-from hbtrio._http import make_app, run_server
+from hbtrio.http import make_app, run_server
 from helpers import Gate, reap
 
 SRC = str(Path(hbtrio.__file__).resolve().parents[1])
@@ -131,6 +131,19 @@ def test_demo_is_quick_and_informative(capsys: pytest.CaptureFixture[str]) -> No
     assert "computed again: 0 slots" in out
     assert "slots_computed   60" in out
     assert "demo finished" in out
+    # Each step says what it shows; identical resolutions run once.
+    headings = re.findall(r"^== (\d)\. ", out, re.MULTILINE)
+    assert headings == ["1", "2", "3", "4", "5", "6", "7"]
+    assert "10 callers of digest@1.0 sha256 -> 1 answer, the device ran 1 time(s)" in out
+    assert re.search(r"^deduplicated\s+9$", out, re.MULTILINE)
+
+
+def test_demo_shows_progress_on_large_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--processes", "1", "--messages", "2000", "--waiters", "8"]) == 0
+    out = capsys.readouterr().out
+    progress = re.findall(r"scheduled ([\d,]+) of 2,000 messages", out)
+    assert progress == [f"{n:,}" for n in range(200, 2001, 200)]
+    assert "8 answers, all right" in out and "EXPECTED" not in out
 
 
 # --------------------------------------------------------------------------- client commands
@@ -282,3 +295,196 @@ async def test_serve_subprocess_stops_on_sigint(tmp_path: Path) -> None:
         assert b"hbtrio node stopped" in seen
     finally:
         await reap(proc)
+
+
+# --------------------------------------------------------------------------- first-run failures
+
+
+_HOLD = """
+import sys, trio, hbtrio
+
+async def main():
+    async with hbtrio.open_engine(hbtrio.SQLiteStore(sys.argv[1])):
+        print("holding", flush=True)
+        await trio.sleep_forever()
+
+trio.run(main)
+"""
+
+
+def _one_line_error(err: str, command: str = "serve") -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"hbtrio {command}: error: "), err
+    return lines[0]
+
+
+def test_serve_refuses_a_store_file_in_use_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Regression (issue 10.1, 10.4): the second node on a file exits at once, naming the holder."""
+    db = tmp_path / "node.sqlite"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(db)], stdout=subprocess.PIPE, env=_env()
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"holding\n"
+        assert main(["serve", "--db", str(db), "--port", "0"]) == 1
+        line = _one_line_error(capsys.readouterr().err)
+        assert f"{db} is in use by another engine (pid {holder.pid})" in line
+    finally:
+        holder.kill()
+        holder.wait()
+        assert holder.stdout is not None
+        holder.stdout.close()
+
+
+@pytest.mark.parametrize("case", ["no-directory", "not-a-database", "a-directory"])
+def test_serve_refuses_a_bad_db_in_one_line_creating_nothing(
+    case: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database")
+    db = {"no-directory": tmp_path / "nope" / "n.sqlite", "not-a-database": notes}.get(
+        case, tmp_path
+    )
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["serve", "--db", str(db), "--port", "0"]) == 1
+    line = _one_line_error(capsys.readouterr().err)
+    assert str(db) in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert notes.read_text() == "not a database"
+
+
+def test_serve_without_its_http_server_says_so_in_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "hypercorn", None)  # as if it were not installed
+    db = tmp_path / "node.sqlite"
+    assert main(["serve", "--db", str(db)]) == 1
+    line = _one_line_error(capsys.readouterr().err)
+    assert "'hypercorn'" in line and "pip install hypercorn" in line
+    assert not db.exists()
+
+
+@pytest.mark.parametrize("token", [" padded", "padded ", "naïve", "two words", "tab\there"])
+async def test_tokens_no_client_could_send_are_refused_at_start(
+    token: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    db = tmp_path / "node.sqlite"
+    status, _, err = await cli(capsys, "serve", "--db", str(db), "--token", token)
+    assert status == 2
+    assert "printable ASCII" in _one_line_error(err)
+    assert not db.exists()
+    status, _, err = await cli(capsys, "spawn", "--url", "http://127.0.0.1:9", "--token", token)
+    assert status == 2 and "printable ASCII" in _one_line_error(err, "spawn")
+
+
+async def test_schedule_says_what_a_text_field_sends(capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression (issue 10.7): ``n=5`` sends the string "5", and the command says so."""
+    async with node() as (url, _):
+        pid = (await cli(capsys, "spawn", "--url", url))[1].strip()
+        status, out, err = await cli(capsys, "schedule", "--url", url, pid, "n=5")
+        assert (status, out) == (0, "1\n")
+        assert 'note: n=5 sends the string "5"; write n:=5 for the JSON value 5' in err
+        status, out, err = await cli(capsys, "schedule", "--url", url, pid, "n:=5", "--verbose")
+        assert (status, out) == (0, "2\n")
+        assert err.splitlines() == [f"POST {url}/{pid}/schedule", '{"n":5}']
+        status, _, err = await cli(capsys, "schedule", "--url", url, pid, "who=alice")
+        assert (status, err) == (0, "")
+        # counter@1.0 refuses the string: that slot fails, as documented.
+        status, _, err = await cli(capsys, "compute", "--url", url, pid, "1")
+        assert status == 1 and "422 compute-error" in err and "must be an int, not str" in err
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([SRC, env.get("PYTHONPATH", "")])
+    env.pop("HBTRIO_TOKEN", None)
+    return env
+
+
+_MY_DEVICE = """
+class Doubler:
+    def init(self, process):
+        return {"value": 1}
+
+    def compute(self, state, assignment):
+        return {"value": state["value"] * 2}
+"""
+
+
+async def test_serve_finds_device_modules_in_the_current_directory(tmp_path: Path) -> None:
+    """Regression (issue 10.8): the console script, not ``python -m``, run beside the module."""
+    script = Path(sys.executable).with_name("hbtrio")
+    if not script.exists():  # pragma: no cover - an installation without console scripts
+        pytest.skip("no hbtrio console script beside this Python")
+    (tmp_path / "mydevices.py").write_text(_MY_DEVICE)
+    proc = await trio.lowlevel.open_process(
+        [
+            str(script),
+            "serve",
+            "--db",
+            "n.sqlite",
+            "--port",
+            "0",
+            "--log-level",
+            "warning",
+            "--device",
+            "double@1.0=mydevices:Doubler",
+            "--access-log",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(),
+        cwd=tmp_path,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    seen = bytearray()
+    try:
+        with trio.fail_after(30):
+            while b"press Ctrl-C" not in seen:
+                chunk = await proc.stdout.receive_some()
+                assert chunk, bytes(seen)
+                seen += chunk
+        found = re.search(rb"listening on (http://127\.0\.0\.1:\d+)", seen)
+        assert found is not None, seen
+        url = found.group(1).decode()
+
+        def drive() -> str:
+            client = ["--url", url]
+            out = (
+                subprocess.run(
+                    [str(script), "spawn", *client, "--execution-device", "double@1.0"],
+                    capture_output=True,
+                    check=True,
+                    env=_env(),
+                )
+                .stdout.decode()
+                .strip()
+            )
+            for _ in range(3):
+                subprocess.run(
+                    [str(script), "schedule", *client, out, "x:=1"],
+                    check=True,
+                    capture_output=True,
+                    env=_env(),
+                )
+            return subprocess.run(
+                [str(script), "now", *client, out, "--json"],
+                capture_output=True,
+                check=True,
+                env=_env(),
+            ).stdout.decode()
+
+        assert json.loads(await trio.to_thread.run_sync(drive)) == {"at-slot": 3, "value": 8}
+        proc.send_signal(signal.SIGINT)
+        with trio.fail_after(20):
+            assert await proc.wait() == 0
+        log = bytearray()
+        while chunk := await proc.stderr.receive_some():
+            log += chunk
+        assert re.search(rb'127\.0\.0\.1 "POST /processes" 200 [\d.]+ms', log), bytes(log)
+        assert re.search(rb'"GET /[\w-]{43}/now" 200', log), bytes(log)
+    finally:
+        await reap(proc)
+        await proc.stderr.aclose()

@@ -79,3 +79,14 @@ def test_error_relations() -> None:
 
 def test_version() -> None:
     assert isinstance(hbtrio.__version__, str)
+
+
+def test_the_node_api_is_the_public_module_hbtrio_http() -> None:
+    import hbtrio.http
+
+    for name in hbtrio.http.__all__:
+        obj = getattr(hbtrio.http, name)
+        if isinstance(obj, type) or callable(obj):
+            assert obj.__module__ == "hbtrio.http", name
+    for name in ("make_app", "run_server", "serve", "HttpApp"):
+        assert name in hbtrio.http.__all__

@@ -569,6 +569,12 @@ class BrokenEngine:
         raise RuntimeError("stats are broken too")
 
 
+def _schedule_unreadable() -> hbtrio.ComputeError:
+    error = hbtrio.ComputeError("schedule unreadable", phase="get-schedule", attempted_slot=1)
+    error.__cause__ = hbtrio.StoreError("database is locked")
+    return error
+
+
 async def test_unexpected_errors_are_mapped_and_contained(caplog: pytest.LogCaptureFixture) -> None:
     engine = BrokenEngine()
     pid = hbtrio.message_id({"any": "process"})
@@ -581,7 +587,9 @@ async def test_unexpected_errors_are_mapped_and_contained(caplog: pytest.LogCapt
             for error, status, code in [
                 (hbtrio.LeaderDied("lost it"), 503, "leader-died"),
                 (hbtrio.EngineClosed(), 503, "shutting-down"),
-                (hbtrio.StoreError("disk full"), 500, "engine-error"),
+                (hbtrio.StoreError("disk full"), 503, "store-error"),
+                (hbtrio.InternalError("a bug"), 500, "engine-error"),
+                (_schedule_unreadable(), 503, "store-error"),
                 (RuntimeError("secret detail"), 500, "internal-error"),
                 (
                     ExceptionGroup("wrapped", [hbtrio.ProcessNotFound(pid)]),
@@ -597,6 +605,28 @@ async def test_unexpected_errors_are_mapped_and_contained(caplog: pytest.LogCapt
             assert (await c.get("/workers")).json() == {"workers": {}}  # still serving
         stop.set()
     assert "secret detail" in caplog.text  # the traceback went to the log
+
+
+async def test_store_failures_are_503_store_error_and_pass(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression (issue 10.6): disk full or a locked database is not a bug (500), it passes."""
+    from hbtrio.testing import FaultyStore
+
+    store = FaultyStore(hbtrio.SQLiteStore(tmp_path / "node.sqlite"))
+    async with open_node(store=store) as n:
+        c = n.client
+        pid = await spawn(c)
+        for fault in (store.disk_full, store.locked):
+            with fault(methods="append_assignments"):
+                r = await c.post(f"/{pid}/schedule", json={"n": 1})
+                body = assert_error(r, 503, "store-error")
+                assert r.headers["retry-after"] == "1"
+                assert "is full" in body["message"] or "locked" in body["message"]
+        assert await schedule(c, pid, n=5) == 1  # once the fault is gone, nothing was lost
+        assert (await c.get(f"/{pid}/now")).json() == {"at-slot": 1, "count": 5}
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert not tracebacks, tracebacks  # a one-line warning each, no traceback
 
 
 async def test_token_guards_writes() -> None:

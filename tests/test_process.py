@@ -9,6 +9,7 @@ import pytest
 import trio
 import trio.testing
 
+import hbtrio
 from hbtrio import (
     ComputeError,
     InvalidMessage,
@@ -179,6 +180,24 @@ async def test_counter_sums_the_ns(store: Store) -> None:
         assert state == {"count": expected, "at-slot": slot}
         with pytest.raises(TypeError):
             state["count"] = 0  # type: ignore[index]
+
+
+@pytest.mark.parametrize("n", ["5", 5.0, True, None, [5], {"n": 5}, b"5"])
+async def test_counter_refuses_an_n_that_is_not_an_int(n: object) -> None:
+    """counter@1.0's documented rule (issue 10.7): only an int ``n`` counts; anything else,
+    a bool or the string "5" included, fails that slot (`ComputeError`, TypeError as cause),
+    inline or in the worker, and the process keeps its state before it."""
+    async with hbtrio.open_engine() as engine:
+        pid = await engine.spawn({"device": "process@1.0", "execution-device": "counter@1.0"})
+        await engine.schedule_many(pid, [{"n": 2}, {"n": n}, {"n": 3}])
+        assert (await engine.compute(pid, 1))["count"] == 2
+        for slot in (2, 3):  # the failing slot, and one after it
+            with pytest.raises(hbtrio.ComputeError) as info:
+                await engine.compute(pid, slot)
+            assert info.value.attempted_slot == 2 and info.value.phase == "compute"
+            assert isinstance(info.value.__cause__, TypeError)
+            assert 'body "n" must be an int' in str(info.value.__cause__)
+        assert engine.workers[pid].slot == 1
 
 
 @pytest.mark.parametrize("frequency", [1, 3, 64])

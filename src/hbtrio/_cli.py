@@ -102,7 +102,8 @@ def _port(text: str) -> int:
 
 FIELDS_HELP: Final = (
     "message fields: KEY=TEXT sets a string, KEY:=JSON any JSON value "
-    '(bytes as {"/bytes": "<base64>"}), e.g. n:=5 note=hello'
+    '(bytes as {"/bytes": "<base64>"}), e.g. n:=5 (the number 5) note=hello; '
+    'n=5 sends the string "5"'
 )
 
 
@@ -198,11 +199,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds in-flight requests get to finish on shutdown (default: %(default)s)",
     )
     serve.add_argument(
+        "--slot-timeout",
+        type=_positive_float,
+        default=None,
+        metavar="S",
+        help="seconds one call of an async or threaded device may take before its slot "
+        "fails (default: no limit)",
+    )
+    serve.add_argument(
+        "--shutdown-grace",
+        type=_positive_float,
+        default=30.0,
+        metavar="S",
+        help="seconds workers get to store their snapshots on shutdown before they are "
+        "cancelled (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log one line per request (client, method, path, status, ms) on stderr",
+    )
+    serve.add_argument(
         "--device",
         action="append",
         default=[],
         metavar="NAME=MODULE:ATTR",
-        help="register an extra execution device (a class is instantiated); repeatable",
+        help="register an extra execution device (a class is instantiated; MODULE may be "
+        "in the current directory); repeatable",
     )
     serve.add_argument(
         "--log-level",
@@ -248,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--json", action="store_true", help="print the node's JSON answer")
 
     body = argparse.ArgumentParser(add_help=False)
+    body.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print the request and the message sent (as JSON) on stderr",
+    )
     body.add_argument(
         "--body",
         metavar="JSON",
@@ -402,7 +431,24 @@ def _message_from_args(args: argparse.Namespace, base: Mapping[str, Any]) -> dic
                 raise CliError(f"{field!r}: {exc}", EXIT_USAGE) from None
         else:
             message[key] = value
+            if _looks_like_json_scalar(value):
+                print(
+                    f"note: {field} sends the string {_jsonwire.dumps(value).decode()}; "
+                    f"write {key}:={value} for the JSON value {value}",
+                    file=sys.stderr,
+                )
     return message
+
+
+def _looks_like_json_scalar(text: str) -> bool:
+    """True for text that is a JSON number, ``true``, ``false`` or ``null``."""
+    if text in ("true", "false", "null"):
+        return True
+    try:
+        value = _jsonwire.from_json(text)
+    except InvalidMessage:
+        return False
+    return type(value) in (int, float)
 
 
 def _client_call(
@@ -414,10 +460,11 @@ def _client_call(
     body: Mapping[str, Any] | None = None,
 ) -> httpx.Response:
     """One request to the node; `CliError` for transport failures and error statuses."""
-    try:
-        import httpx
-    except ImportError:  # pragma: no cover - depends on the installation
-        raise CliError("the client commands need httpx: pip install 'hbtrio[http]'") from None
+    _require("httpx", "the client commands")
+    import httpx
+
+    from ._http import check_token
+
     headers = {"accept": "application/json"}
     content = None
     if body is not None:
@@ -427,10 +474,18 @@ def _client_call(
         except InvalidMessage as exc:
             raise CliError(str(exc), EXIT_USAGE) from None
     if args.token:
+        try:
+            check_token(args.token)
+        except ValueError as exc:
+            raise CliError(f"--token: {exc}", EXIT_USAGE) from None
         headers["authorization"] = f"Bearer {args.token}"
     wait = getattr(args, "wait", None)
     timeout = 30.0 + (wait or 0.0)
     url = args.url.rstrip("/") + path
+    if getattr(args, "verbose", False):
+        print(f"{method} {url}", file=sys.stderr)
+        if content is not None:
+            print(content.decode("utf-8"), file=sys.stderr)
     try:
         response = httpx.request(
             method,
@@ -453,6 +508,17 @@ def _client_call(
             detail = response.text[:500]
         raise CliError(f"{response.status_code} {detail}")
     return response
+
+
+def _require(module: str, purpose: str) -> Any:
+    """Import ``module``, or `CliError` saying in one line that it is missing."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise CliError(
+            f"{purpose} need the Python package {module!r}, which cannot be imported "
+            f"({exc}); install it with: pip install {module}"
+        ) from None
 
 
 def _decoded(response: httpx.Response) -> dict[str, Any]:
@@ -551,16 +617,20 @@ def _load_device(spec: str) -> tuple[str, object]:
     module_name, colon, attr = target.partition(":")
     if not (sep and colon and name and module_name and attr):
         raise CliError(f"--device {spec!r}: expected NAME=MODULE:ATTR", EXIT_USAGE)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` would: modules beside the user
     try:
         obj: object = importlib.import_module(module_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise CliError(f"--device {spec!r}: {exc}", EXIT_USAGE) from None
-    return name, obj() if isinstance(obj, type) else obj
+        return name, obj() if isinstance(obj, type) else obj
+    except Exception as exc:  # anything the user's module raises on import or construction
+        raise CliError(f"--device {spec!r}: {type(exc).__name__}: {exc}", EXIT_USAGE) from None
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    _require("hypercorn", "the node's HTTP server and its dependencies")
+    from ._exceptions import StoreError
     from ._http import check_bind, serve
 
     token = args.token if args.token is not None else os.environ.get("HBTRIO_TOKEN") or None
@@ -573,6 +643,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     logging.getLogger("hypercorn").setLevel(max(logging.WARNING, logging.getLogger().level))
+    if args.access_log:
+        logging.getLogger("hbtrio.access").setLevel(logging.INFO)
     db = Path(args.db).resolve()
 
     async def run() -> None:
@@ -591,6 +663,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                     max_wait=max(args.max_wait, args.wait),
                     grace=args.grace,
                     devices=devices,
+                    slot_timeout=args.slot_timeout,
+                    shutdown_grace=args.shutdown_grace,
+                    access_log=args.access_log,
                 )
             )
             for url in urls:
@@ -604,6 +679,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         leaf = _only_leaf(exc)  # serve() raises it plainly, the nursery above wraps it
         if isinstance(leaf, OSError):  # e.g. the address is in use
             raise CliError(f"cannot serve on {args.host}:{args.port}: {leaf}") from None
+        if isinstance(leaf, StoreError):  # the file is in use, not a database, ...
+            raise CliError(str(leaf)) from None
         raise
     return 0
 
@@ -625,14 +702,36 @@ class _Clock:
     def say(self, text: str) -> None:
         print(f"[{time.perf_counter() - self.start:6.3f}s] {text}", flush=True)
 
+    def step(self, title: str, what: str) -> None:
+        """A numbered heading: what the next lines show."""
+        print(f"\n== {title}\n   {what}", flush=True)
+
 
 def _stats_line(engine: Engine) -> str:
-    s = engine.stats()
+    s = engine.statistics()
     return (
         f"slots_computed={s.slots_computed} cache_hits={s.cache_hits} "
         f"workers_started={s.workers_started} workers_stopped={s.workers_stopped} "
         f"requests={s.requests}"
     )
+
+
+class _Digest:
+    """``digest@1.0``, the demo's resolution device: a slow SHA-256 of ``request["data"]``."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    async def sha256(self, base: Mapping[str, Any], request: Mapping[str, Any]) -> dict[str, str]:
+        import hashlib
+
+        self.runs += 1
+        await trio.sleep(0.05)  # an expensive call, worth running once for everyone
+        return {"sha256": hashlib.sha256(request["data"]).hexdigest()}
+
+
+#: Show every compute answer up to this many per process; beyond, a summary per process.
+_SHOW_ANSWERS: Final = 4
 
 
 async def _demo(processes: int, messages: int, waiters: int, out: _Clock) -> None:
@@ -643,7 +742,15 @@ async def _demo(processes: int, messages: int, waiters: int, out: _Clock) -> Non
     with tempfile.TemporaryDirectory(prefix="hbtrio-demo-") as tmp:
         path = Path(tmp) / "demo.sqlite"
         out.say(f"temporary SQLite store: {path}")
-        async with hbtrio.open_engine(hbtrio.SQLiteStore(path)) as engine:
+        digest = _Digest()
+        async with hbtrio.open_engine(
+            hbtrio.SQLiteStore(path), devices={"digest@1.0": digest}
+        ) as engine:
+            out.step(
+                "1. spawn",
+                "a process is a definition naming its execution device; its ID is the "
+                "SHA-256 of the definition, and spawning it again changes nothing",
+            )
             names: dict[str, str] = {}
             for i in range(processes):
                 definition = {
@@ -655,44 +762,62 @@ async def _demo(processes: int, messages: int, waiters: int, out: _Clock) -> Non
                 names[pid] = f"counter-{i}"
                 out.say(f"spawned counter-{i} (counter@1.0) as process {pid}")
 
+            out.step(
+                "2. schedule",
+                "each message gets the next slot, durable in SQLite before schedule() returns",
+            )
+            total, done = processes * messages, 0
+            every = max(1, total // 10)
+
             async def schedule_all(pid: str) -> None:
+                nonlocal done
                 for n in range(1, messages + 1):
                     await engine.schedule(pid, {"n": n})
+                    done += 1
+                    if total >= 2000 and done % every == 0:
+                        out.say(f"  scheduled {done:,} of {total:,} messages")
 
             async with trio.open_nursery() as nursery:
                 for pid in names:
                     nursery.start_soon(schedule_all, pid)
             out.say(
                 f"scheduled {messages} messages {{'n': 1..{messages}}} on each process "
-                f"(slots 1..{messages}, each durable in SQLite before schedule() returned)"
+                f"(slots 1..{messages})"
             )
 
-            out.say(
-                f"computing: {waiters} concurrent requests per process, for different slots, "
-                "all at once"
+            out.step(
+                "3. compute, concurrently",
+                f"{waiters} requests per process for different slots, all at once: one worker "
+                "per process computes each slot once and hands every waiter its own slot",
             )
             targets = sorted({max(1, messages * (k + 1) // waiters) for k in range(waiters)})
+            wrong: list[str] = []
 
-            async def ask(pid: str, slot: int) -> None:
+            async def ask(pid: str, slot: int, show: bool) -> None:
                 t0 = time.perf_counter()
                 state = await engine.compute(pid, slot)
                 ms = (time.perf_counter() - t0) * 1000
                 expected = slot * (slot + 1) // 2
                 check = "ok" if state["count"] == expected else f"EXPECTED {expected}"
-                out.say(
-                    f"  {names[pid]} slot {slot:>4} -> count {state['count']:>6} "
-                    f"({check}, {ms:6.1f} ms)"
-                )
+                if check != "ok":
+                    wrong.append(f"{names[pid]} slot {slot}")
+                if show or check != "ok":
+                    out.say(
+                        f"  {names[pid]} slot {slot:>4} -> count {state['count']:>6} "
+                        f"({check}, {ms:6.1f} ms)"
+                    )
 
+            show = len(targets) <= _SHOW_ANSWERS
             async with trio.open_nursery() as nursery:
                 for pid in names:
                     for slot in reversed(targets):
-                        nursery.start_soon(ask, pid, slot)
-            out.say(
-                f"done: {_stats_line(engine)}\n"
-                f"         one worker per process computed each slot once and handed every "
-                "waiter its slot on the way"
-            )
+                        nursery.start_soon(ask, pid, slot, show)
+            if not show:
+                out.say(
+                    f"  {len(targets) * processes} answers, "
+                    f"{'all right' if not wrong else f'{len(wrong)} WRONG'}"
+                )
+            out.say(f"done: {_stats_line(engine)}")
 
             print()
             rows = [
@@ -700,17 +825,26 @@ async def _demo(processes: int, messages: int, waiters: int, out: _Clock) -> Non
                 for pid, info in sorted(engine.workers.items(), key=lambda kv: names[kv[0]])
             ]
             print(format_table(["worker", "slot", "target", "waiting", "computed", "phase"], rows))
-            print()
 
+            out.step(
+                "4. stored results",
+                "every computed slot is stored: asking again is answered from the store",
+            )
             first = next(iter(names))
             half = max(1, messages // 2)
-            before = engine.stats().cache_hits
+            before = engine.statistics().cache_hits
             state = await engine.compute(first, half)
             out.say(
                 f"{names[first]} slot {half} again -> count {state['count']} "
-                f"(from its stored result: cache_hits {before} -> {engine.stats().cache_hits})"
+                f"(from its stored result: cache_hits {before} -> "
+                f"{engine.statistics().cache_hits})"
             )
 
+            out.step(
+                "5. a failing message",
+                "the device raises: the caller gets ComputeError; the worker keeps its "
+                "last good state",
+            )
             bad_slot = await engine.schedule(first, {"n": "not a number"})
             try:
                 await engine.compute(first, bad_slot)
@@ -724,19 +858,45 @@ async def _demo(processes: int, messages: int, waiters: int, out: _Clock) -> Non
             out.say(
                 f"the worker kept its last good state: slot {messages} -> count {state['count']}"
             )
-            stats = attrs.asdict(engine.stats())
+
+            out.step(
+                "6. deduplicated resolution",
+                "identical concurrent resolve() calls run once, and every caller gets the result",
+            )
+            callers = 10
+            base, request = {"device": "digest@1.0"}, {"path": "sha256", "data": b"hbtrio"}
+            results: list[Any] = []
+
+            async def resolve() -> None:
+                results.append(await engine.resolve(base, request))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(callers):
+                    nursery.start_soon(resolve)
+            stats = engine.statistics()
+            out.say(
+                f"{callers} callers of digest@1.0 sha256 -> {len({r['sha256'] for r in results})} "
+                f"answer, the device ran {digest.runs} time(s) (deduplicated={stats.deduplicated})"
+            )
+            first_stats = attrs.asdict(engine.statistics())
+        out.step(
+            "7. restart",
+            "leaving the engine's block stores every worker's snapshot; a new engine on the "
+            "same file continues where it stopped",
+        )
         out.say("engine closed: every worker stored a snapshot of its state")
 
         async with hbtrio.open_engine(hbtrio.SQLiteStore(path)) as engine:
             states = [await engine.compute(pid, messages) for pid in names]
+            again = engine.statistics()
             out.say(
                 f"reopened the same file: slot {messages} of each process -> counts "
                 f"{[s['count'] for s in states]}, computed again: "
-                f"{engine.stats().slots_computed} slots ({engine.stats().cache_hits} cache hits)"
+                f"{again.slots_computed} slots ({again.cache_hits} cache hits)"
             )
         print()
-        print("engine.stats() of the first engine:")
-        print(format_message(stats, ()))
+        print("engine.statistics() of the first engine:")
+        print(format_message(first_stats, ()))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -807,6 +967,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"hbtrio {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (`hbtrio demo | head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ from ._exceptions import (
     LeaderDied,
     ProcessNotFound,
     SlotNotScheduled,
+    StoreError,
     UnknownDevice,
 )
 from ._message import MAX_SLOT, Message, check_ints, validate_pid
@@ -78,12 +79,14 @@ __all__ = [
     "EngineLike",
     "HttpApp",
     "check_bind",
+    "check_token",
     "make_app",
     "run_server",
     "serve",
 ]
 
 logger: Final = logging.getLogger("hbtrio.http")
+access_logger: Final = logging.getLogger("hbtrio.access")
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8734
@@ -215,6 +218,17 @@ def error_response(exc: Exception) -> Response:
                 "requested-slot": exc.requested_slot,
                 "latest-slot": exc.latest,
             },
+        ).response()
+    if isinstance(exc, StoreError) or (
+        isinstance(exc, ComputeError) and isinstance(exc.__cause__, StoreError)
+    ):
+        # Disk full, a locked or busy database: the node's trouble, not a bug, and passing.
+        logger.warning("store error answering a request: %s", exc)
+        return HttpError(
+            503,
+            "store-error",
+            f"the node's store failed: {exc}; nothing was lost, retry",
+            headers=_RETRY,
         ).response()
     if isinstance(exc, ComputeError):
         cause = exc.__cause__
@@ -562,6 +576,7 @@ class HttpApp:
     max_body: int = DEFAULT_MAX_BODY
     default_wait: float = DEFAULT_WAIT
     max_wait: float = DEFAULT_MAX_WAIT
+    access_log: bool = False
     metrics: HttpMetrics = attrs.field(factory=HttpMetrics, init=False)
     #: Set once by `begin_shutdown`; never unset.
     shutting_down: bool = attrs.field(default=False, init=False)
@@ -620,7 +635,10 @@ class HttpApp:
                 await _send(send, response)
         finally:
             self.metrics.in_flight -= 1
-        self.metrics.record(method, route, status, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self.metrics.record(method, route, status, seconds)
+        if self.access_log:
+            _log_access(scope, status, seconds)
 
     async def _answer(
         self,
@@ -883,6 +901,21 @@ class HttpApp:
         return self._ok({**body, "status": "computing"}, media, 202, _RETRY)
 
 
+def _log_access(scope: _ASGI, status: int, seconds: float) -> None:
+    client = scope.get("client") or ("-", 0)
+    target = str(scope.get("path", ""))[:300]
+    if scope.get("query_string"):
+        target += "?" + scope["query_string"][:300].decode("latin-1")
+    access_logger.info(
+        '%s "%s %s" %d %.1fms',
+        client[0],
+        str(scope.get("method", "?"))[:20],
+        target.encode("ascii", "backslashreplace").decode("ascii"),
+        status,
+        seconds * 1000,
+    )
+
+
 async def _send(send: Send, response: Response) -> None:
     headers = [
         (b"content-type", response.content_type.encode("latin-1")),
@@ -901,6 +934,7 @@ def make_app(
     max_body: int = DEFAULT_MAX_BODY,
     default_wait: float = DEFAULT_WAIT,
     max_wait: float = DEFAULT_MAX_WAIT,
+    access_log: bool = False,
 ) -> HttpApp:
     """The ASGI app serving ``engine`` (see ``docs/http.md`` for the endpoints).
 
@@ -911,6 +945,8 @@ def make_app(
         max_body: largest request body in bytes; larger ones get 413.
         default_wait: seconds a compute request waits when it names no ``wait``.
         max_wait: largest ``wait`` a client may ask for.
+        access_log: log one line per request on the ``hbtrio.access`` logger
+            (level INFO): client, method, path, status, milliseconds.
 
     Synchronous; the app must run on the engine's Trio loop.
     """
@@ -918,10 +954,14 @@ def make_app(
         raise ValueError(f"max_body must be >= 1, not {max_body}")
     if not 0.0 < default_wait <= max_wait:
         raise ValueError(f"need 0 < default_wait <= max_wait, not {default_wait} and {max_wait}")
-    if token is not None and not token.strip():
-        raise ValueError("token must not be empty")
+    check_token(token)
     return HttpApp(
-        engine, token=token, max_body=max_body, default_wait=default_wait, max_wait=max_wait
+        engine,
+        token=token,
+        max_body=max_body,
+        default_wait=default_wait,
+        max_wait=max_wait,
+        access_log=access_log,
     )
 
 
@@ -938,10 +978,26 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_bind(host: str, token: str | None) -> None:
-    """Refuse (`ValueError`) to bind a non-loopback address without an API token."""
-    if token is not None and not token.strip():
+def check_token(token: str | None) -> None:
+    """Refuse (`ValueError`) a token that no client could send as it is.
+
+    A token is 1 to 4096 printable ASCII characters without spaces: a header
+    carries nothing else intact (a non-ASCII token, or one with spaces around
+    it, would never match what a client sends).
+    """
+    if token is None:
+        return
+    if not token:
         raise ValueError("the API token must not be empty")
+    if len(token) > 4096 or not all("!" <= ch <= "~" for ch in token):
+        raise ValueError(
+            "the API token must be printable ASCII without spaces (at most 4096 characters)"
+        )
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Refuse (`ValueError`) to bind a non-loopback address without an API token, or a bad token."""
+    check_token(token)
     if not is_loopback(host) and token is None:
         raise ValueError(
             f"refusing to listen on {host!r} without an API token: "
@@ -1022,7 +1078,7 @@ async def run_server(
         from hypercorn.config import Config
         from hypercorn.trio import serve as hypercorn_serve
     except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise RuntimeError("serving HTTP needs hypercorn: pip install 'hbtrio[http]'") from exc
+        raise RuntimeError(f"serving HTTP needs hypercorn, which is not installed: {exc}") from exc
 
     # The listening socket is ours, handed to hypercorn by descriptor, so that
     # serving can resume on it if hypercorn's server dies (see below).
@@ -1103,6 +1159,9 @@ async def serve(
     max_wait: float = DEFAULT_MAX_WAIT,
     grace: float = DEFAULT_GRACE,
     devices: Mapping[str, object] | None = None,
+    slot_timeout: float | None = None,
+    shutdown_grace: float = 30.0,
+    access_log: bool = False,
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -1113,7 +1172,8 @@ async def serve(
     raises `OSError` if the address cannot be listened on. Runs until
     shutdown (see `run_server`), then leaves the engine's block, which stores
     every worker's snapshot. ``task_status.started()`` reports the listening
-    URLs once the node accepts requests.
+    URLs once the node accepts requests. ``slot_timeout`` and
+    ``shutdown_grace`` go to `hbtrio.open_engine`.
     """
     check_bind(host, token)
     if port != 0:
@@ -1122,10 +1182,20 @@ async def serve(
 
     store = hbtrio.MemoryStore() if db is None else hbtrio.SQLiteStore(db)
     async with hbtrio.open_engine(
-        store, devices=devices, max_idle=max_idle, cache_frequency=cache_frequency
+        store,
+        devices=devices,
+        max_idle=max_idle,
+        cache_frequency=cache_frequency,
+        slot_timeout=slot_timeout,
+        shutdown_grace=shutdown_grace,
     ) as engine:
         app = make_app(
-            engine, token=token, max_body=max_body, default_wait=default_wait, max_wait=max_wait
+            engine,
+            token=token,
+            max_body=max_body,
+            default_wait=default_wait,
+            max_wait=max_wait,
+            access_log=access_log,
         )
         await run_server(
             app,

@@ -1,0 +1,53 @@
+"""The node's HTTP API, to embed in your own Trio program.
+
+::
+
+    import hbtrio
+    from hbtrio.http import make_app, run_server, serve
+
+    await serve("node.sqlite", port=8734)  # what `hbtrio serve` runs
+
+    async with hbtrio.open_engine(hbtrio.SQLiteStore("node.sqlite")) as engine:
+        await run_server(make_app(engine), port=8734)  # your own engine and devices
+
+`make_app` builds a plain ASGI 3 application over an engine; `run_server`
+serves one with hypercorn's Trio worker until shutdown; `serve` does both on
+an engine of its own. The endpoints, wire formats and statuses are in
+``docs/http.md``.
+"""
+
+from ._http import DEFAULT_GRACE as DEFAULT_GRACE
+from ._http import DEFAULT_HOST as DEFAULT_HOST
+from ._http import DEFAULT_MAX_BODY as DEFAULT_MAX_BODY
+from ._http import DEFAULT_MAX_WAIT as DEFAULT_MAX_WAIT
+from ._http import DEFAULT_PORT as DEFAULT_PORT
+from ._http import DEFAULT_WAIT as DEFAULT_WAIT
+from ._http import EngineLike as EngineLike
+from ._http import HttpApp as HttpApp
+from ._http import check_bind as check_bind
+from ._http import check_token as check_token
+from ._http import make_app as make_app
+from ._http import run_server as run_server
+from ._http import serve as serve
+
+__all__ = [
+    "DEFAULT_GRACE",
+    "DEFAULT_HOST",
+    "DEFAULT_MAX_BODY",
+    "DEFAULT_MAX_WAIT",
+    "DEFAULT_PORT",
+    "DEFAULT_WAIT",
+    "EngineLike",
+    "HttpApp",
+    "check_bind",
+    "check_token",
+    "make_app",
+    "run_server",
+    "serve",
+]
+
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("hbtrio._"):
+        _obj.__module__ = "hbtrio.http"
+del _name, _obj
