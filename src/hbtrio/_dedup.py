@@ -27,7 +27,7 @@ import attrs
 import outcome
 import trio
 
-from ._devices import call_maybe_async
+from ._devices import call_maybe_async, is_device_failure
 from ._exceptions import ComputeError
 from ._message import freeze
 
@@ -75,7 +75,9 @@ class Execution:
             try:
                 value = await call_maybe_async(fn, is_async, *args)
                 result = outcome.Value(_freeze_result(value))
-            except Exception as exc:
+            except BaseException as exc:  # whatever the device raised, but our cancellation
+                if not is_device_failure(exc):
+                    raise
                 error = exc
                 result = outcome.Error(error)
         self._leave_table()

@@ -11,16 +11,24 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
 import attrs
 import trio
 
-from ._exceptions import InvalidMessage, UnknownDevice
+from ._exceptions import ComputeError, InvalidMessage, UnknownDevice
 from ._message import MAX_INT, MIN_INT, Message
 
-__all__ = ["Counter", "DeviceInfo", "Devices", "call_maybe_async", "run_in_thread"]
+__all__ = [
+    "Counter",
+    "DeviceInfo",
+    "Devices",
+    "call_maybe_async",
+    "is_device_failure",
+    "run_in_thread",
+]
 
 PROCESS_DEVICE: Final = "process@1.0"
 
@@ -31,6 +39,28 @@ def _is_async(fn: object) -> bool:
     )
 
 
+def is_device_failure(exc: BaseException) -> bool:
+    """Whether ``exc``, raised out of a device call, is that device's failure.
+
+    Whatever a device raises is its own failure, and so its process's, never
+    the engine's: `KeyboardInterrupt`, `SystemExit`, `GeneratorExit` and any
+    other `BaseException` included. The one exception is the calling task's
+    own cancellation: a `trio.Cancelled` while a scope around the call is
+    cancelled (the engine closing, a ``slot_timeout``, the last waiter
+    leaving), which must propagate. A `trio.Cancelled` raised while no scope
+    around the call is cancelled is a stray one, and the device's failure.
+
+    A real Ctrl-C never lands in device code: the engine's frames that call
+    devices are KI-protected (`trio.lowlevel.enable_ki_protection`), so Trio
+    delivers it to the main task instead; a `KeyboardInterrupt` out of a device
+    is one the device raised. Call from the task that called the device.
+    """
+    if isinstance(exc, trio.Cancelled):
+        return trio.current_effective_deadline() != -math.inf
+    return True
+
+
+@trio.lowlevel.enable_ki_protection
 async def call_maybe_async(fn: Callable[..., Any], is_async: bool, *args: Any) -> Any:
     """Call ``fn(*args)``, awaiting it when ``is_async``. Not a checkpoint by itself."""
     if is_async:
@@ -97,7 +127,16 @@ class DeviceInfo:
         """The public method named ``path`` for a generic resolution."""
         if type(path) is not str or not path.isidentifier() or path.startswith("_"):
             raise InvalidMessage(f"path: {path!r} is not a device method name")
-        fn = getattr(self.obj, path, None)
+        try:
+            fn = getattr(self.obj, path, None)
+        except BaseException as exc:  # the device's own __getattr__ failed: its failure
+            if not is_device_failure(exc):
+                raise
+            raise ComputeError(
+                f"device {self.name!r}: looking up {path!r} failed: {exc!r}",
+                phase="compute",
+                attempted_slot=None,
+            ) from exc
         if fn is None or not callable(fn):
             raise InvalidMessage(f"path: device {self.name!r} has no method {path!r}")
         return fn, _is_async(fn)

@@ -20,7 +20,7 @@ from typing import Any, Final
 import attrs
 import trio
 
-from ._devices import PROCESS_DEVICE, DeviceInfo, Devices
+from ._devices import PROCESS_DEVICE, DeviceInfo, Devices, is_device_failure
 from ._exceptions import ComputeError, InvalidMessage, ProcessNotFound, SlotNotScheduled, StoreError
 from ._message import (
     _TRUSTED,
@@ -160,7 +160,14 @@ class ProcessRuntime:
         return cls(pid, definition, device, store, cache_frequency, slot_timeout)
 
     def failure(self, slot: int, exc: BaseException, what: str = "compute") -> ComputeError:
-        """The `ComputeError` for device method ``what`` failing at ``slot`` with ``exc``."""
+        """The `ComputeError` for device method ``what`` failing at ``slot`` with ``exc``.
+
+        Whatever the device raised (see `is_device_failure`), except the
+        caller's own cancellation, which this raises again as it is: call it
+        from the ``except BaseException`` around a device call.
+        """
+        if not is_device_failure(exc):
+            raise exc
         return ComputeError(
             f"process {self.pid}: {what} failed at slot {slot}: {exc!r}",
             phase="compute",
@@ -168,6 +175,7 @@ class ProcessRuntime:
             pid=self.pid,
         )
 
+    @trio.lowlevel.enable_ki_protection
     async def _call(self, fn: Callable[..., Any], is_async: bool, *args: Any) -> Any:
         """Call a device method; an async one is bounded by ``slot_timeout``.
 
@@ -190,7 +198,7 @@ class ProcessRuntime:
         try:
             new = await self._call(d.init, d.init_async, self.definition)
             return adopt_state(new, 0, d.trusted)
-        except (Exception, trio.TooSlowError) as exc:
+        except BaseException as exc:
             raise self.failure(0, exc, "init") from exc
 
     async def snapshot_of(self, state: Message) -> Message:
@@ -201,7 +209,7 @@ class ProcessRuntime:
         try:
             snap = await self._call(d.snapshot, d.snapshot_async, state)
             frozen = freeze(snap, what="snapshot")
-        except Exception as exc:
+        except BaseException as exc:
             raise self.failure(state["at-slot"], exc, "snapshot") from exc
         return frozen
 
@@ -239,6 +247,7 @@ class ProcessRuntime:
         self.store.put_results_nowait(self.pid, [(0, state, await self.snapshot_of(state))])
         return state
 
+    @trio.lowlevel.enable_ki_protection
     def restore_nowait(self, at_most: int) -> Message:
         """`restore` in the calling task: never checkpoints.
 
@@ -255,12 +264,12 @@ class ProcessRuntime:
                 return self._own_snapshot(slot, snap)
             try:
                 return adopt_state(d.restore(snap), slot, d.trusted)
-            except Exception as exc:
+            except BaseException as exc:
                 raise self.failure(slot, exc, "restore") from exc
         assert d.init is not None
         try:
             state = adopt_state(d.init(self.definition), 0, d.trusted)
-        except Exception as exc:
+        except BaseException as exc:
             raise self.failure(0, exc, "init") from exc
         self.store.put_results_nowait(self.pid, [(0, state, state)])  # plain: its own snapshot
         return state
@@ -278,7 +287,7 @@ class ProcessRuntime:
         try:
             new = await self._call(d.restore, d.restore_async, snap)
             return adopt_state(new, slot, d.trusted)
-        except Exception as exc:
+        except BaseException as exc:
             raise self.failure(slot, exc, "restore") from exc
 
     # assignments ---------------------------------------------------------------------------------
@@ -315,6 +324,7 @@ class ProcessRuntime:
 
     # applying slots ------------------------------------------------------------------------------
 
+    @trio.lowlevel.enable_ki_protection
     def apply_sync(self, state: Message, assignments: list[Message], out: list[Message]) -> None:
         """Apply consecutive ``assignments`` with a plain (non-async) device.
 
@@ -329,17 +339,18 @@ class ProcessRuntime:
         if d.compute_batch is not None:
             try:
                 d.compute_batch(state, assignments, out)
-            except Exception as exc:
+            except BaseException as exc:
                 raise self.failure(assignments[len(out)]["slot"], exc) from exc
             return
         compute_one, append = self.compute_one, out.append
         for a in assignments:
             try:
                 state = compute_one(state, a)
-            except Exception as exc:
+            except BaseException as exc:
                 raise self.failure(a["slot"], exc) from exc
             append(state)
 
+    @trio.lowlevel.enable_ki_protection
     def _compute_untrusted(self, state: Message, assignment: Message) -> Message:
         new = self.device.compute(state, assignment)  # type: ignore[misc]
         return adopt_state(new, assignment["slot"], False)
@@ -364,7 +375,7 @@ class ProcessRuntime:
             try:
                 new = await self._call(compute, is_async, state, a)
                 new_state = adopt_state(new, slot, d.trusted)
-            except Exception as exc:
+            except BaseException as exc:
                 raise self.failure(slot, exc) from exc
             snap = await self.snapshot_of(new_state) if slot % freq == 0 else None
             state = new_state

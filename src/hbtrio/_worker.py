@@ -215,6 +215,7 @@ class GroupWorker:
             self.target = slot
         return self.state
 
+    @trio.lowlevel.enable_ki_protection  # a real Ctrl-C never lands in the device it calls
     def step(self, slot: int) -> Message | None:
         """`try_inline` for the next slot (``self.slot + 1``) of an idle worker.
 
@@ -232,7 +233,7 @@ class GroupWorker:
         rt = self.runtime  # set, like state, whenever plain is
         try:
             state = rt.compute_one(self.state, assignment)  # type: ignore[union-attr,arg-type]
-        except Exception as exc:
+        except BaseException as exc:  # whatever the device raised: see is_device_failure
             raise rt.failure(slot, exc) from exc  # type: ignore[union-attr]
         try:
             snapshot = slot % rt.cache_frequency == 0  # type: ignore[union-attr]
