@@ -1,4 +1,4 @@
-"""The examples in docs/reliability.md run, and do what the text says.
+"""The examples in docs/reliability.md and docs/devices.md run, and do what the text says.
 
 Every fenced block whose info string is ``python`` is a complete script: it
 runs in a fresh namespace (in a temporary working directory) and must not
@@ -19,41 +19,47 @@ import pytest
 
 import hbtrio
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+PAGES = ("reliability.md", "devices.md")
 SRC = str(Path(hbtrio.__file__).resolve().parents[1])
 FENCE = re.compile(r"^```(python[^\n]*)\n(.*?)^```", re.M | re.S)
 
 
-def blocks(kind: str) -> list[tuple[int, str]]:
-    text = DOC.read_text()
+def blocks(kind: str, pages: tuple[str, ...] = PAGES) -> list[tuple[str, int, str]]:
+    """(page, line, code) of every block of ``kind`` in ``pages``."""
     out = []
-    for match in FENCE.finditer(text):
-        if match.group(1).strip() == kind:
-            line = text.count("\n", 0, match.start()) + 1
-            out.append((line, match.group(2)))
+    for page in pages:
+        text = (DOCS / page).read_text()
+        for match in FENCE.finditer(text):
+            if match.group(1).strip() == kind:
+                line = text.count("\n", 0, match.start()) + 1
+                out.append((page, line, match.group(2)))
     return out
 
 
-def test_the_document_has_examples() -> None:
-    assert len(blocks("python")) >= 4
-    assert len(blocks("python pytest")) >= 1
+def test_the_documents_have_examples() -> None:
+    assert len(blocks("python", ("reliability.md",))) >= 4
+    assert len(blocks("python pytest", ("reliability.md",))) >= 1
+    assert len(blocks("python", ("devices.md",))) >= 5
 
 
 def ids(kind: str) -> list[str]:
-    return [f"line-{line}" for line, _ in blocks(kind)]
+    return [f"{page}:{line}" for page, line, _ in blocks(kind)]
 
 
-@pytest.mark.parametrize(("line", "code"), blocks("python"), ids=ids("python"))
+@pytest.mark.parametrize(("page", "line", "code"), blocks("python"), ids=ids("python"))
 def test_example_runs(
-    line: int, code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    page: str, line: int, code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "__main__"}
-    exec(compile(code, f"{DOC.name}:{line}", "exec"), namespace)
+    exec(compile(code, f"{page}:{line}", "exec"), namespace)
 
 
-@pytest.mark.parametrize(("line", "code"), blocks("python pytest"), ids=ids("python pytest"))
-def test_pytest_example_passes(line: int, code: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("page", "line", "code"), blocks("python pytest"), ids=ids("python pytest")
+)
+def test_pytest_example_passes(page: str, line: int, code: str, tmp_path: Path) -> None:
     (tmp_path / f"test_doc_example_{line}.py").write_text(code)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([SRC, env.get("PYTHONPATH", "")])
