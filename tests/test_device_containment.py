@@ -385,3 +385,63 @@ async def test_the_way_out_for_a_device_that_takes_its_process_down(tmp_path: Pa
             await engine.now(bad)
         assert (await engine.now(good))["count"] == 4
         assert await engine.schedule(bad, {"n": 1}) == 2  # its log still takes messages
+
+
+# --------------------------------------------------------------------------- devices that write
+
+
+class Scribbler:
+    """Writes into everything it is handed, past the read-only API, then computes honestly."""
+
+    def _scribble(self, *messages: Any) -> None:
+        for message in messages:
+            dict.__setitem__(message, "scribbled", True)
+            for value in list(message.values()):
+                if isinstance(value, dict):
+                    dict.__setitem__(value, "scribbled", True)
+                if isinstance(value, tuple):
+                    for item in value:
+                        if isinstance(item, dict):
+                            dict.__setitem__(item, "scribbled", True)
+
+    def init(self, process: Any) -> dict[str, Any]:
+        self._scribble(process)
+        return {"count": 0, "nested": {"deep": {"n": 0}}, "items": [{"k": 0}]}
+
+    def compute(self, state: Any, assignment: Any) -> dict[str, Any]:
+        self._scribble(state, assignment, assignment["body"], state["nested"])
+        n = assignment["body"]["n"]
+        return {
+            "count": state["count"] + n,
+            "nested": {"deep": {"n": state["nested"]["deep"]["n"] + 1}},
+            "items": [{"k": n}],
+        }
+
+
+class AsyncScribbler(Scribbler):
+    async def compute(self, state: Any, assignment: Any) -> dict[str, Any]:  # type: ignore[override]
+        await trio.lowlevel.checkpoint()
+        return Scribbler.compute(self, state, assignment)
+
+
+@pytest.mark.parametrize("device", [Scribbler, AsyncScribbler])
+async def test_a_device_writing_into_its_input_cannot_make_memory_and_disk_disagree(
+    device: type, tmp_path: Path
+) -> None:
+    """Regression (issue 15.8): what the engine keeps is never what the device was handed."""
+    path = tmp_path / "s.sqlite"
+    devices = {"scribble@1.0": device()}
+    definition_ = definition("scribble@1.0")
+    async with hbtrio.open_engine(hbtrio.SQLiteStore(path), devices=devices) as engine:
+        pid = await engine.spawn(definition_)
+        await engine.schedule_many(pid, [{"n": n, "sub": {"x": n}} for n in range(1, 6)])
+        in_memory = [await engine.compute(pid, slot) for slot in range(6)]
+        for state in in_memory:
+            assert "scribbled" not in state and "scribbled" not in state["nested"]
+        assert await engine.compute(pid, 5) == in_memory[5]
+    async with hbtrio.open_engine(hbtrio.SQLiteStore(path), devices=devices) as engine:
+        on_disk = [await engine.compute(pid, slot) for slot in range(6)]
+        assert on_disk == in_memory
+        report = await hbtrio.testing.audit_process(engine.store, pid, devices)
+        assert report.results == 6  # every stored result equals a fresh replay
+    assert hbtrio.message_id(definition_) == pid  # the definition was not changed either

@@ -256,6 +256,46 @@ def hand_out(state: Mapping[str, Any]) -> Message:
     return state  # type: ignore[return-value]
 
 
+def private_copy(message: Message) -> Message:
+    """A copy of a frozen message that shares no ``dict`` with it. Never blocks.
+
+    A `Message` refuses every mutation through its own methods, but
+    ``dict.__setitem__(msg, k, v)`` (or a C extension) still changes it in
+    place. What the engine keeps (states in memory, cached assignments) must
+    not change after it is stored, so a device the engine does not trust is
+    handed these copies instead. Scalars and tuples without maps in them are
+    shared (they are immutable); maps, and tuples that hold maps, are copied:
+    about 0.15 us for a flat message plus 0.05 us a key.
+    """
+    copied: Message = _Frozen(message)
+    for key, value in message.items():
+        if type(value) in _CONTAINERS:
+            _set_item(copied, key, _private_value(value))
+    return copied
+
+
+def _private_value(value: Any) -> Any:
+    if type(value) is not FrozenList:
+        return private_copy(value)
+    if all(type(v) not in _CONTAINERS for v in value):
+        return value  # a tuple of scalars: immutable as it is
+    items: FrozenList = _new_list(
+        FrozenList, [_private_value(v) if type(v) in _CONTAINERS else v for v in value]
+    )
+    return items
+
+
+def private_assignment(assignment: Message) -> Message:
+    """`private_copy` of an assignment, whose only map is its ``"body"`` (the engine made it)."""
+    copied: Message = _Frozen(assignment)
+    _set_item(copied, "body", private_copy(assignment["body"]))
+    return copied
+
+
+_CONTAINERS: frozenset[type] = frozenset({_Frozen, Message, FrozenList})
+_set_item = dict.__setitem__
+
+
 def _adopt_list(items: list[Any]) -> FrozenList:
     return FrozenList([_adopt_list(v) if type(v) is list else v for v in items])
 

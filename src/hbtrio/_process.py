@@ -30,6 +30,8 @@ from ._message import (
     _Frozen,
     freeze,
     hand_out,
+    private_assignment,
+    private_copy,
     validate_slot,
 )
 from ._store import SlotResult, Store
@@ -175,6 +177,17 @@ class ProcessRuntime:
             pid=self.pid,
         )
 
+    def _given(self, message: Message) -> Message:
+        """What a device is handed of a message the engine keeps (see `private_copy`).
+
+        A trusted (built-in) device gets the message itself; any other gets a
+        copy that shares no ``dict`` with it, so that even a device reaching
+        past the read-only API (``dict.__setitem__``) cannot change a stored
+        state, a cached assignment or a definition: what is in memory stays
+        what is on disk.
+        """
+        return message if self.device.trusted else private_copy(message)
+
     @trio.lowlevel.enable_ki_protection
     async def _call(self, fn: Callable[..., Any], is_async: bool, *args: Any) -> Any:
         """Call a device method; an async one is bounded by ``slot_timeout``.
@@ -196,7 +209,7 @@ class ProcessRuntime:
         d = self.device
         assert d.init is not None
         try:
-            new = await self._call(d.init, d.init_async, self.definition)
+            new = await self._call(d.init, d.init_async, self._given(self.definition))
             return adopt_state(new, 0, d.trusted)
         except BaseException as exc:
             raise self.failure(0, exc, "init") from exc
@@ -207,7 +220,7 @@ class ProcessRuntime:
         if d.snapshot is None:
             return state
         try:
-            snap = await self._call(d.snapshot, d.snapshot_async, state)
+            snap = await self._call(d.snapshot, d.snapshot_async, self._given(state))
             frozen = freeze(snap, what="snapshot")
         except BaseException as exc:
             raise self.failure(state["at-slot"], exc, "snapshot") from exc
@@ -263,12 +276,12 @@ class ProcessRuntime:
             if d.restore is None:
                 return self._own_snapshot(slot, snap)
             try:
-                return adopt_state(d.restore(snap), slot, d.trusted)
+                return adopt_state(d.restore(self._given(snap)), slot, d.trusted)
             except BaseException as exc:
                 raise self.failure(slot, exc, "restore") from exc
         assert d.init is not None
         try:
-            state = adopt_state(d.init(self.definition), 0, d.trusted)
+            state = adopt_state(d.init(self._given(self.definition)), 0, d.trusted)
         except BaseException as exc:
             raise self.failure(0, exc, "init") from exc
         self.store.put_results_nowait(self.pid, [(0, state, state)])  # plain: its own snapshot
@@ -285,7 +298,7 @@ class ProcessRuntime:
         if d.restore is None:
             return self._own_snapshot(slot, snap)
         try:
-            new = await self._call(d.restore, d.restore_async, snap)
+            new = await self._call(d.restore, d.restore_async, self._given(snap))
             return adopt_state(new, slot, d.trusted)
         except BaseException as exc:
             raise self.failure(slot, exc, "restore") from exc
@@ -352,7 +365,7 @@ class ProcessRuntime:
 
     @trio.lowlevel.enable_ki_protection
     def _compute_untrusted(self, state: Message, assignment: Message) -> Message:
-        new = self.device.compute(state, assignment)  # type: ignore[misc]
+        new = self.device.compute(private_copy(state), private_assignment(assignment))  # type: ignore[misc]
         return adopt_state(new, assignment["slot"], False)
 
     async def apply_async(
@@ -373,7 +386,11 @@ class ProcessRuntime:
         for a in assignments:
             slot = a["slot"]
             try:
-                new = await self._call(compute, is_async, state, a)
+                if not d.trusted:
+                    state_in, a_in = private_copy(state), private_assignment(a)
+                else:
+                    state_in, a_in = state, a
+                new = await self._call(compute, is_async, state_in, a_in)
                 new_state = adopt_state(new, slot, d.trusted)
             except BaseException as exc:
                 raise self.failure(slot, exc) from exc
