@@ -110,12 +110,17 @@ FIELDS_HELP: Final = (
 def build_parser() -> argparse.ArgumentParser:
     """The ``hbtrio`` argument parser (every subcommand has ``--help``)."""
     from ._http import (
+        DEFAULT_BODY_TIMEOUT,
         DEFAULT_GRACE,
         DEFAULT_HOST,
+        DEFAULT_KEEP_ALIVE,
         DEFAULT_MAX_BODY,
+        DEFAULT_MAX_CONNECTIONS,
         DEFAULT_MAX_WAIT,
         DEFAULT_PORT,
+        DEFAULT_READ_TIMEOUT,
         DEFAULT_WAIT,
+        DEFAULT_WRITE_TIMEOUT,
     )
 
     parser = argparse.ArgumentParser(
@@ -197,6 +202,46 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_GRACE,
         metavar="S",
         help="seconds in-flight requests get to finish on shutdown (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--read-timeout",
+        type=_positive_float,
+        default=DEFAULT_READ_TIMEOUT,
+        metavar="S",
+        help="seconds a request body may pause between two reads before the request gets "
+        "408 (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--body-timeout",
+        type=_positive_float,
+        default=DEFAULT_BODY_TIMEOUT,
+        metavar="S",
+        help="seconds a whole request body may take after the headers before the request "
+        "gets 408 (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--keep-alive",
+        type=_positive_float,
+        default=DEFAULT_KEEP_ALIVE,
+        metavar="S",
+        help="seconds a connection may go without a request in progress (idle, or sending "
+        "a request's headers) before it is closed (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--write-timeout",
+        type=_positive_float,
+        default=DEFAULT_WRITE_TIMEOUT,
+        metavar="S",
+        help="seconds a client may take to receive one write of an answer before its "
+        "connection is closed (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="connections held at once; the one idle longest makes room for a new one, "
+        "else the new one gets 503 (default: %(default)s)",
     )
     serve.add_argument(
         "--slot-timeout",
@@ -666,6 +711,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                     slot_timeout=args.slot_timeout,
                     shutdown_grace=args.shutdown_grace,
                     access_log=args.access_log,
+                    read_timeout=args.read_timeout,
+                    body_timeout=args.body_timeout,
+                    max_connections=args.max_connections,
+                    keep_alive=args.keep_alive,
+                    write_timeout=args.write_timeout,
                 )
             )
             for url in urls:
