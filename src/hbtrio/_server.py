@@ -26,8 +26,8 @@ needs:
   included. Here each connection runs in its own task that catches, logs and
   closes only that connection.
 * **Writes without a deadline.** A client that does not read its answer
-  blocks hypercorn's (shielded) send for ever. Every send here must finish
-  within ``write_timeout`` seconds or the connection is closed.
+  blocks hypercorn's (shielded) send for ever. Here a send still under way
+  after ``write_timeout`` seconds (checked every second) closes its connection.
 * **Protocol errors with empty bodies.** hypercorn answers a request h11
   cannot parse with its own empty 400 (or 431, 501, ...); here the answer
   carries the node's JSON error body.
@@ -161,6 +161,7 @@ class _Connection:
 
     scope: trio.CancelScope
     peer: str
+    stream: _TimedStream
     #: No request in progress (hypercorn's notion, the one its keep-alive timer uses).
     idle: bool = True
     #: Trio time since which it has been idle.
@@ -196,36 +197,46 @@ class _TCPServer(TCPServer):
 
 
 class _TimedStream(trio.abc.HalfCloseableStream):
-    """A socket stream whose every ``send_all`` must finish within ``timeout`` seconds.
+    """A socket stream whose sends `Connections` can time out, and whose ``send_eof``
+    waits for a send in progress.
 
-    On expiry the socket is closed and `trio.BrokenResourceError` raised, which
-    hypercorn takes for a client that went away. ``send_all`` and ``send_eof``
-    take turns: hypercorn serialises its sends but not its ``send_eof``, and a
-    ``send_eof`` racing a send raised `trio.BusyResourceError` out of its
-    connection code (a client that pipelines garbage after an HTTP/1.0 request
-    made that happen). Receiving is left to one task, as hypercorn does.
+    ``sending_since`` is the Trio time the send in progress started (``None``
+    when there is none); `Connections` closes the socket of a send older than
+    its write timeout, and hypercorn takes the resulting error for a client that
+    went away. (A deadline per send would cost a cancel scope per write.)
+    hypercorn serialises its sends but not its ``send_eof``, and a ``send_eof``
+    racing a send raised `trio.BusyResourceError` out of its connection code (a
+    client pipelining garbage after an HTTP/1.0 request made that happen); here
+    ``send_eof`` waits for the send, and a send after ``send_eof`` is a broken
+    stream. Receiving is left to one task, as hypercorn does.
     """
 
-    def __init__(self, stream: trio.SocketStream, timeout: float, on_timeout: Callable[[], None]):
+    def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
-        self._timeout = timeout
-        self._on_timeout = on_timeout
-        self._sending = trio.Lock()
+        self.sending_since: float | None = None
+        self.timed_out = False
+        self._closing = False
+        self._sent: trio.Event | None = None  # set when the send in progress ends
 
     @property
     def socket(self) -> trio.socket.SocketType:
         return self._stream.socket
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        with trio.move_on_after(self._timeout) as scope:
-            async with self._sending:
-                await self._stream.send_all(data)
-        if scope.cancelled_caught:
-            self._on_timeout()
-            self._stream.socket.close()
-            raise trio.BrokenResourceError(
-                f"the client did not take its answer within {self._timeout:g} s"
-            )
+        if self._closing:
+            raise trio.BrokenResourceError("the connection is being closed")
+        self.sending_since = trio.current_time()
+        try:
+            await self._stream.send_all(data)
+        except trio.ClosedResourceError:
+            if self.timed_out:
+                raise trio.BrokenResourceError("the client did not take its answer") from None
+            raise
+        finally:
+            self.sending_since = None
+            if self._sent is not None:
+                self._sent.set()
+                self._sent = None
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
@@ -234,11 +245,19 @@ class _TimedStream(trio.abc.HalfCloseableStream):
         return await self._stream.receive_some(max_bytes)
 
     async def send_eof(self) -> None:
-        async with self._sending:
-            await self._stream.send_eof()
+        self._closing = True
+        while self.sending_since is not None:
+            self._sent = self._sent or trio.Event()
+            await self._sent.wait()
+        await self._stream.send_eof()
 
     async def aclose(self) -> None:
         await self._stream.aclose()
+
+    def time_out(self) -> None:
+        """Close the socket under the send in progress (it raises at once)."""
+        self.timed_out = True
+        self._stream.socket.close()
 
 
 def _peer(stream: trio.SocketStream) -> str:
@@ -301,7 +320,18 @@ class Connections:
         await self._context.terminated.set()
 
     async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> NoReturn:
-        """Accept connections for ever, serving each in a task of ``nursery``."""
+        """Accept connections for ever, serving each in a task of ``nursery``.
+
+        The write timeout is watched while this runs (not once it is cancelled
+        for shutdown: the drain has a deadline of its own).
+        """
+        async with trio.open_nursery() as watcher:
+            watcher.start_soon(self._watch_writes)
+            await self._accept_for_ever(listener, nursery)
+
+    async def _accept_for_ever(
+        self, listener: trio.SocketListener, nursery: trio.Nursery
+    ) -> NoReturn:
         while True:
             try:
                 stream = await listener.accept()
@@ -316,7 +346,9 @@ class Connections:
                 nursery.start_soon(self._refuse, stream)
                 continue
             now = trio.current_time()
-            connection = _Connection(trio.CancelScope(), _peer(stream), True, now)
+            connection = _Connection(
+                trio.CancelScope(), _peer(stream), _TimedStream(stream), True, now
+            )
             self._open[id(connection)] = connection
             self._counts.open = len(self._open)
             nursery.start_soon(self._serve, stream, connection)
@@ -380,7 +412,6 @@ class Connections:
             await self._closed.wait()
 
     async def _serve(self, stream: trio.SocketStream, connection: _Connection) -> None:
-        timed = _TimedStream(stream, self._write_timeout, self._write_timed_out)
         try:
             with connection.scope:
                 server = _TCPServer(
@@ -389,7 +420,7 @@ class Connections:
                     self._config,
                     self._context,
                     ConnectionState({}),
-                    timed,
+                    connection.stream,
                 )
                 await server.run()
         except* Exception as group:
@@ -401,8 +432,21 @@ class Connections:
             self._closed = trio.Event()
             await trio.aclose_forcefully(stream)
 
-    def _write_timed_out(self) -> None:
-        self._counts.closed["write-timeout"] += 1
+    async def _watch_writes(self) -> NoReturn:
+        """Close every connection whose send has taken longer than the write timeout.
+
+        Checks every second (a tenth of the timeout if that is shorter), so a
+        send is cut between ``write_timeout`` and that much later.
+        """
+        period = min(1.0, self._write_timeout / 10)
+        while True:
+            await trio.sleep(period)
+            oldest = trio.current_time() - self._write_timeout
+            for connection in list(self._open.values()):
+                since = connection.stream.sending_since
+                if since is not None and since <= oldest and not connection.stream.timed_out:
+                    self._counts.closed["write-timeout"] += 1
+                    connection.stream.time_out()
 
     def _connection_failed(self, connection: _Connection, group: BaseExceptionGroup[Any]) -> None:
         """Log an exception that escaped hypercorn's code for one connection (then closed)."""
