@@ -14,9 +14,12 @@ Theory of operation
 -------------------
 Every request runs in its own task (hypercorn's). `HttpApp.__call__` decides
 the answer in a fixed order, so that nothing is read or done for a request
-that is refused anyway: shutting down (503), route (404, 405), token (401),
-``Accept`` (406), ``Content-Type`` (415), ``Content-Length`` (413), body (400,
-413), and only then the engine call. Engine errors are translated into
+that is refused anyway: shutting down (503), route (404, 405), a body on a
+GET (400), token (401), ``Accept`` (406), ``Content-Type`` (415),
+``Content-Length`` (413), body (400, 413, and 408 past the read or body
+timeout), and only then the engine call. A request refused before its body
+was read gets ``Connection: close``. Large bodies are decoded in worker
+threads (`DECODE_THREADS` at most). Engine errors are translated into
 statuses once, in `error_response`.
 
 A compute request waits inside a cancel scope whose deadline is the request's
@@ -26,8 +29,9 @@ waits are cancellation-safe): the worker goes on computing and the client gets
 disconnects. `HttpApp.begin_shutdown` marks the app as shutting down (new
 requests get 503) and pulls every pending wait's deadline in to the end of the
 grace period; a wait still pending then gets 503 with the slot reached.
-`run_server` calls it when the shutdown trigger fires, right before hypercorn
-stops accepting connections and lets open ones finish.
+`run_server` calls it when the shutdown trigger fires, once it has stopped
+accepting connections; open ones then finish. Connections are accepted,
+bounded and contained by ``_server.Connections`` (see its module docstring).
 
 Nothing a client sends reaches the engine unvalidated, and no exception from a
 request escapes the app: an unexpected one is logged and answered with 500.
@@ -71,11 +75,16 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
 __all__ = [
+    "DEFAULT_BODY_TIMEOUT",
     "DEFAULT_GRACE",
     "DEFAULT_HOST",
+    "DEFAULT_KEEP_ALIVE",
     "DEFAULT_MAX_BODY",
+    "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_PORT",
+    "DEFAULT_READ_TIMEOUT",
     "DEFAULT_WAIT",
+    "DEFAULT_WRITE_TIMEOUT",
     "EngineLike",
     "HttpApp",
     "check_bind",
