@@ -1206,6 +1206,7 @@ raw_requests = st.one_of(
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.lists(raw_requests, min_size=1, max_size=5))
 @example(data=[b"GET /stats HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"])
+@example(data=[b"\x00", b"! ! HTTP/0.0\nContent-Length:1\n\n\x00\x00"])
 async def test_a_real_server_survives_raw_garbage(data: list[bytes]) -> None:
     async with hbtrio.open_engine() as engine:
         pid = await engine.spawn({"device": "process@1.0", "execution-device": "counter@1.0"})
@@ -1235,7 +1236,10 @@ async def test_a_real_server_survives_raw_garbage(data: list[bytes]) -> None:
                         # 505: an HTTP version it does not speak. Both are the protocol's.
                         status = first.status
                         assert status < 500 or status in (501, 505), answer
-                        if status >= 400:  # the node's JSON error body, whoever refused
+                        complete = str(len(first.body)) == first.headers.get("content-length")
+                        if status >= 400 and complete:  # the node's JSON body, whoever refused
+                            # (Incomplete: bytes after an HTTP/1.0 request made hypercorn close
+                            # the connection at once, cutting the answer short.)
                             assert first.headers["content-type"] == "application/json", answer
                             error = json.loads(first.body)
                             assert error["status"] == status and error["message"], answer
