@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import string
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -41,7 +40,7 @@ from hbtrio._message import _Frozen
 from hbtrio.http import make_app, run_server
 from helpers import COUNTER
 from strategies import TAGS, big_ints, head, ints
-from test_http import assert_error, open_node, schedule, spawn
+from test_http import assert_error, open_node, parse_answer, raw_exchange, schedule, spawn
 
 CBOR_TYPE = "application/cbor"
 JSON_TYPE = "application/json"
@@ -1126,6 +1125,49 @@ async def test_every_http_endpoint_answers_a_documented_status(program: list[Req
 
 # --------------------------------------------------------------------------- HTTP: a real server
 
+
+@pytest.mark.parametrize(
+    "announces", ["Content-Length: 1000000", "Content-Length: 5", "Transfer-Encoding: chunked"]
+)
+async def test_a_get_with_a_body_is_refused_before_it_is_read(announces: str) -> None:
+    """Regression (issue 15.4): a GET needs no token, and one announcing a body the client
+    never sends held its connection for ever. Now: 400 at once, then the node hangs up."""
+    async with open_node(read_timeout=60, body_timeout=60) as node:
+        pid = await spawn(node.client)
+        await schedule(node.client, pid, n=3)
+        for target in ("/stats", f"/{pid}/now", f"/{pid}/compute?slot=1", "/metrics"):
+            with trio.fail_after(5):  # far below the body timeouts: refused, not timed out
+                answer = await raw_exchange(
+                    node.url, f"GET {target} HTTP/1.1\r\nHost: x\r\n{announces}\r\n\r\n".encode()
+                )
+            error = answer.error(400, "unexpected-body")
+            assert "takes no body" in error["message"]
+            assert answer.headers["connection"] == "close" and answer.closed
+        # Content-Length: 0 is no body: answered, on a connection that stays open.
+        r = await node.client.get(f"/{pid}/now", headers={"content-length": "0"})
+        assert r.json() == {"at-slot": 1, "count": 3}
+
+
+async def test_protocol_errors_from_the_http_layer_have_json_bodies() -> None:
+    """Regression (issue 15.7): hypercorn answered what h11 cannot parse with an empty 400;
+    the node's answers to protocol errors carry its JSON error body."""
+    async with open_node() as node:
+        head = "GET /stats HTTP/1.1\r\nHost: x\r\n"
+        for data, status, code in [
+            (b"garbage\r\n\r\n", 400, "bad-request"),
+            (b"GET /stats HTTP/1.1\r\nBad Header\r\n\r\n", 400, "bad-request"),
+            (f"{head}Content-Length: -1\r\n\r\n".encode(), 400, "bad-request"),
+            (f"{head}Transfer-Encoding: gzip\r\n\r\n".encode(), 501, "not-implemented"),
+            (f"{head}X: {'y' * 20000}".encode(), 431, "headers-too-large"),  # never ends
+        ]:
+            with trio.fail_after(5):
+                answer = await raw_exchange(node.url, data)
+            error = answer.error(status, code)
+            assert error["message"].startswith(("malformed HTTP request", "the request's head"))
+            assert answer.headers["connection"] == "close" and answer.closed
+        assert (await node.client.get("/stats")).status_code == 200
+
+
 raw_requests = st.one_of(
     st.binary(min_size=1, max_size=200),
     st.builds(
@@ -1164,6 +1206,7 @@ raw_requests = st.one_of(
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.lists(raw_requests, min_size=1, max_size=5))
 @example(data=[b"GET /stats HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"])
+@example(data=[b"\x00", b"! ! HTTP/0.0\nContent-Length:1\n\n\x00\x00"])
 async def test_a_real_server_survives_raw_garbage(data: list[bytes]) -> None:
     async with hbtrio.open_engine() as engine:
         pid = await engine.spawn({"device": "process@1.0", "execution-device": "counter@1.0"})
@@ -1187,12 +1230,19 @@ async def test_a_real_server_survives_raw_garbage(data: list[bytes]) -> None:
                     with trio.move_on_after(CALL_LIMIT):
                         while chunk := await stream.receive_some():
                             answer += chunk
-                    match = re.match(rb"HTTP/1\.[01] (\d{3})", answer)
-                    if match:
+                    first = parse_answer(answer)
+                    if first.status is not None:
                         # 501: a transfer coding the server does not implement (RFC 9112 6.1);
                         # 505: an HTTP version it does not speak. Both are the protocol's.
-                        status = int(match.group(1))
+                        status = first.status
                         assert status < 500 or status in (501, 505), answer
+                        complete = str(len(first.body)) == first.headers.get("content-length")
+                        if status >= 400 and complete:  # the node's JSON body, whoever refused
+                            # (Incomplete: bytes after an HTTP/1.0 request made hypercorn close
+                            # the connection at once, cutting the answer short.)
+                            assert first.headers["content-type"] == "application/json", answer
+                            error = json.loads(first.body)
+                            assert error["status"] == status and error["message"], answer
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass  # the server hung up on garbage: fine
                 finally:

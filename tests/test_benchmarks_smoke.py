@@ -136,3 +136,24 @@ def test_wire_bench_runs_and_its_decoders_agree(tmp_path: Path) -> None:
         ("cbor-answer", "maps"),
     }
     assert all(r["ok"] for r in rows)
+
+
+def test_big_bodies_bench_runs_against_a_baseline_tree(tmp_path: Path) -> None:
+    out = tmp_path / "big.json"
+    args = ["--rounds", "1", "--seconds", "0.5", "--idle-seconds", "0.2", "--big-clients", "1"]
+    args += ["--body-bytes", "100000", "--baseline-src", str(REPO / "src"), "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/big_bodies.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    document = json.loads(out.read_text())
+    rows = {(r["node"], r["phase"]): r for r in document["results"]}
+    assert set(rows) == {(n, p) for n in ("baseline", "this") for p in ("idle", "loaded")}
+    assert all(r["errors"] == 0 and r["small_requests"] > 0 for r in rows.values())
+    assert rows["this", "loaded"]["big_posts"] > 0
+    assert set(document["ratios_loaded"]) >= {"small_p50_ms", "small_p99_ms"}

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hbtrio import FrozenList, InvalidMessage, Message, decode, encode, freeze
-from hbtrio._codec import encode_plain
+from hbtrio._codec import encode_in_pieces, encode_plain, is_large
 from hbtrio._message import MAX_DEPTH, MAX_INT, MIN_INT, decode_trusted
 from strategies import TAGS, encodings, head, messages
 
@@ -26,6 +26,28 @@ def test_round_trip(message: dict[str, Any]) -> None:
     assert type(back) is not dict and isinstance(back, Message)
     assert back == message
     assert encode(back) == data
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    message=messages
+    | st.dictionaries(st.text(max_size=30), st.lists(messages, max_size=20), max_size=20),
+    piece=st.integers(1, 40),
+)
+def test_encoding_in_pieces_gives_the_canonical_bytes(message: dict[str, Any], piece: int) -> None:
+    # Large messages are encoded in pieces off the event loop (IDs, stored assignments).
+    frozen = freeze(message)
+    assert encode_in_pieces(frozen, piece) == encode(frozen)
+
+
+def test_is_large() -> None:
+    assert not is_large(freeze({"n": 5, "xs": list(range(200)), "s": "x" * 60000}))
+    assert is_large(freeze({"xs": list(range(300))}))
+    assert is_large(freeze({"a": [{"k": i} for i in range(130)]}))  # 261 values in all
+    assert is_large(freeze({"s": "x" * 65536}))
+    assert is_large(freeze({"b": {"c": b"\x00" * 65536}}))
+    big = freeze({f"k{i}": {"v": [i, str(i)]} for i in range(1000)})
+    assert is_large(big) and encode_in_pieces(big) == encode(big)
 
 
 @settings(max_examples=50, deadline=None)

@@ -134,6 +134,67 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
     return body
 
 
+# --------------------------------------------------------------------------- raw HTTP
+
+
+@attrs.frozen
+class RawAnswer:
+    """The first HTTP/1.1 response a raw connection got, and whether the server hung up."""
+
+    status: int | None
+    headers: dict[str, str]
+    body: bytes
+    closed: bool
+
+    def error(self, status: int, code: str) -> dict[str, Any]:
+        """The JSON error body, checked like `assert_error`."""
+        assert self.status == status, (self.status, self.body)
+        assert self.headers.get("content-type") == "application/json", self.headers
+        body: dict[str, Any] = json.loads(self.body)
+        assert (body["error"], body["status"]) == (code, status), body
+        assert isinstance(body["message"], str) and body["message"]
+        return body
+
+
+def parse_answer(data: bytes, closed: bool = False) -> RawAnswer:
+    """The first response in ``data`` (status ``None`` if there is none)."""
+    head, sep, rest = data.partition(b"\r\n\r\n")
+    match = re.match(rb"HTTP/1\.[01] (\d{3})", head)
+    if not sep or match is None:
+        return RawAnswer(None, {}, b"", closed)
+    headers: dict[str, str] = {}
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    return RawAnswer(int(match.group(1)), headers, rest[:length], closed)
+
+
+def host_port(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return host.strip("[]"), int(port)
+
+
+async def read_until_closed(stream: trio.abc.ReceiveStream) -> tuple[bytes, bool]:
+    """Everything the server sends until it hangs up (bound it with a timeout)."""
+    received = bytearray()
+    try:
+        while chunk := await stream.receive_some():
+            received += chunk
+    except trio.BrokenResourceError:  # a reset is a hang-up too
+        pass
+    return bytes(received), True
+
+
+async def raw_exchange(url: str, data: bytes) -> RawAnswer:
+    """Send ``data`` on a fresh connection and read until the server hangs up."""
+    stream = await trio.open_tcp_stream(*host_port(url))
+    async with stream:
+        await stream.send_all(data)
+        received, closed = await read_until_closed(stream)
+    return parse_answer(received, closed)
+
+
 # --------------------------------------------------------------------------- endpoints
 
 
@@ -400,6 +461,85 @@ async def test_compute_202_then_result(node: Node) -> None:
     assert r.json() == {"at-slot": 2, "count": 2}
     assert engine.stats().slots_computed == computed  # nothing computed again
     assert (await c.get(f"/{pid}/slot/current")).json()["computed-slot"] == 2
+
+
+async def test_a_wait_longer_than_the_read_timeout_is_not_cut() -> None:
+    """The read timeout bounds request bodies only: a compute request whose client sends
+    nothing while it waits (longer than the read timeout) still gets its answer.
+    (hypercorn's own ``read_timeout`` would hang up on it; the node does not use it.)"""
+    async with open_node(read_timeout=0.2, body_timeout=0.2) as n:
+        pid = await spawn(n.client, "gate@1.0")
+        await schedule(n.client, pid)
+        answer: list[httpx.Response] = []
+
+        async def in_flight() -> None:
+            answer.append(await n.client.get(f"/{pid}/compute", params={"slot": 1, "wait": 30}))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(in_flight)
+            await wait_until(lambda: pid in n.engine.workers and n.engine.workers[pid].waiting)
+            await trio.sleep(0.6)  # three read timeouts of silence from the client
+            assert not answer
+            n.gate.open.set()
+        assert answer[0].status_code == 200
+        assert answer[0].json() == {"at-slot": 1, "count": 1}
+
+
+async def test_large_bodies_are_decoded_in_threads_at_most_two_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bodies of 64 KiB or more are decoded off the event loop, by at most
+    `DECODE_THREADS` threads at once; smaller ones on the loop."""
+    import threading
+
+    from hbtrio import _http
+
+    release = threading.Event()
+    lock = threading.Lock()
+    seen = {"inside": 0, "most": 0, "threads": set()}
+    original = _http.decode_body
+
+    def decode(body: bytes, media: str) -> hbtrio.Message:
+        with lock:
+            seen["inside"] += 1
+            seen["most"] = max(seen["most"], seen["inside"])
+            seen["threads"].add(threading.current_thread() is threading.main_thread())
+        try:
+            if len(body) >= _http.DECODE_IN_THREAD:
+                release.wait(10)
+            return original(body, media)
+        finally:
+            with lock:
+                seen["inside"] -= 1
+
+    monkeypatch.setattr(_http, "decode_body", decode)
+    async with open_node(max_body=1 << 20) as n:
+        pid = await spawn(n.client, "echo@1.0")  # a small body: on the loop
+        assert seen["threads"] == {True}
+        seen["threads"].clear()
+        big = json.dumps({"blob": "x" * _http.DECODE_IN_THREAD}).encode()
+        slots: list[int] = []
+
+        async def post() -> None:
+            r = await n.client.post(
+                f"/{pid}/schedule", content=big, headers={"content-type": "application/json"}
+            )
+            slots.append(r.json()["slot"])
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(post)
+            await wait_until(lambda: seen["inside"] == _http.DECODE_THREADS)
+            # The loop is free meanwhile, and the other two bodies wait for a thread.
+            assert (await n.client.get("/stats")).status_code == 200
+            await trio.testing.wait_all_tasks_blocked(0.05)
+            assert seen["inside"] == _http.DECODE_THREADS
+            release.set()
+        assert sorted(slots) == [1, 2, 3, 4]
+        assert seen["most"] == _http.DECODE_THREADS
+        assert seen["threads"] == {False}
+        state = (await n.client.get(f"/{pid}/now")).json()
+        assert state["last"] == {"blob": "x" * _http.DECODE_IN_THREAD}
 
 
 async def test_client_disconnect_releases_the_wait(node: Node) -> None:
@@ -779,22 +919,40 @@ class Slow:
     async def compute(self, state, assignment):
         await trio.sleep(0.3)  # simulated work
         return {**state, "count": state["count"] + 1}
+
+class Hang:
+    def init(self, process):
+        return {"count": 0}
+
+    async def compute(self, state, assignment):
+        await trio.sleep_forever()  # a device that never answers
 """
+
+#: Runs ``hbtrio serve`` with a descriptor limit of ``argv[1]`` (soft and hard).
+LIMITED = (
+    "import resource, sys; n = int(sys.argv.pop(1)); "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); "
+    "from hbtrio._cli import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
 @asynccontextmanager
 async def node_process(
-    tmp_path: Path, *args: str
+    tmp_path: Path, *args: str, nofile: int | None = None, log_level: str = "warning"
 ) -> AsyncIterator[tuple[trio.Process, str, bytearray]]:
-    """A real ``hbtrio serve`` subprocess on a free port; yields (process, url, stdout so far)."""
+    """A real ``hbtrio serve`` subprocess on a free port; yields (process, url, stdout so far).
+
+    Devices ``slow@1.0`` and ``hang@1.0`` (`SLOW_DEVICE`); its stderr goes to
+    ``tmp_path / "stderr.txt"``; ``nofile`` limits its descriptors.
+    """
     (tmp_path / "slowdev.py").write_text(SLOW_DEVICE)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([SRC, str(tmp_path), env.get("PYTHONPATH", "")])
     env.pop("HBTRIO_TOKEN", None)
+    start = ["-m", "hbtrio._cli"] if nofile is None else ["-c", LIMITED, str(nofile)]
     cmd = [
         sys.executable,
-        "-m",
-        "hbtrio._cli",
+        *start,
         "serve",
         "--db",
         str(tmp_path / "node.sqlite"),
@@ -802,8 +960,10 @@ async def node_process(
         "0",
         "--device",
         "slow@1.0=slowdev:Slow",
+        "--device",
+        "hang@1.0=slowdev:Hang",
         "--log-level",
-        "warning",
+        log_level,
         *args,
     ]
     with (tmp_path / "stderr.txt").open("ab") as err:
@@ -863,6 +1023,45 @@ async def test_sigterm_drains_in_flight_requests_and_keeps_everything(tmp_path: 
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(20):
             assert await proc.wait() == 0
+
+
+async def test_serve_slot_timeout_makes_a_hung_device_a_422(tmp_path: Path) -> None:
+    """``--slot-timeout``: a hung async device fails its slot (422), not 202 for ever."""
+    async with node_process(tmp_path, "--slot-timeout", "0.5") as (proc, url, _):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            hung = await spawn(c, "hang@1.0")
+            await schedule(c, hung)
+            r = await c.get(f"/{hung}/compute", params={"slot": 1, "wait": 20})
+            body = assert_error(r, 422, "compute-error")
+            assert body["attempted-slot"] == 1
+            assert body["cause"].startswith("TooSlowError")
+            counter = await spawn(c)  # the node is fine
+            await schedule(c, counter, n=2)
+            assert (await c.get(f"/{counter}/now")).json() == {"at-slot": 1, "count": 2}
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            assert await proc.wait() == 0
+
+
+async def test_serve_shutdown_grace_bounds_the_exit_while_a_worker_is_stuck(
+    tmp_path: Path,
+) -> None:
+    """``--shutdown-grace``: SIGTERM with a worker stuck in its device exits within the grace
+    periods (``--grace`` for requests, then ``--shutdown-grace`` for workers), not the
+    default 30 s; what was scheduled is kept."""
+    args = ("--grace", "0.5", "--shutdown-grace", "1")
+    async with node_process(tmp_path, *args) as (proc, url, _):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            hung = await spawn(c, "hang@1.0")
+            await schedule(c, hung)
+            r = await c.get(f"/{hung}/compute", params={"slot": 1, "wait": 0.2})
+            assert r.status_code == 202  # the worker is stuck in the device
+            assert (await c.get("/workers")).json()["workers"][hung]["target"] == 1
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):  # well under the 30 s default shutdown grace
+            assert await proc.wait() == 0
+    async with hbtrio.open_engine(hbtrio.SQLiteStore(tmp_path / "node.sqlite")) as engine:
+        assert await engine.latest_slot(hung) == 1
 
 
 # --------------------------------------------------------------------------- curl

@@ -25,6 +25,7 @@ from hbtrio import (
     Store,
     freeze,
     message_id,
+    open_engine,
     verify_schedule,
 )
 
@@ -355,3 +356,33 @@ def test_tmp_path_is_a_path(tmp_path: Path) -> None:
     # SQLiteStore takes os.PathLike as well as str.
     assert SQLiteStore(tmp_path / "a.sqlite").path == str(tmp_path / "a.sqlite")
     assert SQLiteStore(str(tmp_path / "a.sqlite")).path == str(tmp_path / "a.sqlite")
+
+
+async def test_large_messages_get_the_same_ids_computed_off_the_loop(store: Store) -> None:
+    """Large definitions and messages are hashed in a thread, in pieces: same IDs, same chain."""
+    import threading
+
+    from hbtrio import _message
+
+    threads: set[bool] = set()
+    original = _message.encode_in_pieces
+
+    def spy(value: Any, piece: int = 256) -> bytes:
+        threads.add(threading.current_thread() is threading.main_thread())
+        return original(value, piece)
+
+    big_definition = {**DEFINITION, "blob": [{"k": i, "v": str(i)} for i in range(2000)]}
+    big_body = {"n": 1, "items": [{"k": i} for i in range(5000)]}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_message, "encode_in_pieces", spy)
+        async with open_engine(store) as engine:
+            pid = await engine.spawn(big_definition)
+            assert pid == message_id(big_definition)
+            assert await engine.schedule_many(pid, [{"n": 2}, big_body, {"n": 3}]) == [1, 2, 3]
+            assignments = await store.get_assignments(pid, 0, 4)
+            assert [a["message-id"] for a in assignments[1:]] == [
+                message_id(m) for m in ({"n": 2}, big_body, {"n": 3})
+            ]
+            verify_schedule(pid, assignments)
+            assert (await engine.now(pid))["count"] == 6
+    assert threads == {False}

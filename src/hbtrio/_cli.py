@@ -51,6 +51,8 @@ EXIT_ERROR: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_PENDING: Final = 3
 EXIT_INTERRUPTED: Final = 130
+#: Seconds a thread holds the GIL while another wants it, in ``hbtrio serve``.
+SWITCH_INTERVAL: Final = 0.001
 
 
 class CliError(Exception):
@@ -110,12 +112,17 @@ FIELDS_HELP: Final = (
 def build_parser() -> argparse.ArgumentParser:
     """The ``hbtrio`` argument parser (every subcommand has ``--help``)."""
     from ._http import (
+        DEFAULT_BODY_TIMEOUT,
         DEFAULT_GRACE,
         DEFAULT_HOST,
+        DEFAULT_KEEP_ALIVE,
         DEFAULT_MAX_BODY,
+        DEFAULT_MAX_CONNECTIONS,
         DEFAULT_MAX_WAIT,
         DEFAULT_PORT,
+        DEFAULT_READ_TIMEOUT,
         DEFAULT_WAIT,
+        DEFAULT_WRITE_TIMEOUT,
     )
 
     parser = argparse.ArgumentParser(
@@ -197,6 +204,46 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_GRACE,
         metavar="S",
         help="seconds in-flight requests get to finish on shutdown (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--read-timeout",
+        type=_positive_float,
+        default=DEFAULT_READ_TIMEOUT,
+        metavar="S",
+        help="seconds a request body may pause between two reads before the request gets "
+        "408 (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--body-timeout",
+        type=_positive_float,
+        default=DEFAULT_BODY_TIMEOUT,
+        metavar="S",
+        help="seconds a whole request body may take after the headers before the request "
+        "gets 408 (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--keep-alive",
+        type=_positive_float,
+        default=DEFAULT_KEEP_ALIVE,
+        metavar="S",
+        help="seconds a connection may go without a request in progress (idle, or sending "
+        "a request's headers) before it is closed (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--write-timeout",
+        type=_positive_float,
+        default=DEFAULT_WRITE_TIMEOUT,
+        metavar="S",
+        help="seconds a client may take to receive one write of an answer before its "
+        "connection is closed (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="connections held at once; the one idle longest makes room for a new one, "
+        "else the new one gets 503 (default: %(default)s)",
     )
     serve.add_argument(
         "--slot-timeout",
@@ -643,6 +690,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     logging.getLogger("hypercorn").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # Threads (large bodies decoding, the SQLite store, threaded devices) hand the GIL back
+    # to the event loop after 1 ms instead of Python's 5: small requests wait less behind
+    # them (docs/http.md, Limits).
+    sys.setswitchinterval(SWITCH_INTERVAL)
     if args.access_log:
         logging.getLogger("hbtrio.access").setLevel(logging.INFO)
     db = Path(args.db).resolve()
@@ -666,6 +717,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                     slot_timeout=args.slot_timeout,
                     shutdown_grace=args.shutdown_grace,
                     access_log=args.access_log,
+                    read_timeout=args.read_timeout,
+                    body_timeout=args.body_timeout,
+                    max_connections=args.max_connections,
+                    keep_alive=args.keep_alive,
+                    write_timeout=args.write_timeout,
                 )
             )
             for url in urls:

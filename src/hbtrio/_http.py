@@ -14,9 +14,12 @@ Theory of operation
 -------------------
 Every request runs in its own task (hypercorn's). `HttpApp.__call__` decides
 the answer in a fixed order, so that nothing is read or done for a request
-that is refused anyway: shutting down (503), route (404, 405), token (401),
-``Accept`` (406), ``Content-Type`` (415), ``Content-Length`` (413), body (400,
-413), and only then the engine call. Engine errors are translated into
+that is refused anyway: shutting down (503), route (404, 405), a body on a
+GET (400), token (401), ``Accept`` (406), ``Content-Type`` (415),
+``Content-Length`` (413), body (400, 413, and 408 past the read or body
+timeout), and only then the engine call. A request refused before its body
+was read gets ``Connection: close``. Large bodies are decoded in worker
+threads (`DECODE_THREADS` at most). Engine errors are translated into
 statuses once, in `error_response`.
 
 A compute request waits inside a cancel scope whose deadline is the request's
@@ -26,8 +29,9 @@ waits are cancellation-safe): the worker goes on computing and the client gets
 disconnects. `HttpApp.begin_shutdown` marks the app as shutting down (new
 requests get 503) and pulls every pending wait's deadline in to the end of the
 grace period; a wait still pending then gets 503 with the slot reached.
-`run_server` calls it when the shutdown trigger fires, right before hypercorn
-stops accepting connections and lets open ones finish.
+`run_server` calls it when the shutdown trigger fires, once it has stopped
+accepting connections; open ones then finish. Connections are accepted,
+bounded and contained by ``_server.Connections`` (see its module docstring).
 
 Nothing a client sends reaches the engine unvalidated, and no exception from a
 request escapes the app: an unexpected one is logged and answered with 500.
@@ -71,11 +75,16 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
 __all__ = [
+    "DEFAULT_BODY_TIMEOUT",
     "DEFAULT_GRACE",
     "DEFAULT_HOST",
+    "DEFAULT_KEEP_ALIVE",
     "DEFAULT_MAX_BODY",
+    "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_PORT",
+    "DEFAULT_READ_TIMEOUT",
     "DEFAULT_WAIT",
+    "DEFAULT_WRITE_TIMEOUT",
     "EngineLike",
     "HttpApp",
     "check_bind",
@@ -98,6 +107,21 @@ DEFAULT_WAIT: Final = 10.0
 DEFAULT_MAX_WAIT: Final = 300.0
 #: Seconds in-flight requests get to finish once shutdown starts.
 DEFAULT_GRACE: Final = 10.0
+#: Seconds a request body may pause between two reads before the request gets 408.
+DEFAULT_READ_TIMEOUT: Final = 10.0
+#: Seconds a whole request body may take, from the end of its headers (408 after).
+DEFAULT_BODY_TIMEOUT: Final = 30.0
+#: Connections held at once (see `run_server`).
+DEFAULT_MAX_CONNECTIONS: Final = 512
+#: Seconds a connection may go without a request in progress (hypercorn's keep-alive
+#: timeout): idle between two requests, or sending a request's headers.
+DEFAULT_KEEP_ALIVE: Final = 5.0
+#: Seconds one write of an answer may take before the connection is closed.
+DEFAULT_WRITE_TIMEOUT: Final = 30.0
+#: Request bodies at least this long are decoded in a worker thread, off the loop.
+DECODE_IN_THREAD: Final = 64 * 1024
+#: Worker threads decoding bodies at once (more wait for one of them).
+DECODE_THREADS: Final = 2
 
 JSON: Final = "application/json"
 CBOR: Final = "application/cbor"
@@ -404,12 +428,29 @@ def _number(value: float) -> str:
 
 
 @attrs.define(eq=False)
+class ConnectionCounts:
+    """What `run_server`'s accept loop saw. Not thread-safe (one Trio loop)."""
+
+    #: Connections open now.
+    open: int = 0
+    #: Connections accepted.
+    accepted: int = 0
+    #: Connections the node closed itself, by reason: ``evicted`` (idle, to make room
+    #: under the connection bound or free a descriptor), ``refused`` (503 over the
+    #: bound), ``write-timeout`` (the client did not take its answer), ``failed``.
+    closed: Counter[str] = attrs.field(factory=Counter)
+    #: ``accept()`` failures, by errno name (``EMFILE``, ...).
+    accept_errors: Counter[str] = attrs.field(factory=Counter)
+
+
+@attrs.define(eq=False)
 class HttpMetrics:
     """Request counters and latency histograms of one app. Not thread-safe (one Trio loop)."""
 
     requests: Counter[tuple[str, str, int]] = attrs.field(factory=Counter)
     latency: dict[tuple[str, str], _Histogram] = attrs.field(factory=dict)
     in_flight: int = 0
+    connections: ConnectionCounts = attrs.field(factory=ConnectionCounts)
 
     def record(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests[method, route, status] += 1
@@ -463,6 +504,26 @@ class HttpMetrics:
             "1 while the node is shutting down.",
             [("", int(shutting_down))],
         )
+        conns = self.connections
+        family("hbtrio_http_connections", "gauge", "HTTP connections open.", [("", conns.open)])
+        family(
+            "hbtrio_http_connections_accepted_total",
+            "counter",
+            "HTTP connections accepted.",
+            [("", conns.accepted)],
+        )
+        family(
+            "hbtrio_http_connections_closed_total",
+            "counter",
+            "HTTP connections the node closed itself, by reason.",
+            ((f"{{reason={_label(reason)}}}", n) for reason, n in sorted(conns.closed.items())),
+        )
+        family(
+            "hbtrio_http_accept_errors_total",
+            "counter",
+            "Failed accept() calls, by errno.",
+            ((f"{{errno={_label(name)}}}", n) for name, n in sorted(conns.accept_errors.items())),
+        )
         stats = engine.stats()
         fields = attrs.asdict(stats) if attrs.has(type(stats)) else dict(vars(stats))
         if "live_workers" not in fields:
@@ -483,15 +544,21 @@ class HttpMetrics:
 # --------------------------------------------------------------------------- the app
 
 
-@attrs.frozen
+@attrs.define(eq=False)
 class _Request:
     method: str
     path: str
     query: str
     headers: dict[str, str]
+    #: Trio time at which the app got the request (its headers were complete).
+    started: float = 0.0
+    #: HTTP/1.0 or 1.1, where a response may carry ``Connection: close``.
+    http1: bool = False
+    #: Set once the whole body has been read.
+    body_read: bool = False
 
     @classmethod
-    def of(cls, scope: _ASGI) -> _Request:
+    def of(cls, scope: _ASGI, started: float = 0.0) -> _Request:
         headers: dict[str, str] = {}
         for raw_name, raw_value in scope.get("headers", ()):
             name = raw_name.decode("latin-1").lower()
@@ -502,7 +569,17 @@ class _Request:
             path=scope.get("path", "/"),
             query=scope.get("query_string", b"").decode("latin-1"),
             headers=headers,
+            started=started,
+            http1=scope.get("http_version") in ("1.0", "1.1"),
         )
+
+    @property
+    def has_body(self) -> bool:
+        """Whether the request announces a body (a non-zero length, or a transfer coding)."""
+        if "transfer-encoding" in self.headers:
+            return True
+        length = self.headers.get("content-length")
+        return length is not None and not (length.strip().isdigit() and int(length) == 0)
 
     def params(self) -> dict[str, str]:
         try:
@@ -577,6 +654,8 @@ class HttpApp:
     default_wait: float = DEFAULT_WAIT
     max_wait: float = DEFAULT_MAX_WAIT
     access_log: bool = False
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
     metrics: HttpMetrics = attrs.field(factory=HttpMetrics, init=False)
     #: Set once by `begin_shutdown`; never unset.
     shutting_down: bool = attrs.field(default=False, init=False)
@@ -584,6 +663,10 @@ class HttpApp:
     _drain_deadline: float = attrs.field(default=math.inf, init=False, alias="_drain_deadline")
     #: Cancel scopes of the compute waits in progress; each removes itself when done.
     _waits: set[trio.CancelScope] = attrs.field(factory=set, init=False, alias="_waits")
+    #: Threads decoding large bodies.
+    _decoders: trio.CapacityLimiter = attrs.field(
+        factory=lambda: trio.CapacityLimiter(DECODE_THREADS), init=False, alias="_decoders"
+    )
 
     def begin_shutdown(self, grace: float = DEFAULT_GRACE) -> None:
         """Refuse new requests with 503 and end pending waits within ``grace`` seconds.
@@ -619,9 +702,10 @@ class HttpApp:
         method, route = str(scope.get("method", "?")).upper(), "other"
         if method not in _METHODS:  # keep the metrics' label sets bounded
             method = "other"
+        request: _Request | None = None
         try:
             try:
-                request = _Request.of(scope)
+                request = _Request.of(scope, trio.current_time())
                 matched = _route(request.path)
                 if matched is not None:
                     route = matched[0]
@@ -632,6 +716,11 @@ class HttpApp:
                 status = 499
             else:
                 status = response.status
+                if request is not None and _unread_body(request):
+                    # Refused before the body was read: hang up after the answer.
+                    response = attrs.evolve(
+                        response, headers=(*response.headers, (b"connection", b"close"))
+                    )
                 await _send(send, response)
         finally:
             self.metrics.in_flight -= 1
@@ -662,6 +751,15 @@ class HttpApp:
                 f"{route} takes {allowed}, not {request.method[:20]}",
                 headers=((b"allow", allowed.encode()),),
             )
+        if allowed == "GET" and request.has_body:
+            # Refused before reading a byte of it (and the connection closed after):
+            # a GET needs no token, so a body here could otherwise hold the connection.
+            raise HttpError(
+                400,
+                "unexpected-body",
+                f"GET {route} takes no body, and this request has one "
+                "(a Content-Length other than 0, or a Transfer-Encoding)",
+            )
         if allowed == "POST" and self.token is not None:
             self._check_token(request.headers.get("authorization"))
         media = negotiate(request.headers.get("accept"))
@@ -669,7 +767,7 @@ class HttpApp:
         body = await self._read_body(request, receive)
         if body is None:
             return None
-        message = decode_body(body, body_type) if allowed == "POST" else None
+        message = await self._decode(body, body_type) if allowed == "POST" else None
         handler = getattr(self, "_h_" + handler_name)
         response: Response | None = await handler(pid, request, message, media, receive)
         return response
@@ -688,26 +786,63 @@ class HttpApp:
             )
 
     async def _read_body(self, request: _Request, receive: Receive) -> bytes | None:
-        """The whole request body, or ``None`` if the client disconnected."""
+        """The whole request body, or ``None`` if the client disconnected.
+
+        Bounded in size (413), in the pause between two reads (``read_timeout``)
+        and in total, from the end of the headers (``body_timeout``): 408.
+        """
         length = request.headers.get("content-length")
         if length is not None:
             if not (length.isascii() and length.strip().isdigit()):
                 raise HttpError(400, "bad-request", f"bad Content-Length {length[:40]!r}")
             if int(length) > self.max_body:
                 raise self._too_large()
+        if request.http1 and not request.has_body:
+            # HTTP/1 without Content-Length or Transfer-Encoding: no body, and the
+            # end of it is already queued (no deadline needed, none paid for).
+            event = await receive()
+            request.body_read = event["type"] != "http.disconnect"
+            return b"" if request.body_read else None
         chunks: list[bytes] = []
         size = 0
-        while True:
-            event = await receive()
-            if event["type"] == "http.disconnect":
-                return None
-            chunk = event.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                raise self._too_large()
-            chunks.append(chunk)
-            if not event.get("more_body", False):
-                return b"".join(chunks)
+        end = request.started + self.body_timeout
+        with trio.CancelScope() as scope:  # one scope; its deadline moves with each read
+            while True:
+                scope.deadline = min(end, trio.current_time() + self.read_timeout)
+                event = await receive()
+                if event["type"] == "http.disconnect":
+                    return None
+                chunk = event.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body:
+                    raise self._too_large()
+                chunks.append(chunk)
+                if not event.get("more_body", False):
+                    request.body_read = True
+                    return b"".join(chunks)
+        if trio.current_time() < end:
+            raise HttpError(
+                408,
+                "request-timeout",
+                f"the request body stalled: nothing arrived for {self.read_timeout:g} s",
+                {"read-timeout": self.read_timeout},
+            )
+        raise HttpError(
+            408,
+            "request-timeout",
+            f"the request body took longer than {self.body_timeout:g} s",
+            {"body-timeout": self.body_timeout},
+        )
+
+    async def _decode(self, body: bytes, media: str) -> Message:
+        """`decode_body`, in a worker thread for a large body (at most `DECODE_THREADS` at once).
+
+        A 1 MiB body takes a tenth of a second or more to decode and freeze;
+        in a thread, the loop goes on serving other requests meanwhile.
+        """
+        if len(body) < DECODE_IN_THREAD:
+            return decode_body(body, media)
+        return await trio.to_thread.run_sync(decode_body, body, media, limiter=self._decoders)
 
     def _too_large(self) -> HttpError:
         return HttpError(
@@ -901,6 +1036,11 @@ class HttpApp:
         return self._ok({**body, "status": "computing"}, media, 202, _RETRY)
 
 
+def _unread_body(request: _Request) -> bool:
+    """Whether an HTTP/1 request's body is (partly) unread: its connection must close."""
+    return request.http1 and request.has_body and not request.body_read
+
+
 def _log_access(scope: _ASGI, status: int, seconds: float) -> None:
     client = scope.get("client") or ("-", 0)
     target = str(scope.get("path", ""))[:300]
@@ -935,6 +1075,8 @@ def make_app(
     default_wait: float = DEFAULT_WAIT,
     max_wait: float = DEFAULT_MAX_WAIT,
     access_log: bool = False,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
 ) -> HttpApp:
     """The ASGI app serving ``engine`` (see ``docs/http.md`` for the endpoints).
 
@@ -947,6 +1089,9 @@ def make_app(
         max_wait: largest ``wait`` a client may ask for.
         access_log: log one line per request on the ``hbtrio.access`` logger
             (level INFO): client, method, path, status, milliseconds.
+        read_timeout: seconds a request body may pause between two reads (408 after).
+        body_timeout: seconds a whole request body may take from the end of the
+            request's headers (408 after).
 
     Synchronous; the app must run on the engine's Trio loop.
     """
@@ -954,6 +1099,9 @@ def make_app(
         raise ValueError(f"max_body must be >= 1, not {max_body}")
     if not 0.0 < default_wait <= max_wait:
         raise ValueError(f"need 0 < default_wait <= max_wait, not {default_wait} and {max_wait}")
+    for name, value in (("read_timeout", read_timeout), ("body_timeout", body_timeout)):
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a positive number of seconds, not {value}")
     check_token(token)
     return HttpApp(
         engine,
@@ -962,6 +1110,8 @@ def make_app(
         default_wait=default_wait,
         max_wait=max_wait,
         access_log=access_log,
+        read_timeout=read_timeout,
+        body_timeout=body_timeout,
     )
 
 
@@ -1038,17 +1188,20 @@ async def _wait_for_signals(stop: trio.Event, force: trio.CancelScope, receiver:
             return
 
 
-class _ReportOnce:
-    """A task status that forwards only the first ``started()`` (one per serving attempt)."""
-
-    def __init__(self, task_status: trio.TaskStatus[list[str]]) -> None:
-        self._task_status = task_status
-        self.reported = False
-
-    def started(self, value: list[str] | None = None) -> None:
-        if not self.reported:
-            self.reported = True
-            self._task_status.started(value)  # type: ignore[arg-type]
+def _check_descriptors(max_connections: int) -> None:
+    """Warn when the descriptor limit is below what ``max_connections`` may need."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < max_connections + 64:
+        logger.warning(
+            "the descriptor limit (%d, ulimit -n) is below the connection bound (%d) "
+            "plus what the node needs besides: accept() may fail with EMFILE first",
+            soft,
+            max_connections,
+        )
 
 
 async def run_server(
@@ -1057,10 +1210,13 @@ async def run_server(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     grace: float = DEFAULT_GRACE,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    keep_alive: float = DEFAULT_KEEP_ALIVE,
+    write_timeout: float = DEFAULT_WRITE_TIMEOUT,
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` with hypercorn's Trio worker until shutdown, then drain.
+    """Serve ``app`` over HTTP (hypercorn's HTTP/1.1 and HTTP/2 code) until shutdown, then drain.
 
     Shutdown starts when ``shutdown_trigger()`` returns or, without one, on the
     first SIGINT or SIGTERM (which then must be caught in the main thread; a
@@ -1070,45 +1226,60 @@ async def run_server(
     then get 503). Returns once every connection is closed; the engine is left
     open for the caller to close.
 
+    Limits (see ``docs/http.md``, Limits): at most ``max_connections``
+    connections (the one idle longest makes room for a new one, else the new
+    one gets 503); ``keep_alive`` seconds without a request in progress (idle,
+    or sending a request's headers) closes a connection; one write of an
+    answer may take ``write_timeout`` seconds. An exception escaping one
+    connection's protocol handling closes that connection only. The app's
+    lifespan scope is not run (`HttpApp` has nothing to start or stop).
+
     ``task_status.started()`` reports the listening URLs (``port=0`` picks a
     free port). Raises `OSError` when the address cannot be listened on.
     Cancelling this call stops the server at once.
     """
     try:
         from hypercorn.config import Config
-        from hypercorn.trio import serve as hypercorn_serve
+        from hypercorn.utils import repr_socket_addr
+
+        from ._server import Connections
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise RuntimeError(f"serving HTTP needs hypercorn, which is not installed: {exc}") from exc
 
-    # The listening socket is ours, handed to hypercorn by descriptor, so that
-    # serving can resume on it if hypercorn's server dies (see below).
+    for name, value in (("keep_alive", keep_alive), ("write_timeout", write_timeout)):
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a positive number of seconds, not {value}")
     bare = host.strip("[]")
-    listener = socket.socket(socket.AF_INET6 if ":" in bare else socket.AF_INET)
+    sock = socket.socket(socket.AF_INET6 if ":" in bare else socket.AF_INET)
     try:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((bare, port))
-        listener.listen(128)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((bare, port))
+        sock.listen(128)
     except OSError:
-        listener.close()
+        sock.close()
         raise
     config = Config()
-    config.graceful_timeout = grace + 1.0  # compute waits end at `grace`; answers need a moment
+    config.keep_alive_timeout = keep_alive
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
+    connections = Connections(
+        app,
+        config,
+        app.metrics.connections,
+        max_connections=max_connections,
+        write_timeout=write_timeout,
+    )
+    _check_descriptors(max_connections)
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    urls = [f"http://{repr_socket_addr(sock.family, sock.getsockname())}"]
     stop = trio.Event()
-    asgi_app: Any = app  # hypercorn's ASGI types are stricter than a plain ASGI callable
-
-    async def begin_shutdown() -> None:
-        await stop.wait()
-        listener.close()  # with hypercorn's copy closed too, new connections are refused
-        app.begin_shutdown(grace)
 
     async def trigger_to_stop(trigger: Callable[[], Awaitable[object]]) -> None:
         await trigger()
         stop.set()
 
     with ExitStack() as stack:
-        stack.callback(listener.close)
+        stack.callback(sock.close)
         async with trio.open_nursery() as nursery:
             if shutdown_trigger is None:
                 receiver = stack.enter_context(
@@ -1117,33 +1288,18 @@ async def run_server(
                 nursery.start_soon(_wait_for_signals, stop, nursery.cancel_scope, receiver)
             else:
                 nursery.start_soon(trigger_to_stop, shutdown_trigger)
-
-            async def serve_then_stop(task_status: trio.TaskStatus[list[str]]) -> None:
-                report = _ReportOnce(task_status)
-                while True:
-                    # hypercorn owns (and closes) the descriptor it is given: a copy.
-                    config.bind = [f"fd://{os.dup(listener.fileno())}"]
-                    try:
-                        await hypercorn_serve(
-                            asgi_app,
-                            config,
-                            shutdown_trigger=begin_shutdown,
-                            mode="asgi",
-                            task_status=report,
-                        )
-                        break
-                    except Exception as exc:
-                        # hypercorn lets some protocol errors escape a connection
-                        # (two sends racing on one socket when a client pipelines
-                        # garbage) and its whole server dies: nothing a client sends
-                        # may stop the node, so serve again on the same socket.
-                        if stop.is_set() or not report.reported:
-                            raise
-                        logger.error("the HTTP server failed; serving again", exc_info=exc)
-                nursery.cancel_scope.cancel()
-
-            urls: list[str] = await nursery.start(serve_then_stop)
-            task_status.started(urls)
+            async with trio.open_nursery() as connection_tasks:
+                async with trio.open_nursery() as accepting:
+                    accepting.start_soon(connections.accept_loop, listener, connection_tasks)
+                    task_status.started(urls)
+                    await stop.wait()
+                    accepting.cancel_scope.cancel()
+                await listener.aclose()  # new connections are refused from here on
+                app.begin_shutdown(grace)
+                await connections.begin_shutdown()  # idle connections close now
+                # Compute waits end at `grace`; their answers need a moment more.
+                connection_tasks.cancel_scope.deadline = trio.current_time() + grace + 1.0
+            nursery.cancel_scope.cancel()
 
 
 async def serve(
@@ -1162,6 +1318,11 @@ async def serve(
     slot_timeout: float | None = None,
     shutdown_grace: float = 30.0,
     access_log: bool = False,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    keep_alive: float = DEFAULT_KEEP_ALIVE,
+    write_timeout: float = DEFAULT_WRITE_TIMEOUT,
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -1173,7 +1334,9 @@ async def serve(
     shutdown (see `run_server`), then leaves the engine's block, which stores
     every worker's snapshot. ``task_status.started()`` reports the listening
     URLs once the node accepts requests. ``slot_timeout`` and
-    ``shutdown_grace`` go to `hbtrio.open_engine`.
+    ``shutdown_grace`` go to `hbtrio.open_engine`; ``read_timeout`` and
+    ``body_timeout`` to `make_app`; ``max_connections``, ``keep_alive`` and
+    ``write_timeout`` to `run_server`.
     """
     check_bind(host, token)
     if port != 0:
@@ -1196,12 +1359,17 @@ async def serve(
             default_wait=default_wait,
             max_wait=max_wait,
             access_log=access_log,
+            read_timeout=read_timeout,
+            body_timeout=body_timeout,
         )
         await run_server(
             app,
             host=host,
             port=port,
             grace=grace,
+            max_connections=max_connections,
+            keep_alive=keep_alive,
+            write_timeout=write_timeout,
             shutdown_trigger=shutdown_trigger,
             task_status=task_status,
         )

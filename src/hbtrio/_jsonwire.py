@@ -34,7 +34,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Final
 
-from ._codec import MAX_DEPTH, encode
+from ._codec import MAX_DEPTH
 from ._exceptions import InvalidMessage
 from ._message import MAX_INT, MIN_INT, Message, freeze, int_out_of_range
 
@@ -194,9 +194,9 @@ def loads(data: str | bytes, *, what: str = "body") -> Message:
     value = from_json(data)
     if not isinstance(value, dict):
         raise InvalidMessage(f"{what} must be a JSON object, not {_json_type(value)}")
-    message = freeze(value, what=what)
-    encode(message)  # JSON escapes can smuggle in lone surrogates that CBOR refuses
-    return message
+    # freeze refuses what CBOR cannot carry, such as a lone surrogate from a "\ud800"
+    # escape (the only way one gets in: the bytes must be UTF-8).
+    return freeze(value, what=what)
 
 
 def _json_type(value: object) -> str:

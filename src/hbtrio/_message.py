@@ -24,7 +24,7 @@ from typing import Any, Final, NoReturn
 
 import cbor2
 
-from ._codec import MAX_DEPTH, encode
+from ._codec import MAX_DEPTH, encode, encode_in_pieces
 from ._exceptions import InvalidMessage
 
 __all__ = ["FrozenList", "Message", "freeze", "message_id", "validate_slot"]
@@ -369,12 +369,16 @@ def message_id(message: Mapping[str, Any]) -> str:
     return base64.urlsafe_b64encode(message_digest(message)).rstrip(b"=").decode("ascii")
 
 
-def message_digest(message: Mapping[str, Any]) -> bytes:
-    """The raw 32-byte SHA-256 behind `message_id`."""
+def message_digest(message: Mapping[str, Any], *, in_pieces: bool = False) -> bytes:
+    """The raw 32-byte SHA-256 behind `message_id`.
+
+    ``in_pieces``: encode with `_codec.encode_in_pieces` (the same bytes), for a
+    large message hashed in a thread while the event loop runs.
+    """
     frozen = freeze(message)
     if "priv" in frozen:
         frozen = _Frozen({k: v for k, v in frozen.items() if k != "priv"})
-    return hashlib.sha256(encode(frozen)).digest()
+    return hashlib.sha256(encode_in_pieces(frozen) if in_pieces else encode(frozen)).digest()
 
 
 def id_of_bytes(data: bytes) -> str:

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import attrs
 import trio
 
+from ._codec import is_large
 from ._exceptions import InvalidMessage, ProcessNotFound
 from ._message import Message, _Frozen, freeze, message_digest, message_id
 from ._store import Store
@@ -44,6 +45,11 @@ def _b64(data: bytes) -> str:
 def next_chain(previous: bytes, digest: bytes) -> bytes:
     """The chain value after ``previous`` for a message whose raw SHA-256 ID is ``digest``."""
     return hashlib.sha256(previous + digest).digest()
+
+
+def _message_ids(bodies: list[Message]) -> list[str]:
+    """The IDs of ``bodies``, large ones encoded in pieces (for a thread: see `schedule`)."""
+    return [_b64(message_digest(body, in_pieces=True)) for body in bodies]
 
 
 def make_assignment(
@@ -108,7 +114,10 @@ class Scheduler:
     async def spawn(self, definition: Message) -> tuple[str, bool]:
         """Store ``definition`` as slot 0. Returns ``(pid, created)``; idempotent."""
         definition = freeze(definition, what="definition")
-        pid = message_id(definition)
+        if is_large(definition):  # its ID takes tens of ms: off the event loop
+            pid = (await trio.to_thread.run_sync(_message_ids, [definition]))[0]
+        else:
+            pid = message_id(definition)
         assignment, chain = make_assignment(pid, 0, definition, b"", mid=pid)
         created = await self._store.put_process(pid, definition, assignment)
         if created:
@@ -149,13 +158,18 @@ class Scheduler:
         when the store fails (nothing is assigned then).
         """
         bodies = [freeze(m, what=f"message {i}") for i, m in enumerate(messages)]
+        mids: list[str | None] = [None] * len(bodies)
+        # The IDs of large messages take tens of ms: computed off the event loop, in
+        # pieces that let the loop run in between (see `_codec.encode_in_pieces`).
+        if any(is_large(body) for body in bodies):
+            mids = list(await trio.to_thread.run_sync(_message_ids, bodies))
         tail = self._tails.get(pid) or await self._load(pid)
         async with tail.lock:
             slot, chain = tail.latest, tail.chain
             batch: list[Message] = []
-            for body in bodies:
+            for body, mid in zip(bodies, mids, strict=True):
                 slot += 1
-                assignment, chain = make_assignment(pid, slot, body, chain)
+                assignment, chain = make_assignment(pid, slot, body, chain, mid=mid)
                 batch.append(assignment)
             if batch:
                 await self._store.append_assignments(pid, batch)

@@ -57,7 +57,7 @@ import cbor2
 import outcome
 import trio
 
-from ._codec import encode, encode_plain
+from ._codec import encode, encode_in_pieces, encode_plain, is_large
 from ._exceptions import InvalidMessage, StoreError
 from ._filelock import FileLock
 from ._message import Message, _adopt_map, _Frozen
@@ -147,6 +147,10 @@ class _Proc:
     # Results and snapshots written behind, until their commit lands.
     pending: dict[int, Message] = attrs.field(factory=dict)
     pending_snapshots: dict[int, Message] = attrs.field(factory=dict)
+
+
+def _encode_large(message: Message) -> bytes:
+    return encode_in_pieces(message) if is_large(message) else encode(message)
 
 
 class SQLiteStore(Store):
@@ -446,14 +450,14 @@ class SQLiteStore(Store):
         def put(conn: sqlite3.Connection) -> int | None:
             cur = conn.execute(
                 "INSERT OR IGNORE INTO processes (pid, definition) VALUES (?, ?)",
-                (pid, encode(definition)),
+                (pid, _encode_large(definition)),
             )
             if cur.rowcount == 0:
                 return None
             rowid = cur.lastrowid
             conn.execute(
                 "INSERT INTO assignments (proc, slot, message_id, assignment) VALUES (?, 0, ?, ?)",
-                (rowid, assignment["message-id"], encode(assignment)),
+                (rowid, assignment["message-id"], _encode_large(assignment)),
             )
             return rowid
 
@@ -482,15 +486,19 @@ class SQLiteStore(Store):
             raise StoreError(f"process {pid} is not in the store")
         if not assignments:
             return
-        rows = [(proc.rowid, a["slot"], a["message-id"], encode(a)) for a in assignments]
-        first = rows[0][1]
-        for offset, row in enumerate(rows):
-            if row[1] != first + offset:
+        first = assignments[0]["slot"]
+        for offset, a in enumerate(assignments):
+            if a["slot"] != first + offset:
                 raise StoreError(
-                    f"assignment for slot {row[1]} does not follow slot {first + offset - 1}"
+                    f"assignment for slot {a['slot']} does not follow slot {first + offset - 1}"
                 )
 
         def append(conn: sqlite3.Connection) -> None:
+            # Encoded here, on the I/O thread, and a large one in pieces: it takes tens
+            # of ms, and the event loop gets the GIL between pieces.
+            rows = [
+                (proc.rowid, a["slot"], a["message-id"], _encode_large(a)) for a in assignments
+            ]
             (latest,) = conn.execute(
                 "SELECT MAX(slot) FROM assignments WHERE proc = ?", (proc.rowid,)
             ).fetchone()
@@ -502,7 +510,7 @@ class SQLiteStore(Store):
             )
 
         await self._run(append, write=True)
-        self._assignments_written += len(rows)
+        self._assignments_written += len(assignments)
         proc.latest = max(proc.latest, assignments[-1]["slot"])
         cache = proc.assignments
         for a in assignments:

@@ -11,17 +11,23 @@
         await run_server(make_app(engine), port=8734)  # your own engine and devices
 
 `make_app` builds a plain ASGI 3 application over an engine; `run_server`
-serves one with hypercorn's Trio worker until shutdown; `serve` does both on
+serves one with hypercorn's HTTP code (under the node's own accept loop and
+limits) until shutdown; `serve` does both on
 an engine of its own. The endpoints, wire formats and statuses are in
 ``docs/http.md``.
 """
 
+from ._http import DEFAULT_BODY_TIMEOUT as DEFAULT_BODY_TIMEOUT
 from ._http import DEFAULT_GRACE as DEFAULT_GRACE
 from ._http import DEFAULT_HOST as DEFAULT_HOST
+from ._http import DEFAULT_KEEP_ALIVE as DEFAULT_KEEP_ALIVE
 from ._http import DEFAULT_MAX_BODY as DEFAULT_MAX_BODY
+from ._http import DEFAULT_MAX_CONNECTIONS as DEFAULT_MAX_CONNECTIONS
 from ._http import DEFAULT_MAX_WAIT as DEFAULT_MAX_WAIT
 from ._http import DEFAULT_PORT as DEFAULT_PORT
+from ._http import DEFAULT_READ_TIMEOUT as DEFAULT_READ_TIMEOUT
 from ._http import DEFAULT_WAIT as DEFAULT_WAIT
+from ._http import DEFAULT_WRITE_TIMEOUT as DEFAULT_WRITE_TIMEOUT
 from ._http import EngineLike as EngineLike
 from ._http import HttpApp as HttpApp
 from ._http import check_bind as check_bind
@@ -31,12 +37,17 @@ from ._http import run_server as run_server
 from ._http import serve as serve
 
 __all__ = [
+    "DEFAULT_BODY_TIMEOUT",
     "DEFAULT_GRACE",
     "DEFAULT_HOST",
+    "DEFAULT_KEEP_ALIVE",
     "DEFAULT_MAX_BODY",
+    "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_WAIT",
     "DEFAULT_PORT",
+    "DEFAULT_READ_TIMEOUT",
     "DEFAULT_WAIT",
+    "DEFAULT_WRITE_TIMEOUT",
     "EngineLike",
     "HttpApp",
     "check_bind",
