@@ -316,6 +316,13 @@ class Engine:
         while True:
             self._check_open()
             worker = self._workers.get(pid)
+            if store.backlogged and (worker is None or worker.phase is Phase.IDLE):
+                # This request would compute (inline, or by starting a task): first
+                # let the store catch up, before anything is computed. Nothing has
+                # happened yet if this is cancelled; it raises `StoreError` if the
+                # writes fail.
+                await store.wait_writable()
+                continue
             if worker is None:
                 worker = self._adopt_idle_worker(pid, slot) or self._start_worker(pid, slot)
             try:

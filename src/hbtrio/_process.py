@@ -224,7 +224,9 @@ class ProcessRuntime:
     async def _initial_stored(self) -> Message:
         """The initial state, stored as slot 0's result and snapshot."""
         state = await self.initial()
-        self.store.put_results_nowait(self.pid, [(0, state, await self.snapshot_of(state))])
+        snapshot = await self.snapshot_of(state)
+        await self.store.wait_writable()  # backpressure, right before storing
+        self.store.put_results_nowait(self.pid, [(0, state, snapshot)])
         return state
 
     def restore_nowait(self, at_most: int) -> Message:
@@ -377,6 +379,7 @@ class ProcessRuntime:
         slot = state["at-slot"]
         while slot < target:
             batch = await self.assignments(slot + 1, min(target, slot + CHUNK) + 1)
+            await self.store.wait_writable()  # backpressure, right before computing
             if self.plain:
                 states: list[Message] = []
                 try:
@@ -395,7 +398,6 @@ class ProcessRuntime:
                     if results:
                         self.store.put_results_nowait(self.pid, results)
             slot = state["at-slot"]
-            await self.store.wait_writable()
             await trio.lowlevel.checkpoint()
         return state
 
