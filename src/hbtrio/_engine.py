@@ -371,6 +371,7 @@ class Engine:
         worker.runtime, worker.plain = runtime, True
         worker.started_at, worker.last_request = time.time(), self._now()
         self._workers[pid] = worker
+        self._store.pin(pid)  # unpinned when the worker finishes (`GroupWorker._finish`)
         self._workers_started += 1
         self._reaper.watch(worker)
         return worker
@@ -378,6 +379,7 @@ class Engine:
     def _start_worker(self, pid: str, slot: int) -> GroupWorker:
         worker = GroupWorker(pid, self, self._store, target=slot)
         self._workers[pid] = worker
+        self._store.pin(pid)  # unpinned when the worker finishes (`GroupWorker._finish`)
         self._workers_started += 1
         self._nursery.start_soon(worker.run, name=f"hbtrio worker {pid}")
         return worker

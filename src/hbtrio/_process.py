@@ -423,10 +423,14 @@ async def compute_slot(
     if stored is not None:
         await trio.lowlevel.checkpoint()
         return hand_out(stored)
-    runtime = await ProcessRuntime.load(pid, store, devices, cache_frequency)
-    state = await runtime.restore(slot)
-    if state["at-slot"] < slot:
-        state = await runtime.advance(state, slot)
-    else:
-        await trio.lowlevel.checkpoint()
+    store.pin(pid)  # what the store keeps in memory about pid stays while we write to it
+    try:
+        runtime = await ProcessRuntime.load(pid, store, devices, cache_frequency)
+        state = await runtime.restore(slot)
+        if state["at-slot"] < slot:
+            state = await runtime.advance(state, slot)
+        else:
+            await trio.lowlevel.checkpoint()
+    finally:
+        store.unpin(pid)
     return hand_out(state)

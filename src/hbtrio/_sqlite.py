@@ -167,16 +167,22 @@ class _Proc:
     definition: Message
     latest: int  # highest durable assignment slot
     result_high: int  # highest slot with a result, durable or pending
-    # The first slot appended through this store (latest + 1 when loaded from the
-    # file): below it, ``assignments`` holds at most the latest one read at load.
+    # Invariant: every slot from appended_from to latest without a stored result
+    # is in ``assignments``. It starts as the first slot appended through this
+    # store (latest + 1 when loaded from the file) and moves up as the cache
+    # evicts: a process's entries are evicted in slot order.
     appended_from: int
-    # Assignments without a stored result yet: those appended through this store,
-    # and the latest one when the process is loaded (the scheduler reads it next).
-    # Each stays until its slot's result is stored.
+    # Assignments without a stored result yet (a bounded cache shared by all
+    # processes, see `SQLiteStore._cache`): those appended through this store, and
+    # the latest one when the process is loaded (the scheduler reads it next).
+    # Each stays until its slot's result is stored or the cache evicts it.
     assignments: dict[int, Message] = attrs.field(factory=dict)
     # Results and snapshots written behind, until their commit lands.
     pending: dict[int, Message] = attrs.field(factory=dict)
     pending_snapshots: dict[int, Message] = attrs.field(factory=dict)
+    # Calls in flight that update this entry once their job returns: while any
+    # is, the entry is not evicted (the update would go to an orphan).
+    busy: int = 0
 
 
 # Write-behind entries: (proc, slot, state, snapshot, is_snapshot) for one slot, or
@@ -242,8 +248,20 @@ class SQLiteStore(Store):
             of this process but not of the machine, and commits faster.
         max_pending: how many computed results may wait to be written before
             `wait_writable` blocks the workers producing them.
+        max_cached_processes: how many processes the store keeps in memory
+            (definition, latest slots, pending results). More may be while they
+            are pinned (`Store.pin`: the engine pins each process with a live
+            worker) or have results waiting to be written; the others are
+            evicted, least recently looked up first, and read again from the
+            file when needed.
+        max_cached_assignments: how many assignments not computed yet the
+            store keeps in memory, for all processes together (oldest evicted
+            first; they are read from the file when needed).
+        max_cached_bytes: the same bound, in bytes of the assignments' CBOR.
 
     The engine opens and closes the store; a closed store can be opened again.
+    Concurrency: every method runs on the event-loop thread; only the I/O
+    thread touches the file.
     """
 
     def __init__(
@@ -252,11 +270,21 @@ class SQLiteStore(Store):
         *,
         synchronous: str = "FULL",
         max_pending: int = 20_000,
+        max_cached_processes: int = 10_000,
+        max_cached_assignments: int = 20_000,
+        max_cached_bytes: int = 32 * 1024 * 1024,
     ) -> None:
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA", "OFF"):
             raise ValueError(f"synchronous must be FULL, NORMAL, EXTRA or OFF, not {synchronous!r}")
         if max_pending < 1:
             raise ValueError("max_pending must be >= 1")
+        for name, bound in (
+            ("max_cached_processes", max_cached_processes),
+            ("max_cached_assignments", max_cached_assignments),
+            ("max_cached_bytes", max_cached_bytes),
+        ):
+            if type(bound) is not int or bound < 0:
+                raise ValueError(f"{name} must be an int >= 0, not {bound!r}")
         self.path = os.fspath(path)
         self._synchronous = synchronous.upper()
         self._max_pending = max_pending
@@ -264,7 +292,18 @@ class SQLiteStore(Store):
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
-        self._procs: dict[str, _Proc] = {}
+        # Loaded processes, least recently looked up first (event-loop thread only).
+        self._procs: collections.OrderedDict[str, _Proc] = collections.OrderedDict()
+        self._max_procs = max_cached_processes
+        self._pins: dict[str, int] = {}
+        # The assignment cache's order: (process, slot, CBOR size) as they came in,
+        # oldest first. Entries whose slot has since left the process's dict (its
+        # result was stored) stay until they reach the front; the bounds count
+        # them, so the cache itself is within them too.
+        self._cache_order: collections.deque[tuple[_Proc, int, int]] = collections.deque()
+        self._cache_bytes = 0
+        self._max_cached = max_cached_assignments
+        self._max_cached_bytes = max_cached_bytes
         # Write-behind state (event-loop thread only).
         self._outbox: list[_Entry] = []
         self._flushing = False
@@ -332,6 +371,9 @@ class SQLiteStore(Store):
             self._remove_handoff()
             await trio.to_thread.run_sync(thread.join)
             self._procs.clear()
+            self._pins.clear()
+            self._cache_order.clear()
+            self._cache_bytes = 0
 
     def _remove_handoff(self) -> None:
         try:
@@ -523,11 +565,12 @@ class SQLiteStore(Store):
     async def _proc(self, pid: str) -> _Proc | None:
         proc = self._procs.get(pid)
         if proc is not None:
+            self._procs.move_to_end(pid)
             return proc
 
         def load(
             conn: sqlite3.Connection,
-        ) -> tuple[int, Message, int, int, Message | None] | None:
+        ) -> tuple[int, Message, int, int, Message | None, int] | None:
             # One statement (one step for the I/O thread), subqueries on the keys.
             row = conn.execute(_LOAD_PROCESS, (pid,)).fetchone()
             if row is None:
@@ -543,7 +586,7 @@ class SQLiteStore(Store):
                     tail = decode(last)
                 except InvalidMessage:
                     pass  # read again, and reported, by whoever needs it
-            return rowid, decode(definition), latest, high, tail
+            return rowid, decode(definition), latest, high, tail, len(last or b"")
 
         self._reads += 1
         found = await self._run(load, write=False)
@@ -551,11 +594,67 @@ class SQLiteStore(Store):
             return None
         proc = self._procs.get(pid)  # loaded by another task while we waited
         if proc is None:
-            rowid, definition, latest, high, tail = found
-            proc = self._procs[pid] = _Proc(rowid, definition, latest, high, latest + 1)
+            rowid, definition, latest, high, tail, size = found
+            proc = self._adopt(pid, _Proc(rowid, definition, latest, high, latest + 1))
             if tail is not None:
-                proc.assignments[latest] = tail
+                self._cache(proc, latest, tail, size)
         return proc
+
+    # what stays in memory -------------------------------------------------------------------------
+
+    def _adopt(self, pid: str, proc: _Proc) -> _Proc:
+        """Keep a newly loaded process, evicting others beyond the bound."""
+        self._procs[pid] = proc
+        if len(self._procs) > self._max_procs:
+            self._trim_procs()
+        return proc
+
+    def _evictable(self, pid: str, proc: _Proc) -> bool:
+        return not (proc.pending or proc.pending_snapshots or proc.busy or pid in self._pins)
+
+    def _trim_procs(self) -> None:
+        """Evict the least recently looked-up processes that can go, down to the bound.
+
+        Looks at a few more entries than it must evict: those that cannot go
+        (pinned, results waiting, a call in flight) move to the back.
+        """
+        procs = self._procs
+        excess = len(procs) - self._max_procs
+        for _ in range(min(len(procs), excess + 16)):
+            if excess <= 0:
+                return
+            pid, proc = next(iter(procs.items()))
+            if self._evictable(pid, proc):
+                del procs[pid]
+                # Its cached assignments go; entries in the cache's order become stale.
+                proc.assignments.clear()
+                excess -= 1
+            else:
+                procs.move_to_end(pid)
+
+    def _cache(self, proc: _Proc, slot: int, assignment: Message, size: int) -> None:
+        """Keep an assignment in memory until its result is stored, within the bounds."""
+        proc.assignments[slot] = assignment
+        self._cache_order.append((proc, slot, size))
+        self._cache_bytes += size
+        order = self._cache_order
+        while order and (
+            len(order) > self._max_cached or self._cache_bytes > self._max_cached_bytes
+        ):
+            old, old_slot, old_size = order.popleft()
+            self._cache_bytes -= old_size
+            if old.assignments.pop(old_slot, None) is not None and old_slot >= old.appended_from:
+                old.appended_from = old_slot + 1  # the slots below it went before it
+
+    def pin(self, pid: str) -> None:
+        self._pins[pid] = self._pins.get(pid, 0) + 1
+
+    def unpin(self, pid: str) -> None:
+        left = self._pins.pop(pid, 0) - 1
+        if left > 0:
+            self._pins[pid] = left
+        elif len(self._procs) > self._max_procs:
+            self._trim_procs()
 
     def _loaded(self, pid: str) -> _Proc:
         proc = self._procs.get(pid)
@@ -566,6 +665,8 @@ class SQLiteStore(Store):
     # processes ----------------------------------------------------------------------------------
 
     async def put_process(self, pid: str, definition: Message, assignment: Message) -> bool:
+        row = encode(assignment)
+
         def put(conn: sqlite3.Connection) -> int | None:
             cur = conn.execute(
                 "INSERT OR IGNORE INTO processes (pid, definition) VALUES (?, ?)",
@@ -576,7 +677,7 @@ class SQLiteStore(Store):
             rowid = cur.lastrowid
             conn.execute(
                 "INSERT INTO assignments (proc, slot, message_id, assignment) VALUES (?, 0, ?, ?)",
-                (rowid, assignment["message-id"], encode(assignment)),
+                (rowid, assignment["message-id"], row),
             )
             return rowid
 
@@ -584,7 +685,9 @@ class SQLiteStore(Store):
         if rowid is None:
             return False
         self._assignments_written += 1
-        self._procs[pid] = _Proc(rowid, definition, 0, -1, 0, {0: assignment})
+        if pid not in self._procs:  # (unless loaded meanwhile, from the commit just made)
+            proc = self._adopt(pid, _Proc(rowid, definition, 0, -1, 0))
+            self._cache(proc, 0, assignment, len(row))
         return True
 
     async def get_process(self, pid: str) -> Message | None:
@@ -595,6 +698,7 @@ class SQLiteStore(Store):
         proc = self._procs.get(pid)
         if proc is None:
             raise trio.WouldBlock
+        self._procs.move_to_end(pid)
         return proc.definition
 
     # assignments --------------------------------------------------------------------------------
@@ -621,12 +725,15 @@ class SQLiteStore(Store):
                 raise StoreError(f"assignment for slot {first} does not follow slot {latest}")
             _insert_rows(conn, _INSERT_ASSIGNMENTS, 4, rows, self._per_statement)
 
-        await self._run(append, write=True)
+        proc.busy += 1  # not evicted while the append is in flight: we update it after
+        try:
+            await self._run(append, write=True)
+        finally:
+            proc.busy -= 1
         self._assignments_written += len(rows)
         proc.latest = max(proc.latest, assignments[-1]["slot"])
-        cache = proc.assignments
-        for a in assignments:
-            cache[a["slot"]] = a
+        for a, row in zip(assignments, rows, strict=True):
+            self._cache(proc, a["slot"], a, len(row[3]))
 
     async def latest_slot(self, pid: str) -> int:
         proc = await self._proc(pid)
@@ -643,8 +750,9 @@ class SQLiteStore(Store):
         if all(s in cache for s in (start, stop - 1)) and all(
             s in cache for s in range(start, stop)
         ):
+            found = [cache[s] for s in range(start, stop)]  # now: the cache may evict them
             await trio.lowlevel.checkpoint()
-            return [cache[s] for s in range(start, stop)]
+            return found
         rowid = proc.rowid
         self._reads += 1
         return await self._run(  # type: ignore[no-any-return]
@@ -814,6 +922,8 @@ class SQLiteStore(Store):
             if is_snap:
                 proc.pending_snapshots.pop(slot, None)
         self.backlogged = self._pending_count > self._max_pending
+        if len(self._procs) > self._max_procs:  # some may have waited only for this commit
+            self._trim_procs()
 
     async def wait_writable(self) -> None:
         """Block while more than ``max_pending`` results wait for the disk.

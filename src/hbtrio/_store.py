@@ -214,6 +214,17 @@ class Store(abc.ABC):
     async def flush(self) -> None:  # noqa: B027 - optional hook
         """Return once everything stored so far is durable."""
 
+    def pin(self, pid: str) -> None:  # noqa: B027 - optional hook
+        """Keep what the store holds in memory about ``pid`` until `unpin`. Never blocks.
+
+        The engine pins a process for as long as it has a live worker (whose
+        synchronous reads and writes need it there). Pins count: two pins need
+        two unpins. A store that keeps everything in memory ignores them.
+        """
+
+    def unpin(self, pid: str) -> None:  # noqa: B027 - optional hook
+        """Undo one `pin`; what the store holds about ``pid`` may then be evicted."""
+
     def statistics(self) -> StoreStatistics:
         """Counters for introspection and benchmarks."""
         return StoreStatistics()
@@ -238,7 +249,10 @@ class MemoryStore(Store):
 
     Every method answers at once; none blocks or checkpoints. A `MemoryStore`
     outlives the engines that use it, so a new engine on the same object
-    continues where the last one stopped.
+    continues where the last one stopped. Memory is all it has, so nothing is
+    ever evicted: every process, assignment, result and snapshot stays until
+    the store is dropped, and its memory grows with the data (`pin` and
+    `unpin` do nothing). Use `SQLiteStore` for bounded memory.
     """
 
     def __init__(self) -> None:

@@ -480,6 +480,7 @@ class GroupWorker:
             self.phase = Phase.STOPPED
             if engine._workers.get(self.pid) is self:
                 del engine._workers[self.pid]
+            self.store.unpin(self.pid)  # pinned by the engine when it made this worker
             engine._workers_stopped += 1
             engine._retired_computed += self.computed
             self.waiters.fail_all(lambda _s: LeaderDied(f"the worker of {self.pid} stopped"))

@@ -504,6 +504,12 @@ class FaultyStore(Store):
         await self._enter("flush")
         await self.inner.flush()
 
+    def pin(self, pid: str) -> None:
+        self.inner.pin(pid)
+
+    def unpin(self, pid: str) -> None:
+        self.inner.unpin(pid)
+
     def statistics(self) -> StoreStatistics:
         return self.inner.statistics()
 
