@@ -15,13 +15,15 @@ a few reads.
 
 Results and snapshots are written behind: `put_results_nowait` records them in
 an in-memory pending table (readable at once) and makes sure one flush job is
-queued; a flush job carries at most `_FLUSH_ROWS` rows, so a schedule queued
-behind a large backlog shares the next commit instead of waiting for all of
-it. When a commit lands, its entries leave the pending table and the next
-flush job is queued. `wait_writable` blocks producers while more than
-``max_pending`` results wait (`backlogged`); every producer asks before it
-computes, so the backlog exceeds the bound by one chunk at most. Assignments
-are written through: `append_assignments` returns only after its commit.
+queued; a flush job writes in pieces of `_FLUSH_ROWS` rows and stops after a
+piece once another job waits, so a backlog goes in one transaction when
+nothing else waits, and a schedule queued behind it shares the next commit
+instead of waiting for all of it. When a commit lands, its entries leave the
+pending table and the next flush job is queued. `wait_writable` blocks
+producers while more than ``max_pending`` results wait (`backlogged`); every
+producer asks before it computes, so the backlog exceeds the bound by one
+chunk at most. Assignments are written through: `append_assignments` returns
+only after its commit.
 
 The GIL. sqlite3 releases the GIL around every step of a statement, and on a
 loop that never sleeps each time the thread takes it back can cost seconds
@@ -120,8 +122,11 @@ _PENDING, _RUNNING, _WITHDRAWN = 0, 1, 2
 _WRITES_PER_BATCH: Final = 4096
 #: Most read jobs run between two looks at the queue for writes.
 _READS_PER_BATCH: Final = 32
-#: Most results (and snapshots) one write-behind job writes.
+#: Results (and snapshots) one write-behind job writes before it looks whether
+#: another job waits (and stops if one does) ...
 _FLUSH_ROWS: Final = 4096
+#: ... and most such pieces in one job.
+_FLUSH_PIECES: Final = 64
 #: Most rows in one INSERT statement (fewer where SQLite allows fewer variables).
 _MAX_ROWS_PER_STATEMENT: Final = 1024
 #: A busy loop waits for a round of the I/O thread that has run this long (seconds) ...
@@ -271,8 +276,8 @@ class SQLiteStore(Store):
         synchronous: str = "FULL",
         max_pending: int = 20_000,
         max_cached_processes: int = 10_000,
-        max_cached_assignments: int = 20_000,
-        max_cached_bytes: int = 32 * 1024 * 1024,
+        max_cached_assignments: int = 100_000,
+        max_cached_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA", "OFF"):
             raise ValueError(f"synchronous must be FULL, NORMAL, EXTRA or OFF, not {synchronous!r}")
@@ -313,8 +318,11 @@ class SQLiteStore(Store):
         self._write_error: BaseException | None = None
         # Counters (commits is written by the I/O thread, read anywhere).
         self._commits = 0
-        # Rows per INSERT statement: set by the I/O thread, read by its jobs.
+        # Rows per INSERT statement, write jobs after the running one in its batch,
+        # reads waiting: set by the I/O thread, read by its jobs.
         self._per_statement = 1
+        self._writes_after = 0
+        self._reads_waiting: collections.deque[_Job] = collections.deque()
         # The I/O thread's current round of jobs: when it started (0.0: none) and
         # an event set when it ends (see `_GILHandoff`).
         self._round_since = 0.0
@@ -416,6 +424,7 @@ class SQLiteStore(Store):
         self._per_statement = _rows_per_statement(conn)
         writes: collections.deque[_Job] = collections.deque()
         reads: collections.deque[_Job] = collections.deque()
+        self._reads_waiting = reads
         stopping = False
         try:
             while True:
@@ -478,6 +487,10 @@ class SQLiteStore(Store):
         except Exception as exc:
             return outcome.Error(exc)
 
+    def _others_waiting(self) -> bool:
+        """Whether jobs other than the running one wait for this thread (I/O thread)."""
+        return bool(self._writes_after or self._reads_waiting) or not self._queue.empty()
+
     def _run_writes(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
         """Run write jobs in one transaction, each in its own savepoint, and commit once."""
         writes = self._start(jobs)
@@ -489,9 +502,10 @@ class SQLiteStore(Store):
             for j in writes:
                 j.result = outcome.Error(StoreError(f"cannot write {self.path}: {exc}"))
                 j.result.error.__cause__ = exc
-        for j in writes:
+        for i, j in enumerate(writes):
             if j.result is not None:
                 continue
+            self._writes_after = len(writes) - i - 1
             conn.execute("SAVEPOINT job")
             j.result = self._call(j, conn)
             if not conn.in_transaction:  # SQLite rolled it all back (SQLITE_FULL, I/O error)
@@ -500,6 +514,7 @@ class SQLiteStore(Store):
             if isinstance(j.result, outcome.Error):
                 conn.execute("ROLLBACK TO job")
             conn.execute("RELEASE job")
+        self._writes_after = 0
         if conn.in_transaction:
             try:
                 conn.execute("COMMIT")
@@ -865,33 +880,45 @@ class SQLiteStore(Store):
     def _kick(self) -> None:
         """Queue one flush job for the outbox unless one is already on its way.
 
-        A job writes at most `_FLUSH_ROWS` rows, so a schedule queued behind it
-        waits for that many at most; the next job is queued when it commits.
+        The job writes the outbox in pieces of at most `_FLUSH_ROWS` rows and
+        stops after a piece once another job waits for the I/O thread: alone,
+        a backlog goes in one transaction; a schedule queued behind it waits
+        for one piece at most. What it did not write goes back to the outbox
+        when it commits, and the next job is queued then.
         """
         if self._flushing or not self._outbox or self._thread is None:
             return
-        batch = self._take_batch()
+        pieces: list[list[_Entry]] = []
+        while self._outbox and len(pieces) < _FLUSH_PIECES:
+            pieces.append(self._take_batch())
         self._flushing = True
 
-        def write(conn: sqlite3.Connection) -> None:
-            results, flags, snaps = _encode_batch(batch)
-            per_statement = self._per_statement
-            _insert_rows(conn, _INSERT_RESULTS, 4, results, per_statement)
-            if flags:
-                conn.executemany(
-                    "UPDATE results SET snapshot = 1 WHERE proc = ? AND slot = ?", flags
-                )
-            _insert_rows(conn, _INSERT_SNAPSHOTS, 3, snaps, per_statement)
+        def write(conn: sqlite3.Connection) -> int:
+            per_statement, written = self._per_statement, 0
+            for piece in pieces:
+                if written and self._others_waiting():
+                    break
+                results, flags, snaps = _encode_batch(piece)
+                _insert_rows(conn, _INSERT_RESULTS, 4, results, per_statement)
+                if flags:
+                    conn.executemany(
+                        "UPDATE results SET snapshot = 1 WHERE proc = ? AND slot = ?", flags
+                    )
+                _insert_rows(conn, _INSERT_SNAPSHOTS, 3, snaps, per_statement)
+                written += 1
+            return written
 
         def done(result: outcome.Outcome[Any]) -> None:
             self._flushing = False
             if isinstance(result, outcome.Error):
                 # Keep everything pending (still readable) and retry on the next kick or flush.
                 self._write_error = result.error
-                self._outbox[:0] = batch
+                self._outbox[:0] = [e for piece in pieces for e in piece]
             else:
                 self._write_error = None
-                self._committed(batch)
+                written = result.unwrap()
+                self._outbox[:0] = [e for piece in pieces[written:] for e in piece]
+                self._committed([e for piece in pieces[:written] for e in piece])
                 self._kick()
             if self._drained is not None and (
                 self._pending_count <= self._max_pending // 2 or self._write_error is not None
