@@ -120,8 +120,10 @@ _PENDING, _RUNNING, _WITHDRAWN = 0, 1, 2
 
 #: Most write jobs in one transaction.
 _WRITES_PER_BATCH: Final = 4096
-#: Most read jobs run between two looks at the queue for writes.
+#: Most read jobs run between two looks at the queue for writes ...
 _READS_PER_BATCH: Final = 32
+#: ... or fewer, once jobs wait and the reads have run this long (seconds).
+_READS_FOR: Final = 0.002
 #: Results (and snapshots) one write-behind job writes before it looks whether
 #: another job waits (and stops if one does) ...
 _FLUSH_ROWS: Final = 4096
@@ -447,8 +449,7 @@ class SQLiteStore(Store):
                     batch = [writes.popleft() for _ in range(min(len(writes), _WRITES_PER_BATCH))]
                     self._run_writes(conn, batch)
                 if reads:
-                    batch = [reads.popleft() for _ in range(min(len(reads), _READS_PER_BATCH))]
-                    self._run_reads(conn, batch)
+                    self._run_reads(conn, reads)
                 self._round_since = 0.0
                 self._round_done.set()
         finally:
@@ -470,12 +471,21 @@ class SQLiteStore(Store):
                 j.state = _RUNNING
         return jobs
 
-    def _run_reads(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
-        """Run read jobs, each on its own (outside any write transaction: only committed data)."""
-        jobs = self._start(jobs)
-        for j in jobs:
-            j.result = self._call(j, conn)
-        self._deliver(jobs)
+    def _run_reads(self, conn: sqlite3.Connection, reads: collections.deque[_Job]) -> None:
+        """Run up to `_READS_PER_BATCH` reads, oldest first, each on its own (outside any
+        write transaction: only committed data). Stops early once other jobs arrived
+        and the reads have run for `_READS_FOR` (some read thousands of rows)."""
+        done: list[_Job] = []
+        started = time.monotonic()
+        while reads and len(done) < _READS_PER_BATCH:
+            job = reads.popleft()
+            if not self._start([job]):
+                continue  # withdrawn
+            job.result = self._call(job, conn)
+            done.append(job)
+            if not self._queue.empty() and time.monotonic() - started > _READS_FOR:
+                break
+        self._deliver(done)
 
     def _call(self, j: _Job, conn: sqlite3.Connection) -> outcome.Outcome[Any]:
         try:
