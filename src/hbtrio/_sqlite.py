@@ -7,8 +7,9 @@ event loop never touches the file. Callers submit jobs to a queue and park.
 The thread works in rounds: it takes every job waiting, runs the writes
 first, all in one transaction (each inside its own savepoint, so one failing
 job does not undo the others) with one commit, then at most
-`_READS_PER_BATCH` reads outside any transaction (so they only see committed
-data), and wakes the loop once per batch with every outcome. Concurrent
+`_READS_PER_BATCH` reads (fewer once other jobs wait and `_READS_FOR` has
+passed) outside any transaction, so they only see committed data; it wakes
+the loop once per batch with every outcome. Concurrent
 writes therefore share commits (group commit), thousands of computed slots
 cost a handful of commits, and a durable write never waits behind more than
 a few reads.
