@@ -261,8 +261,8 @@ async def test_backpressure_failure_reaches_the_waiters(kind: str, tmp_path: Pat
     async with open_test_engine(store) as engine:
         pid = await counter_process(engine, 2000)
         with store.fail("disk-full", methods="wait_writable", times=1):
-            # The first chunk is computed and stored (readable), then the store
-            # reports that it cannot keep up: the slots beyond fail loudly.
+            # Before its first chunk the worker asks the store whether it can
+            # take more, and the store cannot: the slots asked for fail loudly.
             with pytest.raises(hbtrio.StoreError):
                 await engine.compute(pid, 1500)
             await assert_backed(engine, store, pid)

@@ -3,8 +3,10 @@
 The rules spawn processes, schedule messages, compute (one slot, several at
 once, beyond the schedule, cancelled after a virtual delay or at a chosen
 checkpoint), ask for ``now``, stop workers, let virtual time pass (idle
-eviction) and restart the engine on the same store, for both `MemoryStore`
-and `SQLiteStore` (a fresh file per example). The model is plain arithmetic:
+eviction) and restart the engine on the same store, for `MemoryStore`,
+`SQLiteStore` (a fresh file per example), and `SQLiteStore` with caches of
+one under a scheduler keeping one tail (so nearly everything is read again
+from the file). The model is plain arithmetic:
 the state at slot s of a process is the sum of the ``n`` scheduled at slots
 1..s. After every step the answers matched the model, nobody is left waiting,
 every worker's slot is a scheduled one, and (with ``cache_frequency=1``) no
@@ -77,8 +79,14 @@ Step = Callable[[hbtrio.Engine], Awaitable[Any]]
 class EngineHost:
     """A Trio run in a thread that holds an engine and runs steps sent from the test's thread."""
 
-    def __init__(self, make_store: Callable[[], hbtrio.Store], **engine_options: Any) -> None:
+    def __init__(
+        self,
+        make_store: Callable[[], hbtrio.Store],
+        max_tails: int | None = None,
+        **engine_options: Any,
+    ) -> None:
         self.make_store = make_store
+        self.max_tails = max_tails
         self.engine_options = engine_options
         self.clock = trio.testing.MockClock()  # autojump only while a step runs
         self.requests: queue.SimpleQueue[tuple[str, Step | None, queue.SimpleQueue[Any]]]
@@ -111,6 +119,8 @@ class EngineHost:
         while True:
             self.clock.autojump_threshold = AUTOJUMP
             async with hbtrio.open_engine(store, **self.engine_options) as engine:
+                if self.max_tails is not None:  # a scheduler that keeps fewer tails
+                    engine._scheduler = hbtrio.Scheduler(store, max_tails=self.max_tails)
                 while True:
                     self.clock.autojump_threshold = math.inf
                     kind, step, reply = await self._next()
@@ -195,6 +205,13 @@ class EngineMachine(RuleBasedStateMachine):
     def make_store(self) -> hbtrio.Store:
         if self.STORE == "memory":
             return self.memory
+        if self.STORE == "sqlite-tiny":  # every cache of one: nearly everything read again
+            return hbtrio.SQLiteStore(
+                f"{self.tmp}/stateful.sqlite",
+                max_cached_processes=1,
+                max_cached_assignments=1,
+                max_cached_bytes=400,
+            )
         return hbtrio.SQLiteStore(f"{self.tmp}/stateful.sqlite")
 
     @property
@@ -207,6 +224,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.cache_frequency, self.max_idle = cache_frequency, max_idle
         self.host = EngineHost(
             self.make_store,
+            max_tails=1 if self.STORE == "sqlite-tiny" else None,
             devices={"plain@1.0": self.plain, "slow@1.0": self.slow},
             cache_frequency=cache_frequency,
             max_idle=max_idle,
@@ -372,6 +390,12 @@ class SQLiteStoreMachine(EngineMachine):
     STORE = "sqlite"
 
 
+class TinyCachesMachine(EngineMachine):
+    """SQLite keeping one process, one assignment and one scheduler tail in memory."""
+
+    STORE = "sqlite-tiny"
+
+
 LONG = os.environ.get("HBTRIO_LONG") == "1"
 _settings = settings(
     max_examples=400 if LONG else 60,
@@ -383,3 +407,5 @@ TestMemoryStore = MemoryStoreMachine.TestCase
 TestMemoryStore.settings = _settings
 TestSQLiteStore = SQLiteStoreMachine.TestCase
 TestSQLiteStore.settings = settings(_settings, max_examples=250 if LONG else 40)
+TestTinyCaches = TinyCachesMachine.TestCase
+TestTinyCaches.settings = settings(_settings, max_examples=250 if LONG else 40)

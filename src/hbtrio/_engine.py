@@ -340,6 +340,13 @@ class Engine:
         while True:
             self._check_open()
             worker = self._workers.get(pid)
+            if store.backlogged and (worker is None or worker.phase is Phase.IDLE):
+                # This request would compute (inline, or by starting a task): first
+                # let the store catch up, before anything is computed. Nothing has
+                # happened yet if this is cancelled; it raises `StoreError` if the
+                # writes fail.
+                await store.wait_writable()
+                continue
             if worker is None:
                 worker = self._adopt_idle_worker(pid, slot) or self._start_worker(pid, slot)
             try:
@@ -388,6 +395,7 @@ class Engine:
         worker.runtime, worker.plain = runtime, True
         worker.started_at, worker.last_request = time.time(), self._now()
         self._workers[pid] = worker
+        self._store.pin(pid)  # unpinned when the worker finishes (`GroupWorker._finish`)
         self._workers_started += 1
         self._reaper.watch(worker)
         return worker
@@ -395,6 +403,7 @@ class Engine:
     def _start_worker(self, pid: str, slot: int) -> GroupWorker:
         worker = GroupWorker(pid, self, self._store, target=slot)
         self._workers[pid] = worker
+        self._store.pin(pid)  # unpinned when the worker finishes (`GroupWorker._finish`)
         self._workers_started += 1
         self._nursery.start_soon(worker.run, name=f"hbtrio worker {pid}")
         return worker

@@ -257,7 +257,9 @@ class ProcessRuntime:
     async def _initial_stored(self) -> Message:
         """The initial state, stored as slot 0's result and snapshot."""
         state = await self.initial()
-        self.store.put_results_nowait(self.pid, [(0, state, await self.snapshot_of(state))])
+        snapshot = await self.snapshot_of(state)
+        await self.store.wait_writable()  # backpressure, right before storing
+        self.store.put_results_nowait(self.pid, [(0, state, snapshot)])
         return state
 
     @trio.lowlevel.enable_ki_protection
@@ -417,6 +419,7 @@ class ProcessRuntime:
         slot = state["at-slot"]
         while slot < target:
             batch = await self.assignments(slot + 1, min(target, slot + CHUNK) + 1)
+            await self.store.wait_writable()  # backpressure, right before computing
             if self.plain:
                 states: list[Message] = []
                 try:
@@ -435,7 +438,6 @@ class ProcessRuntime:
                     if results:
                         self.store.put_results_nowait(self.pid, results)
             slot = state["at-slot"]
-            await self.store.wait_writable()
             await trio.lowlevel.checkpoint()
         return state
 
@@ -461,10 +463,14 @@ async def compute_slot(
     if stored is not None:
         await trio.lowlevel.checkpoint()
         return hand_out(stored)
-    runtime = await ProcessRuntime.load(pid, store, devices, cache_frequency)
-    state = await runtime.restore(slot)
-    if state["at-slot"] < slot:
-        state = await runtime.advance(state, slot)
-    else:
-        await trio.lowlevel.checkpoint()
+    store.pin(pid)  # what the store keeps in memory about pid stays while we write to it
+    try:
+        runtime = await ProcessRuntime.load(pid, store, devices, cache_frequency)
+        state = await runtime.restore(slot)
+        if state["at-slot"] < slot:
+            state = await runtime.advance(state, slot)
+        else:
+            await trio.lowlevel.checkpoint()
+    finally:
+        store.unpin(pid)
     return hand_out(state)

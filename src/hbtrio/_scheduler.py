@@ -13,15 +13,19 @@ dropped or altered assignment.
 Concurrency: schedules on one process are serialised (a per-process lock held
 across the durable append), so concurrent callers never get the same slot and
 the store never sees a gap. Different processes proceed concurrently. A
-cancelled `schedule` either returned its slot or assigned nothing.
+cancelled `schedule` either returned its slot or assigned nothing. The
+scheduler keeps a bounded number of tails (the last slot and chain value of a
+schedule); an evicted one is read again from the store, under its new lock.
 """
 
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import time
 from collections.abc import Sequence
+from typing import Final
 
 import attrs
 import trio
@@ -98,18 +102,39 @@ def verify_schedule(pid: str, assignments: Sequence[Message]) -> None:
 class _Tail:
     """What the scheduler knows of one process's schedule."""
 
-    # Invariant: latest and chain describe the last durable assignment.
-    latest: int
-    chain: bytes
+    # Invariant: latest and chain describe the last durable assignment, once
+    # latest >= 0; before that (UNREAD) they are read from the store, by the
+    # first task to hold the lock.
+    latest: int = -1
+    chain: bytes = b""
     lock: trio.Lock = attrs.field(factory=trio.Lock)
 
 
-class Scheduler:
-    """Assigns slots to messages for the processes in one store."""
+#: Processes whose tails a `Scheduler` keeps by default.
+MAX_TAILS: Final = 10_000
 
-    def __init__(self, store: Store) -> None:
+
+class Scheduler:
+    """Assigns slots to messages for the processes in one store.
+
+    Keeps the tail of at most ``max_tails`` schedules in memory (least
+    recently used evicted first, never one that a schedule holds or waits
+    for); an evicted tail is read again from the store.
+
+    Concurrency: schedules on one process are serialised by its tail's lock,
+    held across the durable append; a tail is evicted only while nobody holds
+    or waits for its lock, so two schedules on one process never hold two
+    tails at once, and each reads the store only after every append before it
+    returned.
+    """
+
+    def __init__(self, store: Store, *, max_tails: int = MAX_TAILS) -> None:
+        if type(max_tails) is not int or max_tails < 0:
+            raise ValueError(f"max_tails must be an int >= 0, not {max_tails!r}")
         self._store = store
-        self._tails: dict[str, _Tail] = {}
+        self._max_tails = max_tails
+        # Least recently used first.
+        self._tails: collections.OrderedDict[str, _Tail] = collections.OrderedDict()
 
     async def spawn(self, definition: Message) -> tuple[str, bool]:
         """Store ``definition`` as slot 0. Returns ``(pid, created)``; idempotent."""
@@ -120,35 +145,51 @@ class Scheduler:
             pid = message_id(definition)
         assignment, chain = make_assignment(pid, 0, definition, b"", mid=pid)
         created = await self._store.put_process(pid, definition, assignment)
-        if created:
-            self._tails[pid] = _Tail(0, chain)
+        if created and pid not in self._tails:
+            self._add(pid, _Tail(0, chain))
         return pid, created
 
     def latest_nowait(self, pid: str) -> int:
         """The latest slot of ``pid`` if known without I/O; `trio.WouldBlock` otherwise."""
         tail = self._tails.get(pid)
-        if tail is None:
+        if tail is None or tail.latest < 0:
             raise trio.WouldBlock
         return tail.latest
 
     async def latest(self, pid: str) -> int:
         """The latest assigned slot of ``pid``. Raises `ProcessNotFound`."""
         tail = self._tails.get(pid)
-        if tail is None:
-            tail = await self._load(pid)
-        return tail.latest
+        if tail is not None and tail.latest >= 0:
+            return tail.latest
+        latest = await self._store.latest_slot(pid)  # the store is the truth
+        if latest < 0:
+            raise ProcessNotFound(pid)
+        return latest
 
-    async def _load(self, pid: str) -> _Tail:
+    def _add(self, pid: str, tail: _Tail) -> _Tail:
+        """Keep a new tail, evicting unlocked ones beyond the bound first."""
+        tails = self._tails
+        excess = len(tails) + 1 - self._max_tails
+        for _ in range(min(len(tails), excess + 16) if excess > 0 else 0):
+            if excess <= 0:
+                break
+            old_pid, old = next(iter(tails.items()))
+            if old.lock.locked():  # held or waited for: it stays (at the back)
+                tails.move_to_end(old_pid)
+            else:
+                del tails[old_pid]
+                excess -= 1
+        tails[pid] = tail
+        return tail
+
+    async def _read_tail(self, pid: str, tail: _Tail) -> None:
+        """Fill an unread tail from the store; the caller holds its lock."""
         latest = await self._store.latest_slot(pid)
         if latest < 0:
             raise ProcessNotFound(pid)
         last = await self._store.get_assignments(pid, latest, latest + 1)
-        tail = self._tails.get(pid)  # another task may have loaded it meanwhile
-        if tail is None:
-            tail = self._tails[pid] = _Tail(
-                latest, base64.urlsafe_b64decode(last[0]["hash-chain"] + "=")
-            )
-        return tail
+        tail.latest = latest
+        tail.chain = base64.urlsafe_b64decode(last[0]["hash-chain"] + "=")
 
     async def schedule(self, pid: str, messages: Sequence[object]) -> list[int]:
         """Durably assign the next slots to ``messages``, in order, in one write.
@@ -163,8 +204,27 @@ class Scheduler:
         # pieces that let the loop run in between (see `_codec.encode_in_pieces`).
         if any(is_large(body) for body in bodies):
             mids = list(await trio.to_thread.run_sync(_message_ids, bodies))
-        tail = self._tails.get(pid) or await self._load(pid)
+        tail = self._tails.get(pid)
+        if tail is None:
+            tail = self._add(pid, _Tail())
+        else:
+            self._tails.move_to_end(pid)
+        # From here to holding (or waiting for) the lock nothing yields, so the
+        # tail cannot be evicted under us.
         async with tail.lock:
+            if tail.latest < 0:
+                try:
+                    await self._read_tail(pid, tail)
+                except BaseException:
+                    # Not a process (or the store failed): forget the tail unless
+                    # somebody else waits to try.
+                    if (
+                        tail.latest < 0
+                        and self._tails.get(pid) is tail
+                        and tail.lock.statistics().tasks_waiting == 0
+                    ):
+                        del self._tails[pid]
+                    raise
             slot, chain = tail.latest, tail.chain
             batch: list[Message] = []
             for body, mid in zip(bodies, mids, strict=True):

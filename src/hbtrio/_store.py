@@ -11,10 +11,11 @@ The engine's hot paths call the synchronous ``*_nowait`` methods. They answer
 from memory and raise `trio.WouldBlock` when the answer needs I/O; the engine
 then awaits the async twin. Results are written behind (`put_results_nowait`
 returns at once and the store makes them durable in batches); `wait_writable`
-applies backpressure when too much is pending, and `flush` waits until all of
-it is durable. Assignments are different: `append_assignments` returns only
-once they are durable. A result is readable (from memory) as soon as
-`put_results_nowait` returns, so "stored" means "readable" for the engine.
+applies backpressure when too much is pending (`backlogged` says so without
+awaiting), and `flush` waits until all of it is durable. Assignments are
+different: `append_assignments` returns only once they are durable. A
+result is readable (from memory) as soon as `put_results_nowait` returns, so
+"stored" means "readable" for the engine.
 
 Store methods are not checkpoints unless they say so: the async ones only
 yield when they actually wait for I/O. All of them are cancellation-safe in
@@ -57,6 +58,12 @@ class StoreStatistics:
 
 class Store(abc.ABC):
     """What the engine needs from a store. Subclass it to add a backend."""
+
+    #: True while more results wait to be written than the store accepts
+    #: (`wait_writable` would block). Read on the request path before a request
+    #: computes a slot itself: while it is true, the request waits in
+    #: `wait_writable` first. A store with write-behind keeps it up to date.
+    backlogged: bool = False
 
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Acquire resources (threads, files). Called by the engine on entry; idempotent."""
@@ -157,7 +164,12 @@ class Store(abc.ABC):
         )
 
     async def wait_writable(self) -> None:  # noqa: B027 - optional hook
-        """Block while too many results wait to be written (backpressure)."""
+        """Block while too many results wait to be written (backpressure).
+
+        Producers call it *before* they compute (workers before each chunk,
+        requests before computing inline when `backlogged`), so the results
+        waiting exceed the store's bound by at most one chunk.
+        """
 
     @abc.abstractmethod
     def get_result_nowait(self, pid: str, slot: int) -> Message | None:
@@ -202,6 +214,17 @@ class Store(abc.ABC):
     async def flush(self) -> None:  # noqa: B027 - optional hook
         """Return once everything stored so far is durable."""
 
+    def pin(self, pid: str) -> None:  # noqa: B027 - optional hook
+        """Keep what the store holds in memory about ``pid`` until `unpin`. Never blocks.
+
+        The engine pins a process for as long as it has a live worker (whose
+        synchronous reads and writes need it there). Pins count: two pins need
+        two unpins. A store that keeps everything in memory ignores them.
+        """
+
+    def unpin(self, pid: str) -> None:  # noqa: B027 - optional hook
+        """Undo one `pin`; what the store holds about ``pid`` may then be evicted."""
+
     def statistics(self) -> StoreStatistics:
         """Counters for introspection and benchmarks."""
         return StoreStatistics()
@@ -226,7 +249,10 @@ class MemoryStore(Store):
 
     Every method answers at once; none blocks or checkpoints. A `MemoryStore`
     outlives the engines that use it, so a new engine on the same object
-    continues where the last one stopped.
+    continues where the last one stopped. Memory is all it has, so nothing is
+    ever evicted: every process, assignment, result and snapshot stays until
+    the store is dropped, and its memory grows with the data (`pin` and
+    `unpin` do nothing). Use `SQLiteStore` for bounded memory.
     """
 
     def __init__(self) -> None:

@@ -186,11 +186,12 @@ class GroupWorker:
 
         Returns the state, or ``None`` when the fast path does not apply (the
         worker is busy or starting, somebody waits, the device is async, the
-        gap is large, or the assignments or stored results need I/O). Raises
+        gap is large, the assignments or stored results need I/O, or the store
+        is `~Store.backlogged`: the caller then waits for it first). Raises
         `ComputeError`; the worker then keeps the slots before the failing one.
         The caller records the request's time in ``last_request``.
         """
-        if self.phase is not Phase.IDLE or not self.plain:
+        if self.phase is not Phase.IDLE or not self.plain or self.store.backlogged:
             return None
         if slot == self.slot + 1:
             return self.step(slot)
@@ -222,10 +223,11 @@ class GroupWorker:
         The request path's common case: the caller checked that this worker is
         idle. Never checkpoints; ``None`` when the fast path does not apply.
         """
-        if not self.plain:
+        store = self.store
+        if not self.plain or store.backlogged:
             return None
         try:
-            assignment = self.store.pending_assignment_nowait(self.pid, slot)
+            assignment = store.pending_assignment_nowait(self.pid, slot)
         except trio.WouldBlock:
             return None
         if assignment is None:  # unscheduled, or stored ahead (the worker jumps there)
@@ -237,7 +239,7 @@ class GroupWorker:
             raise rt.failure(slot, exc) from exc  # type: ignore[union-attr]
         try:
             snapshot = slot % rt.cache_frequency == 0  # type: ignore[union-attr]
-            self.store.put_state_nowait(self.pid, slot, state, snapshot)
+            store.put_state_nowait(self.pid, slot, state, snapshot)
         except StoreError as exc:
             self._refused(slot, exc)
         self.slot, self.state = slot, state
@@ -414,6 +416,10 @@ class GroupWorker:
             self.waiters.fail_from(start, lambda _s: _store_error(error))
             self.target = self.slot
             return
+        # Backpressure comes last before computing: between it and the results
+        # nothing awaits, so the store's bound is exceeded by one chunk at most.
+        if not await self._writable():
+            return
         states: list[Message] = []
         failure: ComputeError | None = None
         try:
@@ -422,7 +428,7 @@ class GroupWorker:
                     rt.apply_sync(self.state, batch, states)
                 else:
                     for a in batch:  # slot by slot: a stop takes effect after the current slot
-                        if self.stop_requested:
+                        if self.stop_requested or not await self._writable():
                             break
                         await rt.apply_async(self.state, [a], self._commit)
             except ComputeError as exc:
@@ -434,16 +440,21 @@ class GroupWorker:
         if failure is not None:
             self._give_up(failure)
             return
-        try:
-            await rt.store.wait_writable()
-        except StoreError as exc:
-            error = exc
-            self.waiters.fail_from(self.slot + 1, lambda _s: _store_error(error))
-            self.target = self.slot
         if self.target > self.slot:
             # Yield between chunks. Caught up, the task goes idle at once instead:
             # the requester it just answered then finds it idle and is served inline.
             await trio.lowlevel.checkpoint()
+
+    async def _writable(self) -> bool:
+        """Wait while the store is backlogged; False (waiters told) if it failed."""
+        try:
+            await self.store.wait_writable()
+        except StoreError as exc:
+            error = exc
+            self.waiters.fail_from(self.slot + 1, lambda _s: _store_error(error))
+            self.target = self.slot
+            return False
+        return True
 
     def _read_ahead(self, start: int, stop: int) -> list[Message]:
         """Assignments ``start..stop-1`` from what was read ahead (``[]`` if not there)."""
@@ -500,6 +511,7 @@ class GroupWorker:
             self.phase = Phase.STOPPED
             if engine._workers.get(self.pid) is self:
                 del engine._workers[self.pid]
+            self.store.unpin(self.pid)  # pinned by the engine when it made this worker
             engine._workers_stopped += 1
             engine._retired_computed += self.computed
             self.waiters.fail_all(lambda _s: LeaderDied(f"the worker of {self.pid} stopped"))

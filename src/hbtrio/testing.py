@@ -465,6 +465,10 @@ class FaultyStore(Store):
         self._enter_sync("put_states_nowait", pid)
         self.inner.put_states_nowait(pid, first, states, snapshot_every)
 
+    @property
+    def backlogged(self) -> bool:  # type: ignore[override]
+        return self.inner.backlogged
+
     async def wait_writable(self) -> None:
         await self._enter("wait_writable")
         await self.inner.wait_writable()
@@ -499,6 +503,12 @@ class FaultyStore(Store):
     async def flush(self) -> None:
         await self._enter("flush")
         await self.inner.flush()
+
+    def pin(self, pid: str) -> None:
+        self.inner.pin(pid)
+
+    def unpin(self, pid: str) -> None:
+        self.inner.unpin(pid)
 
     def statistics(self) -> StoreStatistics:
         return self.inner.statistics()
