@@ -286,9 +286,9 @@ async def test_a_run_of_assignments_is_read_in_one_statement(tmp_path: Path) -> 
     (rowid,) = conn.execute("SELECT id FROM processes WHERE pid = ?", (pid,)).fetchone()
     statements: list[str] = []
     conn.set_trace_callback(statements.append)
-    assert _read_assignments(conn, rowid, 1, 501) == expected[1:501]
-    assert _read_assignments(conn, rowid, 7, 8) == expected[7:8]
-    assert _read_assignments(conn, rowid, 600, 700) == []
+    assert _read_assignments(conn, rowid, pid, 1, 501) == expected[1:501]
+    assert _read_assignments(conn, rowid, pid, 7, 8) == expected[7:8]
+    assert _read_assignments(conn, rowid, pid, 600, 700) == []
     assert len(statements) == 3
     # Row 4 also holds row 5's bytes: joined, the run does not decode into slots 1..10.
     conn.set_trace_callback(None)
@@ -296,6 +296,6 @@ async def test_a_run_of_assignments_is_read_in_one_statement(tmp_path: Path) -> 
     conn.execute("UPDATE assignments SET assignment = ? WHERE proc = ? AND slot = 4", (row, rowid))
     statements.clear()
     conn.set_trace_callback(statements.append)
-    assert _read_assignments(conn, rowid, 1, 11) == expected[1:11]
+    assert _read_assignments(conn, rowid, pid, 1, 11) == expected[1:11]
     assert len(statements) == 2
     conn.close()

@@ -677,3 +677,36 @@ async def test_sqlite_backpressure_bounds_pending_results(sqlite_factory: StoreF
 def test_sqlite_options_are_checked(options: dict[str, Any], tmp_path: Any) -> None:
     with pytest.raises(ValueError):
         SQLiteStore(tmp_path / "x.sqlite", **options)
+
+
+@pytest.mark.parametrize("field", ["body", "message-id", "process", "slot"])
+async def test_sqlite_a_flipped_byte_in_a_stored_assignment_is_reported_not_computed(
+    sqlite_factory: StoreFactory, field: str
+) -> None:
+    """Regression (issue 15.8): SQLite keeps no checksums, so a damaged row that still decodes
+    used to be computed as it is. Each row read from the file is checked against its ID."""
+    store = sqlite_factory.new()
+    async with hbtrio.open_engine(store) as engine:
+        pid = await engine.spawn(COUNTER)
+        await engine.schedule_many(pid, [{"n": 10 + n} for n in range(1, 7)])
+    with sqlite3.connect(sqlite_factory.path) as conn:
+        (blob,) = conn.execute("SELECT assignment FROM assignments WHERE slot = 4").fetchone()
+        original = hbtrio.decode(blob)
+        damaged = {
+            "body": {**original, "body": {"n": 99}},  # one digit flipped: 14 -> 99
+            "message-id": {**original, "message-id": "A" + original["message-id"][1:]},
+            "process": {**original, "process": "B" + original["process"][1:]},
+            "slot": {**original, "slot": 5},
+        }[field]
+        conn.execute("UPDATE assignments SET assignment = ? WHERE slot = 4",
+                     (hbtrio.encode(damaged),))  # fmt: skip
+    store = sqlite_factory.new()
+    async with hbtrio.open_engine(store) as engine:
+        assert (await engine.compute(pid, 3))["count"] == 11 + 12 + 13
+        with pytest.raises(hbtrio.ComputeError) as info:
+            await engine.compute(pid, 6)
+        assert info.value.phase == "get-schedule"
+        assert "does not match its message ID" in str(info.value)
+        assert isinstance(info.value.__cause__, hbtrio.InvalidMessage)
+        assert engine.statistics().leader_deaths == 0
+        assert (await engine.compute(pid, 3))["count"] == 36  # what is sound still answers

@@ -381,7 +381,7 @@ def message_digest(message: Mapping[str, Any], *, in_pieces: bool = False) -> by
     return hashlib.sha256(encode_in_pieces(frozen) if in_pieces else encode(frozen)).digest()
 
 
-def id_of_bytes(data: bytes) -> str:
+def id_of_bytes(data: bytes | memoryview) -> str:
     """Unpadded base64url SHA-256 of ``data``."""
     return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode("ascii")
 

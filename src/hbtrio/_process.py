@@ -323,7 +323,7 @@ class ProcessRuntime:
             return got
         try:
             got = await store.get_assignments(pid, start, stop)
-        except StoreError as exc:
+        except (StoreError, InvalidMessage) as exc:  # the store failed, or a row is damaged
             raise ComputeError(
                 f"process {pid}: could not read the schedule at slot {start}: {exc}",
                 phase="get-schedule",
