@@ -345,7 +345,7 @@ async def test_stop_reroutes_waiters_who_still_succeed(
 async def test_crash_in_engine_code_reroutes_then_gives_up(monkeypatch: pytest.MonkeyPatch) -> None:
     from hbtrio._worker import GroupWorker
 
-    original = GroupWorker._compute_chunk
+    original = GroupWorker.advance
     crashes = {"left": 1}
 
     async def crashing(self: GroupWorker) -> None:
@@ -354,7 +354,7 @@ async def test_crash_in_engine_code_reroutes_then_gives_up(monkeypatch: pytest.M
             raise RuntimeError("bug in the engine")
         await original(self)
 
-    monkeypatch.setattr(GroupWorker, "_compute_chunk", crashing)
+    monkeypatch.setattr(GroupWorker, "advance", crashing)
     async with hbtrio.open_engine() as engine:
         pid = await counter_process(engine, 10)
         assert (await engine.compute(pid, 10))["count"] == 55

@@ -304,7 +304,7 @@ async def test_snapshot_read_failure_in_a_running_worker_is_a_store_error(
 ) -> None:
     """Regression: a store error while a worker skips ahead to a stored snapshot crashed it.
 
-    (``_worker.py``, ``_compute_chunk`` -> ``_skip_stored``: the `StoreError`
+    (``_driver.py``, ``advance`` -> ``_skip_stored``: the `StoreError`
     escaped to the worker's crash handler, counted a leader death and logged
     a traceback; the waiters re-routed instead of hearing about the store.)
     """

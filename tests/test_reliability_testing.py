@@ -39,8 +39,8 @@ async def test_open_test_engine_catches_a_crashed_worker(monkeypatch: pytest.Mon
     async def broken(self: Any) -> None:
         raise RuntimeError("a bug in engine code")
 
-    monkeypatch.setattr(hbtrio._worker.GroupWorker, "_compute_chunk", broken)
-    far = hbtrio._worker.INLINE_MAX + 5  # too far to apply inline: the worker's task runs
+    monkeypatch.setattr(hbtrio._worker.GroupWorker, "advance", broken)
+    far = hbtrio._driver.INLINE_MAX + 5  # too far to apply inline: the worker's task runs
     with pytest.raises(AssertionError, match="crashed"):
         async with open_test_engine() as engine:
             pid = await counter_process(engine, far)

@@ -22,7 +22,7 @@ import trio.testing
 
 import hbtrio
 from hbtrio import SQLiteStore
-from hbtrio._process import CHUNK
+from hbtrio._driver import CHUNK
 from hbtrio._sqlite import (
     _FLUSH_ROWS,
     _INSERT_RESULTS,

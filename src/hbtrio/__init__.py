@@ -11,6 +11,8 @@ from ._codec import encode as encode
 from ._dedup import ExecutionInfo as ExecutionInfo
 from ._devices import Counter as Counter
 from ._devices import run_in_thread as run_in_thread
+from ._driver import Driver as ProcessRuntime
+from ._driver import compute_slot as compute_slot
 from ._engine import Engine as Engine
 from ._engine import EngineStats as EngineStats
 from ._engine import open_engine as open_engine
@@ -28,8 +30,6 @@ from ._message import FrozenList as FrozenList
 from ._message import Message as Message
 from ._message import freeze as freeze
 from ._message import message_id as message_id
-from ._process import ProcessRuntime as ProcessRuntime
-from ._process import compute_slot as compute_slot
 from ._scheduler import Scheduler as Scheduler
 from ._scheduler import verify_schedule as verify_schedule
 from ._sqlite import SQLiteStore as SQLiteStore

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import attrs
 import outcome
@@ -30,9 +30,6 @@ import trio
 from ._devices import call_maybe_async, is_device_failure
 from ._exceptions import ComputeError
 from ._message import freeze
-
-if TYPE_CHECKING:
-    from ._engine import Engine
 
 __all__ = ["Execution", "ExecutionInfo"]
 
@@ -48,11 +45,18 @@ class ExecutionInfo:
     started_at: float
 
 
+class ExecutionHost(Protocol):
+    """What an execution needs of its engine."""
+
+    def execution_done(self, execution: Execution, *, ran: bool) -> None:
+        """Take ``execution`` out of the engine's table; count it if it ran to an outcome."""
+
+
 @attrs.define(eq=False)
 class Execution:
     key: tuple[bytes, bytes]
     group: str
-    engine: Engine
+    host: ExecutionHost
     device: str
     path: str
     # Invariant: exactly the tasks parked in wait(); insertion-ordered.
@@ -63,10 +67,8 @@ class Execution:
     def info(self) -> ExecutionInfo:
         return ExecutionInfo(self.group, self.device, self.path, len(self.waiters), self.started_at)
 
-    def _leave_table(self) -> None:
-        table = self.engine._executions
-        if table.get(self.key) is self:
-            del table[self.key]
+    def _leave_table(self, *, ran: bool = False) -> None:
+        self.host.execution_done(self, ran=ran)
 
     async def run(self, fn: Callable[..., Any], is_async: bool, *args: Any) -> None:
         """The execution's task: call the device once and fan the outcome out."""
@@ -80,10 +82,9 @@ class Execution:
                     raise
                 error = exc
                 result = outcome.Error(error)
-        self._leave_table()
+        self._leave_table(ran=result is not None)
         if result is None:  # cancelled: nobody waits any more (or the engine is closing)
             return
-        self.engine._executions_run += 1
         reschedule = trio.lowlevel.reschedule
         waiters, self.waiters = self.waiters, {}
         for task in waiters:  # an outcome unwraps once: one each

@@ -26,6 +26,7 @@ __all__ = [
     "DeviceInfo",
     "Devices",
     "call_maybe_async",
+    "is_async",
     "is_device_failure",
     "run_in_thread",
 ]
@@ -33,7 +34,7 @@ __all__ = [
 PROCESS_DEVICE: Final = "process@1.0"
 
 
-def _is_async(fn: object) -> bool:
+def is_async(fn: object) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - async callable objects
     )
@@ -61,16 +62,28 @@ def is_device_failure(exc: BaseException) -> bool:
 
 
 @trio.lowlevel.enable_ki_protection
-async def call_maybe_async(fn: Callable[..., Any], is_async: bool, *args: Any) -> Any:
-    """Call ``fn(*args)``, awaiting it when ``is_async``. Not a checkpoint by itself."""
-    if is_async:
+async def call_maybe_async(fn: Callable[..., Any], awaited: bool, *args: Any) -> Any:
+    """Call ``fn(*args)``, awaiting it when ``awaited``. Not a checkpoint by itself."""
+    if awaited:
         return await fn(*args)
     return fn(*args)
 
 
+#: How a device method is called (`DeviceInfo`): in the calling task, awaited, or in a thread.
+INLINE: Final = "inline"
+AWAIT: Final = "await"
+THREAD: Final = "thread"
+
+
 @attrs.frozen
 class DeviceInfo:
-    """A registered device with its methods looked up once."""
+    """A registered device with its methods looked up once.
+
+    A *state device* has ``init``/``compute`` (and maybe ``snapshot``/
+    ``restore``); a *live device* has ``boot``, which returns a live instance
+    (see `_core`). ``threaded`` devices (`run_in_thread`) have plain methods
+    that the engine calls in worker threads, bounded by ``limiter``.
+    """
 
     name: str
     obj: object
@@ -88,6 +101,11 @@ class DeviceInfo:
     #: ever mutate (the engine freezes it when it hands it out), so the engine
     #: adopts it without checking or copying.
     trusted: bool
+    boot: Callable[..., Any] | None = None
+    boot_async: bool = False
+    #: Its methods are plain and block: call them in threads (`run_in_thread`).
+    threaded: bool = False
+    limiter: trio.CapacityLimiter | None = None
     #: A trusted device's ``compute_batch(state, assignments, out)``: applies
     #: the assignments in one go, appending each final state to ``out`` (and
     #: raising at the first failing one), or ``None``.
@@ -95,19 +113,23 @@ class DeviceInfo:
 
     @classmethod
     def of(cls, name: str, obj: object) -> DeviceInfo:
+        threaded = isinstance(obj, _InThread)
+        inner = obj._device if isinstance(obj, _InThread) else obj
+
         def method(attr: str) -> tuple[Callable[..., Any] | None, bool]:
-            fn = getattr(obj, attr, None)
+            fn = getattr(inner, attr, None)
             if fn is None:
                 return None, False
             if not callable(fn):
                 raise TypeError(f"device {name!r}: {attr} is not callable")
-            return fn, _is_async(fn)
+            return fn, is_async(fn)
 
         init, init_async = method("init")
         compute, compute_async = method("compute")
         snapshot, snapshot_async = method("snapshot")
         restore, restore_async = method("restore")
-        trusted = bool(getattr(obj, "hbtrio_trusted", False))
+        boot, boot_async = method("boot")
+        trusted = bool(getattr(inner, "hbtrio_trusted", False)) and not threaded
         return cls(
             name=name,
             obj=obj,
@@ -119,9 +141,22 @@ class DeviceInfo:
             snapshot_async=snapshot_async,
             restore=restore,
             restore_async=restore_async,
+            boot=boot,
+            boot_async=boot_async,
+            threaded=threaded,
+            limiter=obj._limiter if isinstance(obj, _InThread) else None,
             trusted=trusted,
-            compute_batch=getattr(obj, "compute_batch", None) if trusted else None,
+            compute_batch=getattr(inner, "compute_batch", None) if trusted else None,
         )
+
+    @property
+    def live(self) -> bool:
+        """True for a live device (``boot``); False for a state device (``init``/``compute``)."""
+        return self.boot is not None
+
+    def how(self, is_async: bool) -> str:
+        """How to call one of its methods: `THREAD`, `AWAIT` or `INLINE`."""
+        return THREAD if self.threaded else AWAIT if is_async else INLINE
 
     def method(self, path: object) -> tuple[Callable[..., Any], bool]:
         """The public method named ``path`` for a generic resolution."""
@@ -139,7 +174,7 @@ class DeviceInfo:
             ) from exc
         if fn is None or not callable(fn):
             raise InvalidMessage(f"path: device {self.name!r} has no method {path!r}")
-        return fn, _is_async(fn)
+        return fn, is_async(fn)
 
 
 class Devices:
@@ -216,20 +251,22 @@ def _overflow(count: int) -> OverflowError:
 
 
 class _InThread:
-    """Runs a device's methods in worker threads (see `run_in_thread`)."""
+    """A device whose methods the engine calls in worker threads (see `run_in_thread`).
+
+    Registered, it is seen through (`DeviceInfo.of`): its own methods are the
+    device's, called by the engine's driver in threads. Methods called on it
+    directly (a resolution's ``path``) run in threads too.
+    """
 
     def __init__(self, device: object, limiter: trio.CapacityLimiter | None) -> None:
         self._device = device
         self._limiter = limiter
-        for attr in ("init", "compute", "snapshot", "restore"):
+        for attr in ("init", "compute", "snapshot", "restore", "boot"):
             fn = getattr(device, attr, None)
-            if fn is not None:
-                setattr(self, attr, self._wrap(fn))
+            if fn is not None and is_async(fn):
+                raise TypeError("run_in_thread takes a device with plain (non-async) methods")
 
     def _wrap(self, fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-        if _is_async(fn):
-            raise TypeError("run_in_thread takes a device with plain (non-async) methods")
-
         @functools.wraps(fn)
         async def in_thread(*args: Any) -> Any:
             return await trio.to_thread.run_sync(
@@ -239,7 +276,8 @@ class _InThread:
         return in_thread
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._device, name)
+        value = getattr(self._device, name)
+        return self._wrap(value) if callable(value) and not is_async(value) else value
 
 
 def run_in_thread(device: object, *, limiter: trio.CapacityLimiter | None = None) -> object:

@@ -23,8 +23,7 @@ starve other tasks (even under a `trio.testing.MockClock` that stands still).
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Final, NoReturn, final
 
@@ -34,6 +33,7 @@ import trio
 from ._codec import encode
 from ._dedup import Execution, ExecutionInfo
 from ._devices import PROCESS_DEVICE, Devices
+from ._driver import Reroute, compute_slot
 from ._exceptions import (
     EngineClosed,
     HbTrioError,
@@ -54,14 +54,13 @@ from ._message import (
     validate_pid,
     validate_slot,
 )
-from ._process import ProcessRuntime, compute_slot, validate_definition
+from ._process import validate_definition
 from ._scheduler import Scheduler
 from ._store import MemoryStore, Store
-from ._worker import GroupWorker, Phase, Reroute, WorkerInfo
+from ._worker import GroupWorker, WorkerInfo
 
 __all__ = ["Engine", "EngineStats", "open_engine"]
 
-_IDLE: Final = Phase.IDLE
 # Looked up once: the request path awaits it on every call.
 _checkpoint_if_cancelled: Final = trio.lowlevel.checkpoint_if_cancelled
 _wait_task_rescheduled: Final = trio.lowlevel.wait_task_rescheduled
@@ -75,6 +74,9 @@ MAX_TRIES: Final = 3
 YIELD_EVERY: Final = 0.001
 #: Most calls answered from memory in a row without yielding to the scheduler.
 YIELD_ANSWERS: Final = 256
+#: The clock is read on every ``YIELD_CLOCK + 1``-th answer from memory (a power of two, less 1).
+YIELD_CLOCK: Final = 15
+assert MAX_SLOT == 9223372036854775807 and YIELD_CLOCK == 15  # spelled out on the request path
 
 
 @attrs.frozen
@@ -139,6 +141,46 @@ class _ExecutionsView(Mapping[str, ExecutionInfo]):
         return len(self._executions)
 
 
+@attrs.define(eq=False)
+class _Host:
+    """What the engine gives its workers and resolutions (`WorkerHost`): nothing more.
+
+    Workers and executions never reach into the engine; they ask this. Its
+    methods never block.
+    """
+
+    engine: Engine
+    store: Store
+    devices: Devices
+    cache_frequency: int
+    slot_timeout: float | None
+    shutdown_grace: float
+    now: Callable[[], float]
+
+    def start_soon(self, fn: Callable[[], Any], name: str) -> None:
+        self.engine._nursery.start_soon(fn, name=name)
+
+    def watch_idle(self, worker: GroupWorker) -> None:
+        self.engine._reaper.watch(worker)
+
+    def finished(self, worker: GroupWorker, *, crashed: bool) -> None:
+        engine = self.engine
+        if engine._workers.get(worker.pid) is worker:
+            del engine._workers[worker.pid]
+        engine._workers_stopped += 1
+        engine._retired_computed += worker.computed
+        if crashed:
+            engine._leader_deaths += 1
+
+    def execution_done(self, execution: Execution, *, ran: bool) -> None:
+        """A resolution left: out of the table; counted if it ran to an outcome."""
+        table = self.engine._executions
+        if table.get(execution.key) is execution:
+            del table[execution.key]
+        if ran:
+            self.engine._executions_run += 1
+
+
 @final
 class Engine:
     """Runs processes: made by `open_engine`, usable only inside its block."""
@@ -179,6 +221,9 @@ class Engine:
         self._leader_deaths = 0
         self._requests = 0
         self._executions_run = 0
+        self._host = _Host(
+            self, store, devices, cache_frequency, slot_timeout, shutdown_grace, self._now
+        )
         self.workers: Mapping[str, WorkerInfo] = _WorkersView(self._workers)
         """Process ID -> `WorkerInfo` of each live process worker (a read-only live view)."""
         self.executions: Mapping[str, ExecutionInfo] = _ExecutionsView(self._executions)
@@ -205,7 +250,7 @@ class Engine:
             requests=self._requests,
             executions=self._executions_run,
             live_workers=len(self._workers),
-            waiters=sum(len(w.waiters) for w in self._workers.values())
+            waiters=sum(w.waiting for w in self._workers.values())
             + sum(len(e.waiters) for e in self._executions.values()),
         )
 
@@ -216,16 +261,31 @@ class Engine:
         if self._closed:
             raise EngineClosed("the engine's open_engine block has exited")
 
-    async def _fast_return(self) -> None:
-        """The schedule point of a call answered from memory.
+    def _yield_due(self, left: int) -> bool:
+        """Whether an answer given from memory must yield to the scheduler now.
 
-        Yields once per `YIELD_EVERY` seconds of the engine's clock, or after
-        `YIELD_ANSWERS` answers (a `trio.testing.MockClock` may stand still).
+        ``left`` is the answers still allowed (already counted down). Due once
+        `YIELD_ANSWERS` answers went by, or once the engine's clock moved
+        `YIELD_EVERY` on since the last yield (read on every ``YIELD_CLOCK + 1``
+        answers only: a `trio.testing.MockClock` may stand still, and reading
+        the clock costs). Never blocks.
         """
-        now = self._now()
-        self._fast_left -= 1
-        if now >= self._next_yield or self._fast_left < 0:
-            self._next_yield, self._fast_left = now + YIELD_EVERY, YIELD_ANSWERS
+        if left >= 0:
+            now = self._now()
+            if now < self._next_yield:
+                self._fast_left = left
+                return False
+        else:
+            now = self._now()
+        self._next_yield, self._fast_left = now + YIELD_EVERY, YIELD_ANSWERS
+        return True
+
+    async def _fast_return(self) -> None:
+        """The schedule point of a call answered from memory (see `_yield_due`)."""
+        left = self._fast_left - 1
+        if left >= 0 and left & YIELD_CLOCK:
+            self._fast_left = left
+        elif self._yield_due(left):
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     # processes and schedules -------------------------------------------------------------------
@@ -279,16 +339,17 @@ class Engine:
     async def compute(self, pid: str, slot: int) -> Message:
         """The state of ``pid`` after slots 0..``slot``; ``state["at-slot"] == slot``.
 
-        Answers from the stored result when there is one (never waiting behind
-        a busy worker); otherwise waits for the process's worker, starting it
-        if needed. Raises `InvalidMessage`, `ProcessNotFound`,
-        `SlotNotScheduled`, `ComputeError`, or `LeaderDied` after losing
-        `MAX_TRIES` workers. Cancellation-safe: cancelling the caller removes
-        only its wait; the worker goes on to the slot anyway.
+        Answers from the process's worker when it has the slot at once, else
+        from the stored result (never waiting behind a busy worker), else
+        waits for the worker, starting it if needed. Raises `InvalidMessage`,
+        `ProcessNotFound`, `SlotNotScheduled`, `ComputeError`, `StoreError`, or
+        `LeaderDied` after losing `MAX_TRIES` workers. Cancellation-safe:
+        cancelling the caller removes only its wait; the worker goes on to the
+        slot anyway.
         """
         if self._closed:
             raise EngineClosed("the engine's open_engine block has exited")
-        if type(slot) is not int or not 0 <= slot <= MAX_SLOT:
+        if type(slot) is not int or not 0 <= slot <= 9223372036854775807:  # MAX_SLOT, a constant
             validate_slot(slot)
         try:
             worker = self._workers.get(pid)
@@ -298,49 +359,45 @@ class Engine:
             validate_pid(pid)
         await _checkpoint_if_cancelled()
         self._requests += 1
-        if worker is not None:
-            # Fast path: the worker's current state, or an idle worker a few slots away.
-            if worker.slot == slot:
-                state = worker.state
-            elif worker.phase is not _IDLE:
-                state = None
-            elif slot == worker.slot + 1:
-                state = worker.step(slot)
-            else:
-                state = worker.try_inline(slot)
-            if state is not None:
-                # One clock reading serves the idle reaper and the yield budget
-                # (`_fast_return`, inlined on the request path).
-                worker.last_request = now = self._now()
-                self._fast_left -= 1
-                if now >= self._next_yield or self._fast_left < 0:
-                    self._next_yield, self._fast_left = now + YIELD_EVERY, YIELD_ANSWERS
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                return _Frozen(state) if type(state) is dict else state  # hand_out, inlined
-        store = self._store
-        try:
-            stored = store.get_result_nowait(pid, slot)
-        except trio.WouldBlock:
-            stored = await store.get_result(pid, slot)
-        if stored is not None:
+        state = None if worker is None else worker.serve_now(slot)
+        if state is None:
+            store = self._store
+            try:
+                state = store.get_result_nowait(pid, slot)
+            except trio.WouldBlock:
+                state = await store.get_result(pid, slot)
+            if state is None:
+                return hand_out(await self._wait_for(pid, slot, worker))
             self._cache_hits += 1
-            await self._fast_return()
-            return hand_out(stored)
+        # An answer given without parking: a schedule point now and then (`_yield_due`,
+        # its first test inlined: the request path's cost is counted in nanoseconds).
+        left = self._fast_left - 1
+        if left >= 0 and left & 15:  # YIELD_CLOCK, a constant
+            self._fast_left = left
+        elif self._yield_due(left):
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return _Frozen(state) if type(state) is dict else state  # hand_out, inlined
+
+    async def _wait_for(self, pid: str, slot: int, worker: GroupWorker | None) -> Message:
+        """The slow path of `compute`: check the schedule, then wait for the worker.
+
+        Starts the worker if there is none; re-routes when it dies. Kept in one
+        coroutine: with thousands of waiters, every coroutine object per waiter
+        costs garbage-collector time.
+        """
         # Every slot a worker ever aimed for was scheduled (schedules only grow).
-        if worker is None or slot > worker.target:
+        if worker is None or not worker.aims_at(slot):
             try:
                 latest = self._scheduler.latest_nowait(pid)
             except trio.WouldBlock:
                 latest = await self._scheduler.latest(pid)
             if slot > latest:
                 raise SlotNotScheduled(pid, latest + 1, latest, requested_slot=slot)
-        # Wait for the worker (started if needed). Kept in this coroutine: with
-        # thousands of waiters, every coroutine object per waiter costs GC time.
-        deaths = 0
+        store, host, deaths = self._store, self._host, 0
         while True:
             self._check_open()
             worker = self._workers.get(pid)
-            if store.backlogged and (worker is None or worker.phase is Phase.IDLE):
+            if store.backlogged and (worker is None or worker.idle):
                 # This request would compute (inline, or by starting a task): first
                 # let the store catch up, before anything is computed. Nothing has
                 # happened yet if this is cancelled; it raises `StoreError` if the
@@ -348,22 +405,26 @@ class Engine:
                 await store.wait_writable()
                 continue
             if worker is None:
-                worker = self._adopt_idle_worker(pid, slot) or self._start_worker(pid, slot)
+                worker = GroupWorker.idle_now(pid, host, slot) or GroupWorker.starting(
+                    pid, host, slot
+                )
+                self._workers[pid] = worker
+                self._workers_started += 1
             try:
-                if worker.phase is Phase.IDLE:
-                    state = worker.try_inline(slot)
-                    if state is not None:
-                        worker.last_request = self._now()
-                        return hand_out(state)
-                state = worker.request(slot)
+                state = worker.serve_now(slot) or worker.request(slot)
                 if state is None:
-                    state = await _wait_task_rescheduled(worker.waiters.enter(slot))
-                return hand_out(state)
+                    state = await _wait_task_rescheduled(worker.enter(slot))
+                return state
             except Reroute:
                 # The worker is past this slot and its stored result is missing:
-                # recompute it from the nearest earlier snapshot, here.
+                # recompute it from the nearest earlier snapshot, with a core of its own.
                 return await compute_slot(
-                    self._store, self._devices, pid, slot, cache_frequency=self._cache_frequency
+                    store,
+                    self._devices,
+                    pid,
+                    slot,
+                    cache_frequency=self._cache_frequency,
+                    slot_timeout=self._slot_timeout,
                 )
             except LeaderDied:
                 deaths += 1
@@ -371,42 +432,6 @@ class Engine:
                     raise LeaderDied(
                         f"slot {slot} of {pid}: lost its worker {deaths} times in a row"
                     ) from None
-
-    def _adopt_idle_worker(self, pid: str, slot: int) -> GroupWorker | None:
-        """Start ``pid``'s worker in the calling task, idle, when all it needs is in memory.
-
-        A plain device and a store that answers without I/O need no task to
-        restore from: the worker is created caught up at its snapshot (or at
-        ``init``), and the caller is then served inline like any request to an
-        idle worker. Never checkpoints. ``None`` when a task must do it.
-        Device failures (``init``, ``restore``) raise `ComputeError` here.
-        """
-        try:
-            runtime = ProcessRuntime.load_nowait(
-                pid, self._store, self._devices, self._cache_frequency, self._slot_timeout
-            )
-            state = runtime.restore_nowait(slot)
-        except trio.WouldBlock:
-            return None
-        at = state["at-slot"]
-        worker = GroupWorker(
-            pid, self, self._store, state=state, slot=at, target=at, phase=Phase.IDLE
-        )
-        worker.runtime, worker.plain = runtime, True
-        worker.started_at, worker.last_request = time.time(), self._now()
-        self._workers[pid] = worker
-        self._store.pin(pid)  # unpinned when the worker finishes (`GroupWorker._finish`)
-        self._workers_started += 1
-        self._reaper.watch(worker)
-        return worker
-
-    def _start_worker(self, pid: str, slot: int) -> GroupWorker:
-        worker = GroupWorker(pid, self, self._store, target=slot)
-        self._workers[pid] = worker
-        self._store.pin(pid)  # unpinned when the worker finishes (`GroupWorker._finish`)
-        self._workers_started += 1
-        self._nursery.start_soon(worker.run, name=f"hbtrio worker {pid}")
-        return worker
 
     async def now(self, pid: str) -> Message:
         """The state at the latest scheduled slot of ``pid`` (see `compute`)."""
@@ -474,7 +499,7 @@ class Engine:
         if execution is None:
             base_id, request_id = id_of_bytes(key[0]), id_of_bytes(key[1])
             group = message_id({"base": base_id, "request": request_id})
-            execution = Execution(key, group, self, device.name, path)  # type: ignore[arg-type]
+            execution = Execution(key, group, self._host, device.name, path)  # type: ignore[arg-type]
             self._executions[key] = execution
             self._nursery.start_soon(
                 execution.run, fn, is_async, base, request, name=f"hbtrio resolve {group}"
@@ -490,8 +515,7 @@ class Engine:
         self._closed = True
         async with trio.open_nursery() as nursery:
             for worker in list(self._workers.values()):
-                if worker.phase is not Phase.STOPPED:
-                    nursery.start_soon(self._stop_worker, worker)
+                nursery.start_soon(self._stop_worker, worker)
 
 
 def _reraise_alone(exc: BaseException) -> NoReturn:

@@ -53,15 +53,13 @@ class IdleReaper:
 
     async def run(self) -> None:
         """The reaper's task, for the engine's lifetime (cancelled when it closes)."""
-        from ._worker import Phase
-
         heap = self._heap
         while True:
             now = trio.current_time()
             while heap and heap[0].reap_at <= now:
                 worker = heapq.heappop(heap)
                 worker.watched = False
-                if worker.phase is not Phase.IDLE:
+                if not worker.idle:
                     continue
                 if worker.last_request + self.max_idle > now:
                     self.watch(worker)

@@ -56,11 +56,13 @@ from typing import Any, Final, Literal, TypeVar
 import attrs
 import trio
 
+from ._core import ProcessCore
 from ._devices import Devices
+from ._driver import Driver
 from ._engine import Engine, open_engine
 from ._exceptions import StoreError
 from ._message import Message, freeze, message_id
-from ._process import ProcessRuntime, validate_definition
+from ._process import validate_definition
 from ._scheduler import make_assignment, verify_schedule
 from ._store import MemoryStore, SlotResult, Store, StoreStatistics
 
@@ -882,22 +884,20 @@ def _registry(devices: Mapping[str, object] | Devices | None) -> Devices:
 
 
 async def _replay_assignments(
-    registry: Devices, definition: Message, assignments: Sequence[Message], cache_frequency: int
-) -> tuple[list[Message], ProcessRuntime]:
+    registry: Devices,
+    definition: Message,
+    assignments: Sequence[Message],
+    cache_frequency: int,
+    found: tuple[int, Message] | None = None,
+) -> list[Message | None]:
+    """The results of a replay (from ``found``, else slot 0) of ``assignments`` (after it)."""
     device = registry.get(definition["execution-device"])
-    runtime = ProcessRuntime(
-        assignments[0]["process"] if assignments else message_id(definition),
-        definition,
-        device,
-        MemoryStore(),
-        cache_frequency,
-    )
-    state = await runtime.initial()
-    states = [state]
-    for assignment in assignments[1:]:
-        state = await runtime.apply_async(state, [assignment], lambda _r: None)
-        states.append(state)
-    return states, runtime
+    pid = assignments[0]["process"] if assignments else message_id(definition)
+    driver = Driver(ProcessCore(pid, definition, device, cache_frequency), MemoryStore())
+    try:
+        return await driver.replay(list(assignments), found)
+    finally:
+        await driver.close()
 
 
 async def replay(
@@ -920,8 +920,8 @@ async def replay(
     for slot, body in enumerate(bodies, start=1):
         assignment, chain = make_assignment(pid, slot, freeze(body, what="body"), chain)
         assignments.append(assignment)
-    states, _ = await _replay_assignments(registry, defn, assignments, 1)
-    return states
+    states = await _replay_assignments(registry, defn, assignments[1:], 1)
+    return states  # type: ignore[return-value]  # from slot 0: every result is there
 
 
 async def assert_deterministic(
@@ -986,8 +986,8 @@ async def audit_process(
         raise AuditError(f"process {pid}: the schedule does not verify: {exc}") from exc
     if message_id(definition) != pid or assignments[0]["body"] != definition:
         raise AuditError(f"process {pid}: slot 0 is not the process definition")
-    expected, runtime = await _replay_assignments(registry, definition, assignments, 1)
-    ids = [message_id(s) for s in expected]
+    expected = await _replay_assignments(registry, definition, assignments[1:], 1)
+    ids = [message_id(s) for s in expected]  # type: ignore[arg-type]  # none is None
     results = missing = 0
     for slot in range(latest + 1):
         stored = await store.get_result(pid, slot)
@@ -1007,20 +1007,27 @@ async def audit_process(
     if beyond is not None:
         raise AuditError(f"process {pid}: a result is stored for unscheduled slot {latest + 1}")
     snapshots = 0
-    at_most = latest
+    at_most = checked_from = latest
     while at_most >= 0:
         found = await store.latest_snapshot(pid, at_most)
         if found is None:
             break
-        slot, snapshot = found
+        slot = found[0]
         if not 0 <= slot <= at_most:
             raise AuditError(f"process {pid}: latest_snapshot(<= {at_most}) gave slot {slot}")
-        state = await runtime.from_snapshot(slot, snapshot)
-        if message_id(state) != ids[slot]:
-            raise AuditError(
-                f"process {pid}: the snapshot at slot {slot} restores to {state!r}, "
-                f"a replay gives {expected[slot]!r}"
-            )
+        # Restored, the snapshot gives the state there (a state device), or the same
+        # results as the replay up to the next snapshot (a live instance).
+        upto = min(latest, checked_from) + 1
+        replayed = await _replay_assignments(
+            registry, definition, assignments[slot + 1 : upto], 1, found
+        )
+        for s, state in enumerate(replayed, slot):
+            if state is not None and message_id(state) != ids[s]:
+                raise AuditError(
+                    f"process {pid}: the snapshot at slot {slot} restores to {state!r} at slot "
+                    f"{s}, a replay gives {expected[s]!r}"
+                )
         snapshots += 1
+        checked_from = slot
         at_most = slot - 1
     return AuditReport(pid, latest, results, missing, snapshots)
