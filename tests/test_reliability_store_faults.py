@@ -164,18 +164,20 @@ async def test_the_restore_read_follows_the_faults_of_the_reads_it_stands_for(
         assert snapshot is not None and snapshot[0] == 10
         fault = store.fail(methods="latest_snapshot", times=1)
         with fault, pytest.raises(hbtrio.StoreError):
-            await store.snapshot_and_assignments(pid, 12, 21, 100)
+            await store.latest_snapshot(pid, 12, read_to=21)
         assert fault.fired == 1
         # A fault on get_assignments: nothing is read ahead, and the fault is left
-        # for the caller's own read of the assignments.
+        # for the caller's own read of the assignments (the fast path sends it there).
         with store.fail(methods="get_assignments") as fault:
-            assert await store.snapshot_and_assignments(pid, 12, 21, 100) == (snapshot, [])
+            assert await store.latest_snapshot(pid, 12, read_to=21) == snapshot
             assert fault.fired == 0
+            with pytest.raises(trio.WouldBlock):
+                store.get_assignments_nowait(pid, 11, 21)
             with pytest.raises(hbtrio.StoreError):
                 await store.get_assignments(pid, 11, 21)
-        found, ahead = await store.snapshot_and_assignments(pid, 12, 21, 100)
-        assert found == snapshot
-        assert ahead == (await store.get_assignments(pid, 11, 21))[: len(ahead)]
+        assert await store.latest_snapshot(pid, 12, read_to=21) == snapshot
+        ahead = store.get_assignments_nowait(pid, 13, 21)  # not computed yet: in memory
+        assert ahead and ahead == (await store.get_assignments(pid, 13, 21))[: len(ahead)]
 
 
 # --------------------------------------------------------------------------- schedule and spawn
@@ -313,7 +315,7 @@ async def test_snapshot_read_failure_in_a_running_worker_is_a_store_error(
         pid = await counter_process(engine, 40)
         assert (await engine.compute(pid, 12))["count"] == expected_count(12)
         # The stop snapshot at 12 is lost: results 11 and 12 are stored past snapshot 10.
-        with store.disk_full(methods="put_snapshot"):
+        with store.disk_full(methods="put_results_nowait"):
             await engine.stop(pid)
         # Worker start reads the snapshot (let through); skipping ahead reads again: fails.
         fault = store.fail(methods="latest_snapshot", after=1, times=1)
@@ -438,7 +440,7 @@ async def test_lost_snapshots_are_logged_and_recomputed(
         other = await counter_process(engine, 20, nonce="other")
         assert (await engine.compute(pid, 6))["count"] == expected_count(6)
         assert (await engine.compute(other, 7))["count"] == expected_count(7)
-        with store.disk_full(methods="put_snapshot") as fault:
+        with store.disk_full(methods="put_results_nowait") as fault:
             await engine.stop(pid)  # does not raise: a snapshot only saves recomputation
         assert fault.fired == 1
         assert "could not store its snapshot" in caplog.text
@@ -459,7 +461,7 @@ async def test_shutdown_with_snapshots_refused_logs_and_closes(
     async with open_test_engine(store, cache_frequency=4) as engine:
         pid = await counter_process(engine, 20)
         assert (await engine.compute(pid, 6))["count"] == expected_count(6)
-        store.disk_full(methods="put_snapshot")
+        store.disk_full(methods="put_results_nowait")
     assert "could not store its snapshot" in caplog.text
     store.clear()
     async with open_test_engine(store, cache_frequency=4) as engine:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import random
 import sqlite3
 from typing import TYPE_CHECKING, Any
@@ -299,8 +301,8 @@ async def test_latest_snapshot_at_or_below(store_factory: StoreFactory) -> None:
         [(1, s[1], None), (2, s[2], s[2]), (3, s[3], None), (4, s[4], custom4), (5, s[5], None)],
     )
     store.put_results_nowait(proc.pid, [(6, s[6], None), (7, s[7], None)])
-    await store.put_snapshot(proc.pid, 6, custom6)  # separate from the state at 6
-    await store.put_snapshot(proc.pid, 7, s[7])  # the state is its own snapshot
+    store.put_results_nowait(proc.pid, [(6, s[6], custom6)])  # separate from the state at 6
+    store.put_results_nowait(proc.pid, [(7, s[7], s[7])])  # the state is its own snapshot
     expected: dict[int, tuple[int, Message] | None] = {0: None, 1: None}
     expected |= {2: (2, s[2]), 3: (2, s[2]), 4: (4, custom4), 5: (4, custom4), 6: (6, custom6)}
     expected |= dict.fromkeys((7, 8, 100), (7, s[7]))
@@ -331,9 +333,10 @@ async def test_latest_snapshot_while_it_is_being_written(store: Store) -> None:
         assert await store.latest_snapshot(proc.pid, slot + 5) == (slot, snapshot)
 
 
-async def test_snapshot_and_assignments_is_latest_snapshot_with_a_read_ahead(
+async def test_latest_snapshot_reads_ahead_for_the_fast_path(
     store_factory: StoreFactory,
 ) -> None:
+    """``read_to`` is a hint: whatever the fast path answers afterwards is right."""
     store = await store_factory.open()
     proc = Proc()
     await proc.put(store)
@@ -341,26 +344,31 @@ async def test_snapshot_and_assignments_is_latest_snapshot_with_a_read_ahead(
     s = {slot: state(slot) for slot in range(1, 13)}
     store.put_results_nowait(proc.pid, [(slot, s[slot], None) for slot in range(1, 9)])
     store.put_results_nowait(proc.pid, [(3, s[3], s[3])])  # the state is its own snapshot
-    await store.put_snapshot(proc.pid, 6, freeze({"packed": b"six"}))
-    ranges = [(100, 100), (9, 100), (100, 2), (4, 100), (0, 100), (100, 0)]
+    store.put_results_nowait(proc.pid, [(6, s[6], freeze({"packed": b"six"}))])
+    fast = store.fast
+    assert fast is not None
 
     for phase in ("pending", "flushed", "reopened", "reopened, then appended to"):
         if phase == "flushed":
             await store.flush()
         elif phase == "reopened":
             store = await store_factory.reopen(store)
+            fast = store.fast
+            assert fast is not None
         elif phase == "reopened, then appended to":
             await store.append_assignments(proc.pid, proc.next(3))  # slots 13..15
         for at_most in (0, 2, 3, 5, 6, 7, 12, 50):
-            for stop, limit in ranges:
-                where = (phase, at_most, stop, limit)
-                found, ahead = await store.snapshot_and_assignments(proc.pid, at_most, stop, limit)
+            for read_to in (100, 9, 2, 0):
+                where = (phase, at_most, read_to)
+                found = await store.latest_snapshot(proc.pid, at_most, read_to=read_to)
                 assert found == await store.latest_snapshot(proc.pid, at_most), where
-                # A read-ahead: any prefix of the assignments after the snapshot.
                 first = 1 if found is None else found[0] + 1
-                after = proc.assignments[first : max(first, min(stop, first + limit))]
-                assert ahead == after[: len(ahead)], where
-    assert await store.snapshot_and_assignments("no-such-process", 5, 10, 10) == (None, [])
+                try:
+                    ahead = fast.get_assignments_nowait(proc.pid, first, max(first, read_to))
+                except trio.WouldBlock:
+                    continue
+                assert ahead == proc.assignments[first : max(first, read_to)][: len(ahead)], where
+    assert await store.latest_snapshot("no-such-process", 5, read_to=10) is None
 
 
 async def test_flush_then_reopen_everything_is_durable(store_factory: StoreFactory) -> None:
@@ -373,7 +381,7 @@ async def test_flush_then_reopen_everything_is_durable(store_factory: StoreFacto
         results = [(slot, state(slot, slot + i), None) for slot in range(1, 3 + i)]
         store.put_results_nowait(proc.pid, results)
         states |= {(proc.pid, slot): st for slot, st, _ in results}
-        await store.put_snapshot(proc.pid, 2, freeze({"snap": i}))
+        store.put_results_nowait(proc.pid, [(2, states[proc.pid, 2], freeze({"snap": i}))])
     await store.flush()
     store = await store_factory.reopen(store)
     for i, proc in enumerate(procs):
@@ -485,16 +493,16 @@ async def test_cancelled_reads_leave_the_store_usable(store_factory: StoreFactor
                 nursery.start_soon(store.get_assignments, proc.pid, 0, 4)
                 nursery.start_soon(store.get_result, proc.pid, 1)
                 nursery.start_soon(store.latest_snapshot, proc.pid, 3)
-                nursery.start_soon(store.snapshot_and_assignments, proc.pid, 3, 4, 10)
+                nursery.start_soon(partial(store.latest_snapshot, proc.pid, 3, read_to=4))
                 for _ in range(delay):
                     await trio.lowlevel.checkpoint()
                 scope.cancel()
     assert await store.get_assignments(proc.pid, 0, 4) == proc.assignments
     assert await result_at(store, proc.pid, 1) == state(1)
     assert await store.latest_snapshot(proc.pid, 3) == (1, state(1))
-    found, ahead = await store.snapshot_and_assignments(proc.pid, 3, 4, 10)
-    assert found == (1, state(1))
-    assert ahead == proc.assignments[2 : 2 + len(ahead)]
+    assert await store.latest_snapshot(proc.pid, 3, read_to=4) == (1, state(1))
+    assert store.fast is not None
+    assert store.fast.get_assignments_nowait(proc.pid, 2, 4) == proc.assignments[2:4]
 
 
 # -- SQLite only --------------------------------------------------------------------------------
@@ -536,7 +544,7 @@ async def test_sqlite_file_is_readable_with_the_stdlib(sqlite_factory: StoreFact
         assert cbor2.loads(snapshots[2]) == custom
 
 
-async def test_sqlite_restore_reads_the_snapshot_and_what_follows_in_one_trip(
+async def test_sqlite_latest_snapshot_reads_what_follows_in_the_same_trip(
     sqlite_factory: StoreFactory,
 ) -> None:
     store = await sqlite_factory.open()
@@ -559,18 +567,18 @@ async def test_sqlite_restore_reads_the_snapshot_and_what_follows_in_one_trip(
     with pytest.raises(trio.WouldBlock):
         store.get_assignments_nowait(done.pid, 30, 31)  # computed: not kept
 
-    # The snapshot and the assignments after it, in full, in one read.
+    # The snapshot, and the assignments after it read into memory, in one read.
     reads = store.statistics().reads
-    found, ahead = await store.snapshot_and_assignments(proc.pid, 25, 31, 100)
-    assert (found, ahead) == ((20, state(20)), proc.assignments[21:31])
-    found, ahead = await store.snapshot_and_assignments(proc.pid, 19, 100, 4)
-    assert (found, ahead) == ((10, state(10)), proc.assignments[11:15])
+    assert await store.latest_snapshot(proc.pid, 25, read_to=31) == (20, state(20))
+    assert store.get_assignments_nowait(proc.pid, 21, 31) == proc.assignments[21:31]
+    assert await store.latest_snapshot(proc.pid, 19, read_to=15) == (10, state(10))
+    assert store.get_assignments_nowait(proc.pid, 11, 15) == proc.assignments[11:15]
     assert store.statistics().reads == reads + 2
     # Assignments appended since the load come from memory, after those from the file.
     await store.append_assignments(proc.pid, proc.next(5))
     reads = store.statistics().reads
-    found, ahead = await store.snapshot_and_assignments(proc.pid, 25, 100, 100)
-    assert (found, ahead) == ((20, state(20)), proc.assignments[21:36])
+    assert await store.latest_snapshot(proc.pid, 25, read_to=100) == (20, state(20))
+    assert store.get_assignments_nowait(proc.pid, 21, 100) == proc.assignments[21:36]
     assert store.statistics().reads == reads + 1
 
 
@@ -588,7 +596,9 @@ async def test_sqlite_bad_rows_read_ahead_are_left_to_the_callers_own_read(
     store = await sqlite_factory.open()
     # The latest assignment (6) is unreadable: the process still loads.
     assert await store.get_result(proc.pid, 2) == state(2)
-    assert await store.snapshot_and_assignments(proc.pid, 5, 7, 10) == ((2, state(2)), [])
+    assert await store.latest_snapshot(proc.pid, 5, read_to=7) == (2, state(2))
+    with pytest.raises(trio.WouldBlock):  # nothing read ahead: a bad row is among them
+        store.get_assignments_nowait(proc.pid, 3, 7)
     for start in (3, 6):
         with pytest.raises(hbtrio.InvalidMessage):
             await store.get_assignments(proc.pid, start, 7)

@@ -33,6 +33,7 @@ from ._message import message_id as message_id
 from ._scheduler import Scheduler as Scheduler
 from ._scheduler import verify_schedule as verify_schedule
 from ._sqlite import SQLiteStore as SQLiteStore
+from ._store import FastPath as FastPath
 from ._store import MemoryStore as MemoryStore
 from ._store import SlotResult as SlotResult
 from ._store import Store as Store
@@ -46,6 +47,7 @@ __all__ = [
     "EngineClosed",
     "EngineStats",
     "ExecutionInfo",
+    "FastPath",
     "FrozenList",
     "HbTrioError",
     "InternalError",

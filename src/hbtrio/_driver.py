@@ -49,7 +49,7 @@ from ._exceptions import (
     StoreError,
 )
 from ._message import Message, hand_out, validate_slot
-from ._store import Store
+from ._store import FastPath, Store, fast_path
 
 __all__ = ["AHEAD", "CHUNK", "Driver", "Reroute", "compute_slot"]
 
@@ -99,6 +99,11 @@ class Driver:
     #: an index, not slices, so nothing is copied per chunk; ``None`` when empty.
     ahead: list[Message] | None = None
     ahead_at: int = 0
+    #: The store's answers from memory (`Store.fast`, or one that always says "wait").
+    fast: FastPath = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.fast = fast_path(self.store)
 
     @classmethod
     async def load(
@@ -126,7 +131,7 @@ class Driver:
         slot_timeout: float | None = None,
     ) -> Driver:
         """`load` from memory: raises `trio.WouldBlock` if the store needs I/O."""
-        definition = store.get_process_nowait(pid)
+        definition = fast_path(store).get_process_nowait(pid)
         return cls(_core(pid, definition, devices, cache_frequency), store, slot_timeout)
 
     def __repr__(self) -> str:
@@ -194,12 +199,12 @@ class Driver:
         nothing and left the core unbooted.
         """
         core = self.core
-        found, ahead = await self.store.snapshot_and_assignments(
-            core.pid, at_most, at_most + 1 if stop is None else stop, AHEAD
+        found = await self.store.latest_snapshot(
+            core.pid, at_most, read_to=at_most + 1 if stop is None else stop
         )
         await self._boot_at(found)
         await self._read_result()
-        self.ahead, self.ahead_at = ahead or None, 0
+        self.ahead = None  # what the store read ahead, its fast path answers
 
     async def _read_result(self) -> None:
         """A live instance booted at a snapshot: its result there comes from the store."""
@@ -229,11 +234,11 @@ class Driver:
         Returns False, having done nothing, when it cannot; raises
         `ComputeError` when the device fails.
         """
-        core, store = self.core, self.store
+        core = self.core
         if not core.inline or core.device.live:
             return False
         try:
-            found = store.latest_snapshot_nowait(core.pid, at_most)
+            found = self.fast.latest_snapshot_nowait(core.pid, at_most)
         except trio.WouldBlock:
             return False
         slot, call = core.boot_plan(found)
@@ -246,7 +251,7 @@ class Driver:
         except BaseException as exc:
             raise core.failure(slot, exc, what) from exc
         if initial is not None:
-            store.put_results_nowait(core.pid, [(0, initial, initial)])  # its own snapshot
+            self.fast.put_state_nowait(core.pid, 0, initial, True)  # its own snapshot
         return True
 
     # computing in the calling task ----------------------------------------------------------------
@@ -261,14 +266,14 @@ class Driver:
         refuses the results (`_commit`). (`GroupWorker.serve_now` has the one
         slot case inlined.)
         """
-        core, store = self.core, self.store
+        core, fast = self.core, self.fast
         start = core.slot + 1
-        if not core.inline or store.backlogged or not 0 < slot - core.slot <= INLINE_MAX:
+        if not core.inline or self.store.backlogged or not 0 < slot - core.slot <= INLINE_MAX:
             return None
         try:
-            if store.get_result_nowait(core.pid, start) is not None:
+            if fast.get_result_nowait(core.pid, start) is not None:
                 return None  # stored ahead of us: `advance` jumps there instead
-            batch = store.get_assignments_nowait(core.pid, start, slot + 1)
+            batch = fast.get_assignments_nowait(core.pid, start, slot + 1)
         except trio.WouldBlock:
             return None
         if len(batch) != slot - core.slot:
@@ -311,7 +316,7 @@ class Driver:
         core, store = self.core, self.store
         try:
             if core.own_snapshots:
-                store.put_states_nowait(core.pid, first, results, core.cache_frequency)
+                self.fast.put_states_nowait(core.pid, first, results, core.cache_frequency)
             else:
                 snaps = snapshots or {}
                 store.put_results_nowait(
@@ -462,7 +467,7 @@ class Driver:
         """
         store, pid = self.store, self.core.pid
         try:
-            got = store.get_assignments_nowait(pid, start, stop)
+            got = self.fast.get_assignments_nowait(pid, start, stop)
         except trio.WouldBlock:
             try:
                 got = await store.get_assignments(pid, start, stop)
@@ -486,7 +491,7 @@ class Driver:
         """
         core, store = self.core, self.store
         try:
-            if store.get_result_nowait(core.pid, start) is None:
+            if self.fast.get_result_nowait(core.pid, start) is None:
                 return False
         except trio.WouldBlock:
             pass
@@ -621,8 +626,12 @@ class Driver:
             return  # taken with its slot's result
         try:
             snapshot = await self._snapshot_value()
-            if snapshot is not None:
-                await self.store.put_snapshot(core.pid, core.slot, snapshot)
+            result = core.result
+            if result is None:  # a live instance booted here: its result is stored
+                result = await self.store.get_result(core.pid, core.slot)
+            if snapshot is not None and result is not None:
+                # Stored with its slot's result again: the store keeps both as one row.
+                self.store.put_results_nowait(core.pid, [(core.slot, result, snapshot)])
         except HbTrioError as exc:
             log.warning("worker of %s could not store its snapshot: %s", core.pid, exc)
 
@@ -676,7 +685,7 @@ async def compute_slot(
     if type(cache_frequency) is not int or cache_frequency < 1:
         raise ValueError(f"cache_frequency must be an int >= 1, not {cache_frequency!r}")
     try:
-        stored = store.get_result_nowait(pid, slot)
+        stored = fast_path(store).get_result_nowait(pid, slot)
     except trio.WouldBlock:
         stored = await store.get_result(pid, slot)
     if stored is not None:

@@ -56,7 +56,7 @@ from ._message import (
 )
 from ._process import validate_definition
 from ._scheduler import Scheduler
-from ._store import MemoryStore, Store
+from ._store import MemoryStore, Store, fast_path
 from ._worker import GroupWorker, WorkerInfo
 
 __all__ = ["Engine", "EngineStats", "open_engine"]
@@ -204,6 +204,7 @@ class Engine:
         self._shutdown_grace = shutdown_grace
         self._slot_timeout = slot_timeout
         self._scheduler = Scheduler(store)
+        self._fast = fast_path(store)
         self._reaper = IdleReaper(max_idle)
         # trio.current_time without its lookups: the request path reads it.
         self._now = trio.lowlevel.current_clock().current_time
@@ -361,11 +362,10 @@ class Engine:
         self._requests += 1
         state = None if worker is None else worker.serve_now(slot)
         if state is None:
-            store = self._store
             try:
-                state = store.get_result_nowait(pid, slot)
+                state = self._fast.get_result_nowait(pid, slot)
             except trio.WouldBlock:
-                state = await store.get_result(pid, slot)
+                state = await self._store.get_result(pid, slot)
             if state is None:
                 return hand_out(await self._wait_for(pid, slot, worker))
             self._cache_hits += 1

@@ -83,7 +83,7 @@ from ._exceptions import InvalidMessage, StoreError
 from ._filelock import FileLock
 from ._message import Message, _adopt_map, _Frozen, id_of_bytes
 from ._message import decode_trusted as decode
-from ._store import SlotResult, Store, StoreStatistics
+from ._store import FastPath, SlotResult, Store, StoreStatistics
 
 __all__ = ["SQLiteStore"]
 
@@ -121,6 +121,9 @@ CREATE TABLE IF NOT EXISTS snapshots (
 """
 
 _PENDING, _RUNNING, _WITHDRAWN = 0, 1, 2
+
+#: Most assignments `SQLiteStore.latest_snapshot` reads ahead into memory.
+READ_AHEAD: Final = 4096
 
 #: Most write jobs in one transaction.
 _WRITES_PER_BATCH: Final = 4096
@@ -308,6 +311,7 @@ class SQLiteStore(Store):
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         # Loaded processes, least recently looked up first (event-loop thread only).
+        self.fast: FastPath = self  # answers from what it keeps in memory (or WouldBlock)
         self._procs: collections.OrderedDict[str, _Proc] = collections.OrderedDict()
         self._max_procs = max_cached_processes
         self._pins: dict[str, int] = {}
@@ -892,15 +896,6 @@ class SQLiteStore(Store):
             self.backlogged = True
         self._kick()
 
-    async def put_snapshot(self, pid: str, slot: int, snapshot: Message) -> None:
-        proc = await self._proc(pid)
-        if proc is None:
-            raise StoreError(f"process {pid} is not in the store")
-        proc.pending_snapshots[slot] = snapshot
-        state = proc.pending.get(slot)
-        self._outbox.append((proc, slot, None, None if snapshot is state else snapshot, True))
-        self._kick()
-
     def _take_batch(self) -> list[_Entry]:
         """The oldest entries of the outbox, at most `_FLUSH_ROWS` rows (a run may be split)."""
         outbox, rows, i = self._outbox, 0, 0
@@ -1067,7 +1062,16 @@ class SQLiteStore(Store):
         self._reads += 1
         return await self._run(read, write=False)  # type: ignore[no-any-return]
 
-    async def latest_snapshot(self, pid: str, at_most: int) -> tuple[int, Message] | None:
+    async def latest_snapshot(
+        self, pid: str, at_most: int, *, read_to: int = 0
+    ) -> tuple[int, Message] | None:
+        """The latest snapshot at or below ``at_most``; with ``read_to``, in the same job on
+        the I/O thread, the assignments after it up to that slot (at most `READ_AHEAD`) are
+        read into memory (those of a process loaded from the file: the ones appended
+        through this store are there already), for the fast path to answer the reads
+        that follow. A failure to read them ahead is left to those reads. Blocks;
+        cancellation-safe.
+        """
         proc = await self._proc(pid)
         if proc is None:
             return None
@@ -1075,55 +1079,42 @@ class SQLiteStore(Store):
         # table) while we wait for the read below, which only looks above it.
         pending = _pending_snapshot(proc, at_most)
         above, rowid = -1 if pending is None else pending[0], proc.rowid
-        self._reads += 1
-        found: tuple[int, Message] | None = await self._run(
-            lambda conn: _read_snapshot(conn, rowid, at_most, above), write=False
-        )
-        return pending if found is None else found
-
-    async def snapshot_and_assignments(
-        self, pid: str, at_most: int, stop: int, limit: int
-    ) -> tuple[tuple[int, Message] | None, list[Message]]:
-        """`latest_snapshot` and the assignments after it, in one job on the I/O thread.
-
-        The job reads the assignments the memory cache cannot hold (those of a
-        process loaded from the file); the rest come from memory. A failure to
-        read them ahead returns none of them (the caller's `get_assignments`
-        meets it). Blocks and is cancellation-safe like `latest_snapshot`.
-        """
-        proc = await self._proc(pid)
-        if proc is None:
-            return None, []
-        pending = _pending_snapshot(proc, at_most)  # taken now, as in latest_snapshot
-        above, rowid = -1 if pending is None else pending[0], proc.rowid
         # Slots appended through this store are in memory until they are computed.
-        from_file = min(stop, proc.latest + 1, proc.appended_from)
+        from_file = min(proc.latest + 1, proc.appended_from)
 
-        def read(conn: sqlite3.Connection) -> tuple[tuple[int, Message] | None, list[Message]]:
+        def read(
+            conn: sqlite3.Connection,
+        ) -> tuple[tuple[int, Message] | None, list[Message], list[int]]:
             found = _read_snapshot(conn, rowid, at_most, above)
             first = (max(above, 0) if found is None else found[0]) + 1
-            end = min(from_file, first + limit)
+            end = min(from_file, read_to, first + READ_AHEAD)
+            sizes: list[int] = []
             if first >= end:
-                return found, []
+                return found, [], sizes
             try:
-                return found, _read_assignments(conn, rowid, pid, first, end)
+                return found, _read_assignments(conn, rowid, pid, first, end, sizes), sizes
             except (sqlite3.Error, InvalidMessage):
-                return found, []  # only a read-ahead: the caller's own read reports this
+                return found, [], []  # only a read-ahead: the reads that follow report it
 
         self._reads += 1
-        found, ahead = await self._run(read, write=False)
-        if found is None:
-            found = pending
-        # Continue from memory, for as long as it holds the next slot.
-        cache, first = proc.assignments, (0 if found is None else found[0]) + 1
-        slot, end = first + len(ahead), min(stop, first + limit, proc.latest + 1)
-        while slot < end:
-            cached = cache.get(slot)
-            if cached is None:
-                break
-            ahead.append(cached)
-            slot += 1
-        return found, ahead
+        found, ahead, sizes = await self._run(read, write=False)
+        if ahead and self._procs.get(pid) is proc:
+            for assignment, size in zip(ahead, sizes, strict=True):
+                if assignment["slot"] not in proc.assignments:
+                    self._cache(proc, assignment["slot"], assignment, size)
+        return pending if found is None else found
+
+    def latest_snapshot_nowait(self, pid: str, at_most: int) -> tuple[int, Message] | None:
+        raise trio.WouldBlock  # a snapshot may be on disk only
+
+    def pending_assignment_nowait(self, pid: str, slot: int) -> Message | None:
+        if self.get_result_nowait(pid, slot) is not None:
+            return None
+        found = self.get_assignments_nowait(pid, slot, slot + 1)
+        return found[0] if found else None
+
+    def put_state_nowait(self, pid: str, slot: int, state: Message, snapshot: bool) -> None:
+        self.put_results_nowait(pid, [(slot, state, state if snapshot else None)])
 
     def statistics(self) -> StoreStatistics:
         return StoreStatistics(
@@ -1172,7 +1163,12 @@ _READ_RUN: Final = (
 
 
 def _read_assignments(
-    conn: sqlite3.Connection, rowid: int, pid: str, start: int, stop: int
+    conn: sqlite3.Connection,
+    rowid: int,
+    pid: str,
+    start: int,
+    stop: int,
+    sizes: list[int] | None = None,
 ) -> list[Message]:
     """The stored assignments for slots ``start..stop-1``, in order, checked (I/O thread).
 
@@ -1204,6 +1200,8 @@ def _read_assignments(
         ]
         run, rows = _decode_run(blobs, start), blobs
     _check_run(run, rows, pid, start)
+    if sizes is not None:
+        sizes.extend(len(row) for row in rows)
     return run
 
 

@@ -7,15 +7,22 @@ N" without listing slots.
 
 Theory of operation
 -------------------
-The engine's hot paths call the synchronous ``*_nowait`` methods. They answer
-from memory and raise `trio.WouldBlock` when the answer needs I/O; the engine
-then awaits the async twin. Results are written behind (`put_results_nowait`
-returns at once and the store makes them durable in batches); `wait_writable`
-applies backpressure when too much is pending (`backlogged` says so without
-awaiting), and `flush` waits until all of it is durable. Assignments are
-different: `append_assignments` returns only once they are durable. A
-result is readable (from memory) as soon as `put_results_nowait` returns, so
-"stored" means "readable" for the engine.
+A store provides eight operations (`Store`): put and get a process, append
+and read assignments, the latest slot, write results (with their snapshots),
+read a result, and find the latest snapshot. Results are written behind:
+`put_results_nowait` returns at once and the store makes them durable in
+batches; a result is readable as soon as it returns, so "stored" means
+"readable" for the engine. Assignments are written through:
+`append_assignments` returns only once they are durable. A few optional hooks
+have defaults: `open`, `close`, `flush`, backpressure (`wait_writable`,
+`backlogged`), `pin`/`unpin` (what must stay in memory) and `statistics`.
+
+One optional fast path: a store that can answer from memory, without
+blocking, gives a `FastPath` as `Store.fast` (``None`` otherwise). The
+engine's request path, a worker catching up and a worker starting in the
+calling task use it first, and fall back on the eight async operations when
+it raises `trio.WouldBlock`. Without it everything still works, a little
+slower.
 
 Store methods are not checkpoints unless they say so: the async ones only
 yield when they actually wait for I/O. All of them are cancellation-safe in
@@ -27,6 +34,7 @@ from __future__ import annotations
 import abc
 import bisect
 from collections.abc import Sequence
+from typing import Protocol
 
 import attrs
 import trio
@@ -34,7 +42,15 @@ import trio
 from ._exceptions import StoreError
 from ._message import Message
 
-__all__ = ["MemoryStore", "SlotResult", "Store", "StoreStatistics"]
+__all__ = [
+    "FastPath",
+    "MemoryStore",
+    "SlotResult",
+    "Store",
+    "StoreStatistics",
+    "fast_path",
+    "own_snapshots",
+]
 
 
 #: One computed slot on its way to the store: ``(slot, state, snapshot)``.
@@ -56,8 +72,24 @@ class StoreStatistics:
     reads: int = 0
 
 
+def own_snapshots(first: int, states: Sequence[Message], every: int) -> list[SlotResult]:
+    """The `SlotResult` of consecutive states that are their own snapshots every ``every`` slots.
+
+    For a store that writes `FastPath.put_states_nowait` as `Store.put_results_nowait`.
+    """
+    return [(s, state, state if s % every == 0 else None) for s, state in enumerate(states, first)]
+
+
 class Store(abc.ABC):
-    """What the engine needs from a store. Subclass it to add a backend."""
+    """What the engine needs from a store: subclass it, and write the eight abstract methods.
+
+    Every async method may block (on I/O) and must be cancellation-safe; the
+    one write that never blocks, `put_results_nowait`, must not.
+    """
+
+    #: The optional fast path (see the module): an object answering from memory,
+    #: or ``None``. The engine reads it once, when it opens.
+    fast: FastPath | None = None
 
     #: True while more results wait to be written than the store accepts
     #: (`wait_writable` would block). Read on the request path before a request
@@ -65,13 +97,7 @@ class Store(abc.ABC):
     #: `wait_writable` first. A store with write-behind keeps it up to date.
     backlogged: bool = False
 
-    async def open(self) -> None:  # noqa: B027 - optional hook
-        """Acquire resources (threads, files). Called by the engine on entry; idempotent."""
-
-    async def close(self) -> None:  # noqa: B027 - optional hook
-        """Make everything durable and release resources. The store may be opened again."""
-
-    # processes -----------------------------------------------------------------------------
+    # the eight operations ----------------------------------------------------------------------
 
     @abc.abstractmethod
     async def put_process(self, pid: str, definition: Message, assignment: Message) -> bool:
@@ -83,12 +109,6 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_process(self, pid: str) -> Message | None:
         """The definition of ``pid``, or ``None``."""
-
-    def get_process_nowait(self, pid: str) -> Message | None:
-        """`get_process` from memory: raises `trio.WouldBlock` if it needs I/O."""
-        raise trio.WouldBlock
-
-    # assignments ---------------------------------------------------------------------------
 
     @abc.abstractmethod
     async def append_assignments(self, pid: str, assignments: Sequence[Message]) -> None:
@@ -107,61 +127,40 @@ class Store(abc.ABC):
         """The assignments for slots ``start`` up to ``stop`` (exclusive) that exist, in order."""
 
     @abc.abstractmethod
-    def get_assignments_nowait(self, pid: str, start: int, stop: int) -> list[Message]:
-        """Like `get_assignments`, from memory: raises `trio.WouldBlock` if it needs I/O.
+    def put_results_nowait(self, pid: str, results: Sequence[SlotResult]) -> None:
+        """Store computed slots (and their snapshots), written behind. Never blocks.
 
-        May return a shorter list than `get_assignments` (a non-empty prefix of
-        it: what memory holds). An empty list means ``start`` is not scheduled.
+        Readable at once. A result stored again replaces the old one (the
+        engine does that to store a snapshot at a slot that has its result);
+        raises `StoreError` when the store cannot take them (nothing taken).
         """
-
-    def get_assignment_nowait(self, pid: str, slot: int) -> Message | None:
-        """One assignment from memory (``None`` if not scheduled).
-
-        Raises `trio.WouldBlock` if it needs I/O. The request path's
-        single-slot twin of `get_assignments_nowait`.
-        """
-        found = self.get_assignments_nowait(pid, slot, slot + 1)
-        return found[0] if found else None
-
-    def pending_assignment_nowait(self, pid: str, slot: int) -> Message | None:
-        """The assignment at ``slot`` if it is scheduled and has no stored result, else ``None``.
-
-        Raises `trio.WouldBlock` if it needs I/O. The request path's one store
-        read before an idle worker applies ``slot`` itself.
-        """
-        if self.get_result_nowait(pid, slot) is not None:
-            return None
-        return self.get_assignment_nowait(pid, slot)
-
-    # results and snapshots -------------------------------------------------------------------
 
     @abc.abstractmethod
-    def put_results_nowait(self, pid: str, results: Sequence[SlotResult]) -> None:
-        """Store computed slots, written behind. Readable at once; never blocks."""
+    async def get_result(self, pid: str, slot: int) -> Message | None:
+        """The stored result (state) at ``slot``, or ``None``."""
 
-    def put_state_nowait(self, pid: str, slot: int, state: Message, snapshot: bool) -> None:
-        """Store one slot's state, which is its own snapshot if ``snapshot``. Never blocks.
+    @abc.abstractmethod
+    async def latest_snapshot(
+        self, pid: str, at_most: int, *, read_to: int = 0
+    ) -> tuple[int, Message] | None:
+        """The snapshot with the highest slot ``<= at_most``, as ``(slot, snapshot)``.
 
-        The request path's single-slot twin of `put_results_nowait`.
+        ``read_to`` is a hint: the engine is about to read the assignments after
+        the snapshot (after slot 0 without one) up to, not including, that
+        slot. A store doing I/O may read some of them in the same trip and
+        answer the engine's next reads from its `fast` path; others ignore it.
         """
-        self.put_results_nowait(pid, [(slot, state, state if snapshot else None)])
 
-    def put_states_nowait(
-        self, pid: str, first: int, states: Sequence[Message], snapshot_every: int
-    ) -> None:
-        """Store consecutive slots ``first, first + 1, ...`` that are their own snapshots.
+    # optional hooks -----------------------------------------------------------------------------
 
-        Every slot divisible by ``snapshot_every`` is a snapshot point. The
-        same as `put_results_nowait` (which this default calls); a store can do
-        it without a tuple per slot.
-        """
-        self.put_results_nowait(
-            pid,
-            [
-                (slot, state, state if slot % snapshot_every == 0 else None)
-                for slot, state in enumerate(states, first)
-            ],
-        )
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Acquire resources (threads, files). Called by the engine on entry; idempotent."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Make everything durable and release resources. The store may be opened again."""
+
+    async def flush(self) -> None:  # noqa: B027 - optional hook
+        """Return once everything stored so far is durable."""
 
     async def wait_writable(self) -> None:  # noqa: B027 - optional hook
         """Block while too many results wait to be written (backpressure).
@@ -171,54 +170,11 @@ class Store(abc.ABC):
         waiting exceed the store's bound by at most one chunk.
         """
 
-    @abc.abstractmethod
-    def get_result_nowait(self, pid: str, slot: int) -> Message | None:
-        """The stored state at ``slot`` (``None`` if absent); `trio.WouldBlock` if it needs I/O."""
-
-    @abc.abstractmethod
-    async def get_result(self, pid: str, slot: int) -> Message | None:
-        """The stored state at ``slot``, or ``None``."""
-
-    @abc.abstractmethod
-    async def put_snapshot(self, pid: str, slot: int, snapshot: Message) -> None:
-        """Store a restorable snapshot at ``slot`` (written behind, like results)."""
-
-    @abc.abstractmethod
-    async def latest_snapshot(self, pid: str, at_most: int) -> tuple[int, Message] | None:
-        """The snapshot with the highest slot ``<= at_most``, as ``(slot, snapshot)``."""
-
-    def latest_snapshot_nowait(self, pid: str, at_most: int) -> tuple[int, Message] | None:
-        """`latest_snapshot` from memory: raises `trio.WouldBlock` if it needs I/O."""
-        raise trio.WouldBlock
-
-    async def snapshot_and_assignments(
-        self, pid: str, at_most: int, stop: int, limit: int
-    ) -> tuple[tuple[int, Message] | None, list[Message]]:
-        """`latest_snapshot`, with the assignments after it read ahead: what a restore needs.
-
-        Returns ``(latest_snapshot(pid, at_most), ahead)``. ``ahead`` holds the
-        assignments for slots ``first, first + 1, ...`` below ``stop``, at most
-        ``limit`` of them, where ``first`` follows the snapshot (``1`` without
-        one: slot 0 is the device's ``init``). It is a read-ahead, not an
-        answer: any prefix of those assignments may come back, down to none,
-        and a failure to read them is not reported here. The caller reads what
-        is missing with `get_assignments`, and meets any failure there.
-
-        Blocks and is cancellation-safe like `latest_snapshot`. A store that
-        does I/O answers both in one round trip; this default reads no
-        assignments ahead, which suits a store that answers
-        `get_assignments_nowait` from memory.
-        """
-        return await self.latest_snapshot(pid, at_most), []
-
-    async def flush(self) -> None:  # noqa: B027 - optional hook
-        """Return once everything stored so far is durable."""
-
     def pin(self, pid: str) -> None:  # noqa: B027 - optional hook
         """Keep what the store holds in memory about ``pid`` until `unpin`. Never blocks.
 
         The engine pins a process for as long as it has a live worker (whose
-        synchronous reads and writes need it there). Pins count: two pins need
+        fast-path reads and writes need it there). Pins count: two pins need
         two unpins. A store that keeps everything in memory ignores them.
         """
 
@@ -228,6 +184,81 @@ class Store(abc.ABC):
     def statistics(self) -> StoreStatistics:
         """Counters for introspection and benchmarks."""
         return StoreStatistics()
+
+
+class FastPath(Protocol):
+    """A store's answers from memory (`Store.fast`): each raises `trio.WouldBlock` for I/O.
+
+    None of them blocks or checkpoints. The reads answer what the store's
+    async twins would; the writes are `Store.put_results_nowait` for the two
+    shapes the engine writes most (one slot; a run of slots that are their
+    own snapshots), without a tuple per slot.
+    """
+
+    def get_process_nowait(self, pid: str) -> Message | None:
+        """`Store.get_process` from memory."""
+
+    def get_assignments_nowait(self, pid: str, start: int, stop: int) -> list[Message]:
+        """`Store.get_assignments` from memory: a non-empty prefix of its answer, or ``[]``
+        when ``start`` is not scheduled."""
+
+    def pending_assignment_nowait(self, pid: str, slot: int) -> Message | None:
+        """The assignment at ``slot`` if it is scheduled and has no stored result, else
+        ``None``: the request path's one read before an idle worker computes ``slot``."""
+
+    def get_result_nowait(self, pid: str, slot: int) -> Message | None:
+        """`Store.get_result` from memory."""
+
+    def latest_snapshot_nowait(self, pid: str, at_most: int) -> tuple[int, Message] | None:
+        """`Store.latest_snapshot` from memory."""
+
+    def put_state_nowait(self, pid: str, slot: int, state: Message, snapshot: bool) -> None:
+        """`Store.put_results_nowait` of one state, its own snapshot if ``snapshot``."""
+
+    def put_states_nowait(
+        self, pid: str, first: int, states: Sequence[Message], snapshot_every: int
+    ) -> None:
+        """`Store.put_results_nowait` of consecutive states ``first, first + 1, ...``, each
+        its own snapshot at the slots divisible by ``snapshot_every``."""
+
+
+class _NoFastPath:
+    """The fast path of a store that has none: every read takes the async way; the two
+    writes are `Store.put_results_nowait`."""
+
+    __slots__ = ("store",)
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def get_process_nowait(self, pid: str) -> Message | None:
+        raise trio.WouldBlock
+
+    def get_assignments_nowait(self, pid: str, start: int, stop: int) -> list[Message]:
+        raise trio.WouldBlock
+
+    def pending_assignment_nowait(self, pid: str, slot: int) -> Message | None:
+        raise trio.WouldBlock
+
+    def get_result_nowait(self, pid: str, slot: int) -> Message | None:
+        raise trio.WouldBlock
+
+    def latest_snapshot_nowait(self, pid: str, at_most: int) -> tuple[int, Message] | None:
+        raise trio.WouldBlock
+
+    def put_state_nowait(self, pid: str, slot: int, state: Message, snapshot: bool) -> None:
+        self.store.put_results_nowait(pid, [(slot, state, state if snapshot else None)])
+
+    def put_states_nowait(
+        self, pid: str, first: int, states: Sequence[Message], snapshot_every: int
+    ) -> None:
+        self.store.put_results_nowait(pid, own_snapshots(first, states, snapshot_every))
+
+
+def fast_path(store: Store) -> FastPath:
+    """``store.fast``, or, for a store without a fast path, one that always says "wait"."""
+    fast = store.fast
+    return fast if fast is not None else _NoFastPath(store)
 
 
 @attrs.define(eq=False)
@@ -259,6 +290,7 @@ class MemoryStore(Store):
         self._procs: dict[str, _Proc] = {}
         self._results_written = 0
         self._assignments_written = 0
+        self.fast: FastPath = self  # every answer is in memory
 
     def __repr__(self) -> str:
         return f"<MemoryStore processes={len(self._procs)}>"
@@ -327,12 +359,6 @@ class MemoryStore(Store):
                         custom[slot] = snapshot
         self._results_written += len(results)
 
-    def get_assignment_nowait(self, pid: str, slot: int) -> Message | None:
-        proc = self._procs.get(pid)
-        if proc is None or not 0 <= slot < len(proc.assignments):
-            return None
-        return proc.assignments[slot]
-
     def pending_assignment_nowait(self, pid: str, slot: int) -> Message | None:
         proc = self._procs.get(pid)
         if proc is None:
@@ -347,7 +373,7 @@ class MemoryStore(Store):
         proc = self._procs.get(pid) or self._proc(pid)
         stored, slots = proc.results, proc.snapshot_slots
         if slot != len(stored) or (snapshot and slots and slots[-1] >= slot):
-            super().put_state_nowait(pid, slot, state, snapshot)
+            self.put_results_nowait(pid, [(slot, state, state if snapshot else None)])
             return
         if snapshot:
             slots.append(slot)
@@ -360,7 +386,7 @@ class MemoryStore(Store):
         proc = self._proc(pid)
         stored = proc.results
         if first != len(stored):
-            super().put_states_nowait(pid, first, states, snapshot_every)
+            self.put_results_nowait(pid, own_snapshots(first, states, snapshot_every))
             return
         stored.extend(states)  # the common case: the next slots, in order
         last = first + len(states) - 1
@@ -383,9 +409,6 @@ class MemoryStore(Store):
     async def get_result(self, pid: str, slot: int) -> Message | None:
         return self.get_result_nowait(pid, slot)
 
-    async def put_snapshot(self, pid: str, slot: int, snapshot: Message) -> None:
-        self._add_snapshot(self._proc(pid), slot, snapshot)
-
     @staticmethod
     def _add_snapshot(proc: _Proc, slot: int, snapshot: Message) -> None:
         slots = proc.snapshot_slots
@@ -397,7 +420,9 @@ class MemoryStore(Store):
         else:
             proc.snapshots[slot] = snapshot
 
-    async def latest_snapshot(self, pid: str, at_most: int) -> tuple[int, Message] | None:
+    async def latest_snapshot(
+        self, pid: str, at_most: int, *, read_to: int = 0
+    ) -> tuple[int, Message] | None:
         return self.latest_snapshot_nowait(pid, at_most)
 
     def latest_snapshot_nowait(self, pid: str, at_most: int) -> tuple[int, Message] | None:

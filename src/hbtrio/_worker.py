@@ -148,6 +148,7 @@ class GroupWorker(Driver):
     _now: Callable[[], float] = attrs.field(init=False, alias="_now")
 
     def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
         self._now = self.host.now  # the request path reads it
 
     # making one ----------------------------------------------------------------------------------
@@ -266,11 +267,11 @@ class GroupWorker(Driver):
         else:
             # `apply_nowait` + `_commit` for one slot, inlined; nobody waits on an
             # idle worker, so there is nobody to wake.
-            store = self.store
-            if not core.inline or store.backlogged:
+            fast = self.fast
+            if not core.inline or self.store.backlogged:
                 return None
             try:
-                assignment = store.pending_assignment_nowait(core.pid, slot)
+                assignment = fast.pending_assignment_nowait(core.pid, slot)
             except trio.WouldBlock:
                 return None
             if assignment is None:  # unscheduled, or stored ahead (`advance` jumps there)
@@ -283,10 +284,10 @@ class GroupWorker(Driver):
                 raise
             try:
                 if core.instance is None:  # a state device: each state its own snapshot
-                    store.put_state_nowait(core.pid, slot, state, slot % core.cache_frequency == 0)
+                    fast.put_state_nowait(core.pid, slot, state, slot % core.cache_frequency == 0)
                 else:
                     snapshot = core.snapshot_now() if core.is_snapshot(slot) else None
-                    store.put_results_nowait(core.pid, [(slot, state, snapshot)])
+                    self.store.put_results_nowait(core.pid, [(slot, state, snapshot)])
             except (StoreError, ComputeError) as exc:
                 self._undo(at, before, exc)
             self.target = slot

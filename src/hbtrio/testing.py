@@ -64,7 +64,7 @@ from ._exceptions import StoreError
 from ._message import Message, freeze, message_id
 from ._process import validate_definition
 from ._scheduler import make_assignment, verify_schedule
-from ._store import MemoryStore, SlotResult, Store, StoreStatistics
+from ._store import FastPath, MemoryStore, SlotResult, Store, StoreStatistics, fast_path
 
 __all__ = [
     "ALL_METHODS",
@@ -87,7 +87,7 @@ T = TypeVar("T")
 
 #: Store methods that make something durable.
 WRITE_METHODS: Final = frozenset(
-    {"put_process", "append_assignments", "put_results_nowait", "put_snapshot", "flush"}
+    {"put_process", "append_assignments", "put_results_nowait", "flush"}
 )
 #: Store methods that read. A fault on an async read also covers its ``*_nowait`` twin.
 READ_METHODS: Final = frozenset(
@@ -96,13 +96,13 @@ READ_METHODS: Final = frozenset(
 #: Every store method a fault can target.
 ALL_METHODS: Final = WRITE_METHODS | READ_METHODS | {"wait_writable", "open", "close"}
 
-#: ``*_nowait`` reads and the async method whose faults they follow.
+#: The fast path's reads and the async methods whose faults they follow.
 _TWINS: Final = {
-    "get_assignments_nowait": "get_assignments",
-    "get_assignment_nowait": "get_assignments",
-    "get_result_nowait": "get_result",
-    "get_process_nowait": "get_process",
-    "latest_snapshot_nowait": "latest_snapshot",
+    "get_assignments_nowait": ("get_assignments",),
+    "pending_assignment_nowait": ("get_result", "get_assignments"),
+    "get_result_nowait": ("get_result",),
+    "get_process_nowait": ("get_process",),
+    "latest_snapshot_nowait": ("latest_snapshot",),
 }
 #: Synchronous writes and the method whose faults they follow.
 _WRITE_TWINS: Final = {
@@ -205,7 +205,11 @@ def _methods(
     if methods is None:
         return default
     names = frozenset([methods] if isinstance(methods, str) else methods)
-    names = frozenset(_TWINS.get(name, _WRITE_TWINS.get(name, name)) for name in names)
+    names = frozenset(
+        twin
+        for name in names
+        for twin in _TWINS.get(name, (_WRITE_TWINS.get(name, name),))
+    )
     unknown = names - ALL_METHODS
     if unknown:
         raise ValueError(
@@ -245,17 +249,17 @@ class FaultyStore(Store):
     the `Store` interface promises for a failed call. Slow faults
     ``await trio.sleep(seconds)`` before delegating (``math.inf`` hangs).
 
-    The synchronous ``*_nowait`` reads never fail or sleep: while a fault
-    targets their async twin (``get_result`` for ``get_result_nowait``) they
-    raise `trio.WouldBlock`, so the engine takes the async path and meets the
-    fault there, as it would with a real store whose memory cache missed.
-    ``put_results_nowait`` (and its single-slot and run-of-states twins
-    ``put_state_nowait`` and ``put_states_nowait``, which follow its faults)
-    cannot block: failing faults raise from it, slow ones do not apply to it
-    (target ``wait_writable`` for a slow disk applying backpressure).
-    ``snapshot_and_assignments`` follows the faults of ``latest_snapshot``; while
-    a fault targets ``get_assignments`` it reads nothing ahead, so the caller's
-    own `get_assignments` meets that fault.
+    It has a fast path (`hbtrio.Store.fast`) when ``inner`` has one. Its
+    reads never fail or sleep: while a fault targets their async twin
+    (``get_result`` for ``get_result_nowait``) they raise `trio.WouldBlock`,
+    so the engine takes the async path and meets the fault there, as it would
+    with a real store whose memory cache missed. ``put_results_nowait`` (and
+    the fast path's single-slot and run-of-states writes, which follow its
+    faults) cannot block: failing faults raise from it, slow ones do not apply
+    to it (target ``wait_writable`` for a slow disk applying backpressure).
+    While a fault targets ``get_assignments``, ``latest_snapshot`` asks
+    ``inner`` to read nothing ahead, so the engine's own read meets that
+    fault.
 
     Example::
 
@@ -275,6 +279,8 @@ class FaultyStore(Store):
         self.inner = inner
         self.faults: list[Fault] = []
         self.calls: collections.Counter[str] = collections.Counter()
+        self._inner_fast = fast_path(inner)
+        self.fast: FastPath | None = self if inner.fast is not None else None
 
     def __repr__(self) -> str:
         return f"<FaultyStore {self.inner!r} faults={len(self.faults)}>"
@@ -396,12 +402,14 @@ class FaultyStore(Store):
                 raise fault.make_error(method)
 
     def _redirect(self, method: str, pid: str) -> None:
-        """A ``*_nowait`` read whose async twin is faulty takes the async path."""
+        """A fast-path read whose async twin is faulty takes the async path."""
         self.calls[method] += 1
-        twin = _TWINS[method]
-        for fault in self.faults:
-            if not fault.exhausted and fault.matches(twin, pid):
+        for twin in _TWINS[method]:
+            if self._targeted(twin, pid):
                 raise trio.WouldBlock
+
+    def _targeted(self, method: str, pid: str) -> bool:
+        return any(not f.exhausted and f.matches(method, pid) for f in self.faults)
 
     # the Store interface -------------------------------------------------------------------------
 
@@ -433,39 +441,9 @@ class FaultyStore(Store):
         await self._enter("get_assignments", pid)
         return await self.inner.get_assignments(pid, start, stop)
 
-    def get_assignments_nowait(self, pid: str, start: int, stop: int) -> list[Message]:
-        self._redirect("get_assignments_nowait", pid)
-        return self.inner.get_assignments_nowait(pid, start, stop)
-
-    def get_process_nowait(self, pid: str) -> Message | None:
-        self._redirect("get_process_nowait", pid)
-        return self.inner.get_process_nowait(pid)
-
-    def latest_snapshot_nowait(self, pid: str, at_most: int) -> tuple[int, Message] | None:
-        self._redirect("latest_snapshot_nowait", pid)
-        return self.inner.latest_snapshot_nowait(pid, at_most)
-
-    def get_assignment_nowait(self, pid: str, slot: int) -> Message | None:
-        self._redirect("get_assignment_nowait", pid)
-        return self.inner.get_assignment_nowait(pid, slot)
-
-    def pending_assignment_nowait(self, pid: str, slot: int) -> Message | None:
-        # The two reads it stands for, each through this wrapper: faults on either apply.
-        return Store.pending_assignment_nowait(self, pid, slot)
-
     def put_results_nowait(self, pid: str, results: Sequence[SlotResult]) -> None:
         self._enter_sync("put_results_nowait", pid)
         self.inner.put_results_nowait(pid, results)
-
-    def put_state_nowait(self, pid: str, slot: int, state: Message, snapshot: bool) -> None:
-        self._enter_sync("put_state_nowait", pid)
-        self.inner.put_state_nowait(pid, slot, state, snapshot)
-
-    def put_states_nowait(
-        self, pid: str, first: int, states: Sequence[Message], snapshot_every: int
-    ) -> None:
-        self._enter_sync("put_states_nowait", pid)
-        self.inner.put_states_nowait(pid, first, states, snapshot_every)
 
     @property
     def backlogged(self) -> bool:  # type: ignore[override]
@@ -475,32 +453,49 @@ class FaultyStore(Store):
         await self._enter("wait_writable")
         await self.inner.wait_writable()
 
-    def get_result_nowait(self, pid: str, slot: int) -> Message | None:
-        self._redirect("get_result_nowait", pid)
-        return self.inner.get_result_nowait(pid, slot)
-
     async def get_result(self, pid: str, slot: int) -> Message | None:
         await self._enter("get_result", pid)
         return await self.inner.get_result(pid, slot)
 
-    async def put_snapshot(self, pid: str, slot: int, snapshot: Message) -> None:
-        await self._enter("put_snapshot", pid)
-        await self.inner.put_snapshot(pid, slot, snapshot)
-
-    async def latest_snapshot(self, pid: str, at_most: int) -> tuple[int, Message] | None:
+    async def latest_snapshot(
+        self, pid: str, at_most: int, *, read_to: int = 0
+    ) -> tuple[int, Message] | None:
         await self._enter("latest_snapshot", pid)
-        return await self.inner.latest_snapshot(pid, at_most)
+        if self._targeted("get_assignments", pid):
+            read_to = 0  # nothing read ahead: the engine's own read meets the fault
+        return await self.inner.latest_snapshot(pid, at_most, read_to=read_to)
 
-    async def snapshot_and_assignments(
-        self, pid: str, at_most: int, stop: int, limit: int
-    ) -> tuple[tuple[int, Message] | None, list[Message]]:
-        # Faults on latest_snapshot apply to it. While a fault targets
-        # get_assignments nothing is read ahead, so the caller's own read meets it.
-        for fault in self.faults:
-            if not fault.exhausted and fault.matches("get_assignments", pid):
-                return await Store.snapshot_and_assignments(self, pid, at_most, stop, limit)
-        await self._enter("latest_snapshot", pid)
-        return await self.inner.snapshot_and_assignments(pid, at_most, stop, limit)
+    # the fast path (when ``inner`` has one) --------------------------------------------------
+
+    def get_assignments_nowait(self, pid: str, start: int, stop: int) -> list[Message]:
+        self._redirect("get_assignments_nowait", pid)
+        return self._inner_fast.get_assignments_nowait(pid, start, stop)
+
+    def get_process_nowait(self, pid: str) -> Message | None:
+        self._redirect("get_process_nowait", pid)
+        return self._inner_fast.get_process_nowait(pid)
+
+    def latest_snapshot_nowait(self, pid: str, at_most: int) -> tuple[int, Message] | None:
+        self._redirect("latest_snapshot_nowait", pid)
+        return self._inner_fast.latest_snapshot_nowait(pid, at_most)
+
+    def pending_assignment_nowait(self, pid: str, slot: int) -> Message | None:
+        self._redirect("pending_assignment_nowait", pid)
+        return self._inner_fast.pending_assignment_nowait(pid, slot)
+
+    def get_result_nowait(self, pid: str, slot: int) -> Message | None:
+        self._redirect("get_result_nowait", pid)
+        return self._inner_fast.get_result_nowait(pid, slot)
+
+    def put_state_nowait(self, pid: str, slot: int, state: Message, snapshot: bool) -> None:
+        self._enter_sync("put_state_nowait", pid)
+        self._inner_fast.put_state_nowait(pid, slot, state, snapshot)
+
+    def put_states_nowait(
+        self, pid: str, first: int, states: Sequence[Message], snapshot_every: int
+    ) -> None:
+        self._enter_sync("put_states_nowait", pid)
+        self._inner_fast.put_states_nowait(pid, first, states, snapshot_every)
 
     async def flush(self) -> None:
         await self._enter("flush")
