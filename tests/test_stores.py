@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import random
 import sqlite3
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import cbor2
