@@ -12,7 +12,8 @@
 
 Exit status: 0 success, 1 an error (the node's answer or no node), 2 bad
 usage (including ``serve`` refusing to start), 3 a result that is not ready
-yet (the node answered 202: ask again later), 130 interrupted.
+yet (the node answered 202: ask again later), 130 interrupted; ``bench``
+exits with the suite's status.
 
 Each subcommand runs synchronously in the calling thread. ``serve`` and
 ``demo`` run their own Trio loop (``trio.run``); the client subcommands use

@@ -2,8 +2,10 @@
 
 A command raises `CliError` for anything the user should read as one line
 (``hbtrio COMMAND: error: ...`` on stderr, then the error's exit status);
-`main` prints it. Everything else is a bug and keeps its traceback. No
-state, no I/O (but `require`'s import).
+`main` prints it. `main` also turns Ctrl-C into `EXIT_INTERRUPTED` and a
+reader that went away into a quiet `EXIT_ERROR`; any other exception is a
+bug and keeps its traceback. No state; `require` imports a module, nothing
+else here does anything.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ request (method, route, status, seconds), the accept loop
 (``_connections``) keeps the `ConnectionCounts`, and ``GET /metrics``
 renders both, with the engine's statistics, in the Prometheus text format
 0.0.4 (`PROMETHEUS`). Label sets stay bounded: the app records the route
-pattern (``/{pid}/compute``), never the path, and an unknown method as
-``other``.
+pattern (``/{pid}/compute``; ``other`` when none matches), never the path,
+and an unknown method as ``other``.
 
 Plain objects updated synchronously, without locks: they must be used from
 the one Trio loop the app runs on. Recording costs a dict update and a
