@@ -492,7 +492,7 @@ async def test_large_bodies_are_decoded_in_threads_at_most_two_at_once(
     `DECODE_THREADS` threads at once; smaller ones on the loop."""
     import threading
 
-    from hbtrio import _http
+    from hbtrio._http import _negotiation as _http
 
     release = threading.Event()
     lock = threading.Lock()

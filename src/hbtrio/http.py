@@ -17,24 +17,24 @@ an engine of its own. The endpoints, wire formats and statuses are in
 ``docs/http.md``.
 """
 
-from ._http import DEFAULT_BODY_TIMEOUT as DEFAULT_BODY_TIMEOUT
-from ._http import DEFAULT_GRACE as DEFAULT_GRACE
-from ._http import DEFAULT_HOST as DEFAULT_HOST
-from ._http import DEFAULT_KEEP_ALIVE as DEFAULT_KEEP_ALIVE
-from ._http import DEFAULT_MAX_BODY as DEFAULT_MAX_BODY
-from ._http import DEFAULT_MAX_CONNECTIONS as DEFAULT_MAX_CONNECTIONS
-from ._http import DEFAULT_MAX_WAIT as DEFAULT_MAX_WAIT
-from ._http import DEFAULT_PORT as DEFAULT_PORT
-from ._http import DEFAULT_READ_TIMEOUT as DEFAULT_READ_TIMEOUT
-from ._http import DEFAULT_WAIT as DEFAULT_WAIT
-from ._http import DEFAULT_WRITE_TIMEOUT as DEFAULT_WRITE_TIMEOUT
-from ._http import EngineLike as EngineLike
-from ._http import HttpApp as HttpApp
-from ._http import check_bind as check_bind
-from ._http import check_token as check_token
-from ._http import make_app as make_app
-from ._http import run_server as run_server
-from ._http import serve as serve
+from ._http._app import HttpApp as HttpApp
+from ._http._app import make_app as make_app
+from ._http._auth import check_bind as check_bind
+from ._http._auth import check_token as check_token
+from ._http._defaults import DEFAULT_BODY_TIMEOUT as DEFAULT_BODY_TIMEOUT
+from ._http._defaults import DEFAULT_GRACE as DEFAULT_GRACE
+from ._http._defaults import DEFAULT_HOST as DEFAULT_HOST
+from ._http._defaults import DEFAULT_KEEP_ALIVE as DEFAULT_KEEP_ALIVE
+from ._http._defaults import DEFAULT_MAX_BODY as DEFAULT_MAX_BODY
+from ._http._defaults import DEFAULT_MAX_CONNECTIONS as DEFAULT_MAX_CONNECTIONS
+from ._http._defaults import DEFAULT_MAX_WAIT as DEFAULT_MAX_WAIT
+from ._http._defaults import DEFAULT_PORT as DEFAULT_PORT
+from ._http._defaults import DEFAULT_READ_TIMEOUT as DEFAULT_READ_TIMEOUT
+from ._http._defaults import DEFAULT_WAIT as DEFAULT_WAIT
+from ._http._defaults import DEFAULT_WRITE_TIMEOUT as DEFAULT_WRITE_TIMEOUT
+from ._http._serve import run_server as run_server
+from ._http._serve import serve as serve
+from ._http._types import EngineLike as EngineLike
 
 __all__ = [
     "DEFAULT_BODY_TIMEOUT",

@@ -1,6 +1,6 @@
 """The node's connections: hypercorn's HTTP protocol code under an accept loop of our own.
 
-`run_server` (in ``_http``) hands every accepted connection to hypercorn's
+`run_server` (in ``_serve``) hands every accepted connection to hypercorn's
 per-connection server (``hypercorn.trio.tcp_server.TCPServer``, which speaks
 HTTP/1.1 through h11 and HTTP/2 through h2), but it does not use
 ``hypercorn.trio.serve``, whose accept loop has none of the limits a node
@@ -28,6 +28,9 @@ needs:
 * **Writes without a deadline.** A client that does not read its answer
   blocks hypercorn's (shielded) send for ever. Here a send still under way
   after ``write_timeout`` seconds (checked every second) closes its connection.
+  Each send only stamps the time it started, and one watcher task for all
+  connections compares the stamps with the clock: a deadline per send would
+  cost a cancel scope per write.
 * **Protocol errors with empty bodies.** hypercorn answers a request h11
   cannot parse with its own empty 400 (or 431, 501, ...); here the answer
   carries the node's JSON error body.
@@ -66,12 +69,12 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 
-from . import _jsonwire
+from ._errors import json_error
 
 if TYPE_CHECKING:
-    from ._http import ConnectionCounts
+    from ._metrics import ConnectionCounts
 
-__all__ = ["Connections", "json_error"]
+__all__ = ["Connections"]
 
 logger: Final = logging.getLogger("hbtrio.http")
 
@@ -94,12 +97,6 @@ _PROTOCOL_CODES: Final = {
     501: "not-implemented",
     505: "http-version-not-supported",
 }
-
-
-def json_error(status: int, code: str, message: str) -> bytes:
-    """The node's JSON error body (the shape of ``HttpError.response``)."""
-    text = message.encode("utf-8", "backslashreplace").decode("utf-8")
-    return _jsonwire.dumps({"error": code, "status": status, "message": text})
 
 
 def _refusal(max_connections: int) -> bytes:
@@ -203,8 +200,7 @@ class _TimedStream(trio.abc.HalfCloseableStream):
     ``sending_since`` is the Trio time the send in progress started (``None``
     when there is none); `Connections` closes the socket of a send older than
     its write timeout, and hypercorn takes the resulting error for a client that
-    went away. (A deadline per send would cost a cancel scope per write.)
-    hypercorn serialises its sends but not its ``send_eof``, and a ``send_eof``
+    went away. hypercorn serialises its sends but not its ``send_eof``, and a ``send_eof``
     racing a send raised `trio.BusyResourceError` out of its connection code (a
     client pipelining garbage after an HTTP/1.0 request made that happen); here
     ``send_eof`` waits for the send, and a send after ``send_eof`` is a broken
