@@ -174,9 +174,13 @@ class _Host:
 
     def execution_done(self, execution: Execution, *, ran: bool) -> None:
         """A resolution left: out of the table; counted if it ran to an outcome."""
-        table = self.engine._executions
+        engine = self.engine
+        table = engine._executions
         if table.get(execution.key) is execution:
             del table[execution.key]
+        fast = execution.fast_key
+        if fast is not None and engine._fast_executions.get(fast) is execution:
+            del engine._fast_executions[fast]
         if ran:
             self.engine._executions_run += 1
 
@@ -210,6 +214,8 @@ class Engine:
         self._now = trio.lowlevel.current_clock().current_time
         self._workers: dict[str, GroupWorker] = {}
         self._executions: dict[tuple[bytes, bytes], Execution] = {}
+        #: The same executions by `_fast_key` (those whose messages have one).
+        self._fast_executions: dict[object, Execution] = {}
         self._closed = False
         self._next_yield = 0.0
         self._fast_left = 0
@@ -367,6 +373,17 @@ class Engine:
             except trio.WouldBlock:
                 state = await self._store.get_result(pid, slot)
             if state is None:
+                if worker is not None and worker.busy_toward(slot):
+                    # Park on the worker from this coroutine (not `_wait_for`: one
+                    # coroutine fewer per parked waiter).
+                    try:
+                        state = worker.request(slot)
+                        if state is None:
+                            state = await _wait_task_rescheduled(worker.enter(slot))
+                    except (Reroute, LeaderDied) as exc:
+                        deaths = 1 if isinstance(exc, LeaderDied) else 0
+                        return hand_out(await self._wait_for(pid, slot, None, deaths))
+                    return _Frozen(state) if type(state) is dict else state
                 return hand_out(await self._wait_for(pid, slot, worker))
             self._cache_hits += 1
         # An answer given without parking: a schedule point now and then (`_yield_due`,
@@ -378,12 +395,15 @@ class Engine:
             await trio.lowlevel.cancel_shielded_checkpoint()
         return _Frozen(state) if type(state) is dict else state  # hand_out, inlined
 
-    async def _wait_for(self, pid: str, slot: int, worker: GroupWorker | None) -> Message:
+    async def _wait_for(
+        self, pid: str, slot: int, worker: GroupWorker | None, deaths: int = 0
+    ) -> Message:
         """The slow path of `compute`: check the schedule, then wait for the worker.
 
-        Starts the worker if there is none; re-routes when it dies. Kept in one
-        coroutine: with thousands of waiters, every coroutine object per waiter
-        costs garbage-collector time.
+        Starts the worker if there is none; re-routes when it dies (``deaths``:
+        workers this request already lost). Kept in one coroutine: with
+        thousands of waiters, every coroutine object per waiter costs
+        garbage-collector time.
         """
         # Every slot a worker ever aimed for was scheduled (schedules only grow).
         if worker is None or not worker.aims_at(slot):
@@ -393,7 +413,7 @@ class Engine:
                 latest = await self._scheduler.latest(pid)
             if slot > latest:
                 raise SlotNotScheduled(pid, latest + 1, latest, requested_slot=slot)
-        store, host, deaths = self._store, self._host, 0
+        store, host = self._store, self._host
         while True:
             self._check_open()
             worker = self._workers.get(pid)
@@ -468,15 +488,17 @@ class Engine:
         its last waiter leaves. A device failure raises `ComputeError` (the
         device's exception as ``__cause__``) in every caller. Checkpoints.
         """
-        self._check_open()
-        # Joining an execution under way costs two canonical encodings: equal
-        # bytes to a validated message's mean an equally valid message.
-        key = _dedup_key(base, request)
-        execution = self._executions.get(key) if key is not None else None
+        if self._closed:
+            raise EngineClosed("the engine's open_engine block has exited")
+        # Joining an execution under way costs a tuple of each message's items
+        # (`_fast_key`), or, for messages without one, two canonical encodings:
+        # a message equal to a validated one is equally valid. Parking is the
+        # checkpoint (a cancelled caller is aborted at once).
+        execution = self._under_way(base, request)
         if execution is not None:
-            await trio.lowlevel.checkpoint_if_cancelled()
             self._deduplicated += 1
-            return await execution.wait()
+            return await _wait_task_rescheduled(execution.join())
+        fast = _fast_key(base, request)  # of the messages as given: a frozen one has none
         base = freeze(base, what="base")
         request = freeze(request, what="request")
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -501,12 +523,29 @@ class Engine:
             group = message_id({"base": base_id, "request": request_id})
             execution = Execution(key, group, self._host, device.name, path)  # type: ignore[arg-type]
             self._executions[key] = execution
+            if fast is not None:
+                execution.fast_key = fast
+                self._fast_executions[fast] = execution
             self._nursery.start_soon(
                 execution.run, fn, is_async, base, request, name=f"hbtrio resolve {group}"
             )
         else:
             self._deduplicated += 1
         return await execution.wait()
+
+    def _under_way(self, base: object, request: object) -> Execution | None:
+        """The execution of an identical resolution under way, if any. Never blocks.
+
+        A function of its own so that no key outlives the lookup: a caller that
+        joins parks with nothing of its own but its place among the waiters.
+        """
+        fast = _fast_key(base, request)
+        if fast is not None:
+            execution = self._fast_executions.get(fast)
+            if execution is not None:
+                return execution
+        key = _dedup_key(base, request)
+        return self._executions.get(key) if key is not None else None
 
     # shutdown ----------------------------------------------------------------------------------
 
@@ -537,6 +576,71 @@ def _same_exception(a: BaseException, b: BaseException) -> bool:
             _same_exception(x, y) for x, y in zip(a.exceptions, b.exceptions, strict=True)
         )
     return False
+
+
+#: Value types whose equality is equality of the canonical encoding, across types too
+#: (not ``bool``, equal to ``0``/``1``, nor ``float``, with ``-0.0 == 0.0``): a fast
+#: key holds them as they are, and everything else tagged with its type.
+_ATOMS: Final = frozenset({str, bytes, int, type(None)})
+#: Deepest nesting a fast key follows (deeper messages, and cycles, take `_dedup_key`).
+_FAST_DEPTH: Final = 16
+
+
+class _NoFastKey(Exception):
+    pass
+
+
+def _fast_key(base: object, request: object) -> tuple[object, object] | None:
+    """A key equal for two pairs of messages exactly when they are equal, keys in order.
+
+    Built from each message's items without encoding anything: values of
+    `_ATOMS` as they are, ``bool``, ``float``, lists and nested dicts tagged
+    with their type (a float by its exact bits). ``None`` for anything else
+    (a top-level ``"priv"``, other types, deep nesting). Equal keys mean equal
+    messages, and so equal canonical encodings; equal messages whose keys come
+    in other orders have other fast keys and meet through `_dedup_key`.
+    """
+    if type(base) is not dict or type(request) is not dict:
+        return None
+    try:
+        return _fast_items(base, 0), _fast_items(request, 0)
+    except _NoFastKey:
+        return None
+
+
+def _fast_items(msg: dict[Any, Any], depth: int) -> tuple[object, ...]:
+    atoms = _ATOMS
+    for k, v in msg.items():  # the common case: flat, taken as it is
+        if type(k) is not str or type(v) not in atoms:
+            break
+    else:
+        if depth == 0 and "priv" in msg:
+            raise _NoFastKey
+        return tuple(msg.items())
+    if depth >= _FAST_DEPTH or (depth == 0 and "priv" in msg):
+        raise _NoFastKey
+    out = []
+    for k, v in msg.items():
+        if type(k) is not str:
+            raise _NoFastKey
+        out.append((k, v if type(v) in atoms else _fast_value(v, depth + 1)))
+    return tuple(out)
+
+
+def _fast_value(v: object, depth: int) -> object:
+    t = type(v)
+    if t is dict:
+        return dict, _fast_items(v, depth)  # type: ignore[arg-type]
+    if t is list:
+        if depth >= _FAST_DEPTH:
+            raise _NoFastKey
+        atoms = _ATOMS
+        return list, tuple(x if type(x) in atoms else _fast_value(x, depth + 1) for x in v)  # type: ignore[attr-defined]
+    if t is bool:
+        return bool, v
+    if t is float:
+        return float, v.hex()  # type: ignore[attr-defined]
+    raise _NoFastKey
 
 
 def _dedup_key(base: object, request: object) -> tuple[bytes, bytes] | None:
