@@ -16,6 +16,7 @@ from ._driver import compute_slot as compute_slot
 from ._engine import Engine as Engine
 from ._engine import EngineStats as EngineStats
 from ._engine import open_engine as open_engine
+from ._exceptions import BlobNotFound as BlobNotFound
 from ._exceptions import ComputeError as ComputeError
 from ._exceptions import EngineClosed as EngineClosed
 from ._exceptions import HbTrioError as HbTrioError
@@ -41,6 +42,7 @@ from ._store import StoreStatistics as StoreStatistics
 from ._worker import WorkerInfo as WorkerInfo
 
 __all__ = [
+    "BlobNotFound",
     "ComputeError",
     "Counter",
     "Engine",

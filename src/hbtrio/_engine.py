@@ -35,6 +35,7 @@ from ._dedup import Execution, ExecutionInfo
 from ._devices import PROCESS_DEVICE, Devices
 from ._driver import Reroute, compute_slot
 from ._exceptions import (
+    BlobNotFound,
     EngineClosed,
     HbTrioError,
     InvalidMessage,
@@ -51,6 +52,7 @@ from ._message import (
     hand_out,
     id_of_bytes,
     message_id,
+    validate_blob_id,
     validate_pid,
     validate_slot,
 )
@@ -77,6 +79,8 @@ YIELD_ANSWERS: Final = 256
 #: The clock is read on every ``YIELD_CLOCK + 1``-th answer from memory (a power of two, less 1).
 YIELD_CLOCK: Final = 15
 assert MAX_SLOT == 9223372036854775807 and YIELD_CLOCK == 15  # spelled out on the request path
+#: Blobs at least this long are hashed in a worker thread, off the event loop.
+HASH_IN_THREAD: Final = 64 * 1024
 
 
 @attrs.frozen
@@ -103,6 +107,8 @@ class EngineStats:
     live_workers: int
     #: Requests parked now, on workers and on resolutions.
     waiters: int
+    #: `Engine.put_blob` calls that stored their blob (or found it stored already).
+    blobs_stored: int
 
 
 class _WorkersView(Mapping[str, WorkerInfo]):
@@ -228,6 +234,7 @@ class Engine:
         self._leader_deaths = 0
         self._requests = 0
         self._executions_run = 0
+        self._blobs_stored = 0
         self._host = _Host(
             self, store, devices, cache_frequency, slot_timeout, shutdown_grace, self._now
         )
@@ -259,6 +266,7 @@ class Engine:
             live_workers=len(self._workers),
             waiters=sum(w.waiting for w in self._workers.values())
             + sum(len(e.waiters) for e in self._executions.values()),
+            blobs_stored=self._blobs_stored,
         )
 
     #: The same as `statistics`.
@@ -340,6 +348,53 @@ class Engine:
             return await self._scheduler.latest(pid)
         await self._fast_return()
         return latest
+
+    # blobs ---------------------------------------------------------------------------------------
+
+    async def put_blob(self, data: bytes) -> str:
+        """Store ``data`` as a blob; return its ID, the SHA-256 of ``data`` as unpadded base64url.
+
+        The ID has the form of a message ID (43 characters), so a process
+        definition can name a blob (``"image": blob_id``). Storing the same
+        bytes again returns the same ID and changes nothing. The blob is
+        durable in the store when this returns. ``data`` is ``bytes``
+        (``bytearray`` and ``memoryview`` are copied); anything else is
+        `InvalidMessage`. Blobs of `HASH_IN_THREAD` bytes or more are hashed in
+        a worker thread. Raises `StoreError` (also for a store that keeps no
+        blobs). Checkpoints; cancellation-safe: a cancelled call stored the
+        blob or not, and storing it again is harmless either way.
+        """
+        self._check_open()
+        if type(data) is not bytes:
+            if not isinstance(data, bytearray | memoryview):
+                raise InvalidMessage(f"blob data must be bytes, not {type(data).__name__}")
+            data = bytes(data)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if len(data) < HASH_IN_THREAD:
+            blob_id = id_of_bytes(data)
+        else:
+            blob_id = await trio.to_thread.run_sync(id_of_bytes, data)
+        await self._store.put_blob(blob_id, data)
+        self._blobs_stored += 1
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return blob_id
+
+    async def get_blob(self, blob_id: str) -> bytes:
+        """The bytes of the blob ``blob_id`` (from `put_blob`).
+
+        Raises `BlobNotFound` for a well-formed ID (43 base64url characters)
+        of no stored blob, `InvalidMessage` for anything else, `StoreError`
+        when the store fails (or keeps no blobs, or its copy is damaged).
+        Checkpoints; cancellation-safe (it only reads).
+        """
+        self._check_open()
+        validate_blob_id(blob_id)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        data = await self._store.get_blob(blob_id)
+        if data is None:
+            raise BlobNotFound(blob_id)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
 
     # computing -----------------------------------------------------------------------------------
 
