@@ -10,6 +10,7 @@ from ._codec import decode as decode
 from ._codec import encode as encode
 from ._dedup import ExecutionInfo as ExecutionInfo
 from ._devices import Counter as Counter
+from ._devices import DeviceHost as DeviceHost
 from ._devices import run_in_thread as run_in_thread
 from ._driver import Driver as ProcessRuntime
 from ._driver import compute_slot as compute_slot
@@ -45,6 +46,7 @@ __all__ = [
     "BlobNotFound",
     "ComputeError",
     "Counter",
+    "DeviceHost",
     "Engine",
     "EngineClosed",
     "EngineStats",

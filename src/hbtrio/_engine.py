@@ -32,7 +32,7 @@ import trio
 
 from ._codec import encode
 from ._dedup import Execution, ExecutionInfo
-from ._devices import PROCESS_DEVICE, Devices
+from ._devices import PROCESS_DEVICE, DeviceHost, Devices
 from ._driver import Reroute, compute_slot
 from ._exceptions import (
     BlobNotFound,
@@ -775,6 +775,7 @@ async def open_engine(
                     shutdown_grace=shutdown_grace,
                     slot_timeout=slot_timeout,
                 )
+                registry.attach(DeviceHost(slot_timeout, engine.get_blob))
                 nursery.start_soon(engine._reaper.run, name="hbtrio idle reaper")
                 try:
                     yield engine
