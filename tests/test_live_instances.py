@@ -341,3 +341,45 @@ async def test_booting_at_the_snapshot_of_slot_0_does_not_snapshot_slot_0_again(
         assert (await engine.compute(pid, 1))["total"] == 1
         assert ledger.boots == [None, 0]  # the second from the snapshot at slot 0
         assert ledger.snapshots == [None]  # and slot 0 was not snapshotted (and stored) again
+
+
+async def test_an_instance_whose_call_was_cancelled_is_never_snapshotted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The engine closing past its grace period cancels an awaited compute halfway: that
+    instance may have changed, so it is thrown away, not snapshotted at its last slot."""
+
+    class Halfway:
+        hang = True
+
+        def __init__(self, total: int) -> None:
+            self.total = total
+
+        async def compute(self, assignment: hbtrio.Message) -> dict[str, Any]:
+            self.total += assignment["body"]["n"]  # changed, then interrupted
+            if assignment["slot"] == 2 and self.hang:
+                await trio.sleep(1000)
+            return {"total": self.total}
+
+        async def snapshot(self) -> dict[str, Any]:
+            return {"total": self.total}
+
+    class Device:
+        async def boot(self, process: hbtrio.Message, snapshot: Any) -> Halfway:
+            return Halfway(0 if snapshot is None else snapshot["total"])
+
+    store = hbtrio.MemoryStore()
+    devices = {"halfway@1.0": Device()}
+    async with hbtrio.open_engine(
+        store, devices=devices, shutdown_grace=1.0, cache_frequency=10
+    ) as engine:
+        pid = await engine.spawn(definition("halfway@1.0"))
+        await engine.schedule_many(pid, [{"n": 5}, {"n": 100}])
+        assert (await engine.compute(pid, 1))["total"] == 5
+        with trio.move_on_after(1):
+            await engine.compute(pid, 2)  # still computing when the block is left
+    found = await store.latest_snapshot(pid, 10)
+    assert found is not None and found[0] == 0  # no snapshot of the interrupted instance
+    Halfway.hang = False
+    async with hbtrio.open_engine(store, devices=devices, cache_frequency=10) as engine:
+        assert (await engine.compute(pid, 2))["total"] == 105  # not 205

@@ -178,15 +178,15 @@ class ProcessCore:
         Whatever the device raised (see `is_device_failure`), but the caller's
         own cancellation, which this raises again as it is: call it from the
         ``except BaseException`` around a device call. ``exc`` is its
-        ``__cause__``. A live instance is
-        thrown away (the core is no longer `ready`): call `discard` to get it
-        and close it.
+        ``__cause__``. A live instance is thrown away either way (the core is
+        no longer `ready`), since a call that did not complete may have
+        changed it: call `discard` to get it and close it.
         """
-        if not is_device_failure(exc):
-            raise exc
         if self.device.live and self.instance is not None:
             self._broken, self.instance = self.instance, None
             self.inline = False  # until an instance is booted again
+        if not is_device_failure(exc):
+            raise exc
         error = ComputeError(
             f"process {self.pid}: {what} failed at slot {slot}: {exc!r}",
             phase="compute",
