@@ -2,19 +2,21 @@
 
 Theory of operation
 -------------------
-Every path that computes slots goes through a `Driver`: a request answered
-in its own task (`step_nowait`, `apply_nowait`), a worker's catch-up
-(`advance`), the recompute of an earlier slot and `compute_slot` (a driver
-and core of their own, never the worker's hot instance). So this is the one
+Every path that computes slots goes through a `Driver`: a request that an
+idle worker answers in the request's own task (`apply_nowait`, and the one
+slot case inlined in `GroupWorker.serve_now`), a worker's catch-up
+(`advance`), and the recompute of an earlier slot (`compute_slot`: a driver
+and core of its own, never the worker's hot instance). So this is the one
 place where:
 
 - device calls that are not inline are made (`call`): awaited under
   ``slot_timeout``, or in a worker thread (`run_in_thread` devices) under the
   same bound, abandoned if it runs out;
-- results are committed (`_commit`): the store first, then the core's
-  position, then the waiters of those slots (`publish`). A store that refuses
-  them leaves the core where it was (a live instance that already moved is
-  thrown away), fails the waiters from the first refused slot, and raises;
+- results are committed (`_commit`): the core computes them, the store takes
+  them, and only then are the waiters of those slots woken (`_publish`). A
+  store that refuses them puts the core back where it was (`_undo`: a live
+  instance that already moved is thrown away), fails the waiters from the
+  first refused slot, and raises;
 - backpressure applies: `Store.wait_writable` right before computing, with
   no await between it and the results;
 - a long catch-up yields to the scheduler: between chunks of `CHUNK` slots.

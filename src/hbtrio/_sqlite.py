@@ -37,9 +37,9 @@ Reads cost a round trip to the thread each, so a cold process takes two: the
 first call about it loads what the store keeps in memory (the definition, the
 latest assignment slot, the highest result slot, and the latest assignment
 itself while it has no result: the scheduler reads it next); then the
-worker's restore reads the snapshot and the assignments after it in one job
-(`snapshot_and_assignments`). Runs of stored messages are decoded in one
-cbor2 call.
+worker's boot reads the snapshot and the assignments after it in one job
+(`latest_snapshot` with ``read_to``; its fast path then answers the reads of
+those assignments). Runs of stored messages are decoded in one cbor2 call.
 
 Cancellation: a job that has not started is withdrawn (the call raises
 `trio.Cancelled` and nothing was written); a job already running completes and
