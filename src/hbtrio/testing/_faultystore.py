@@ -429,6 +429,10 @@ class FaultyStore(Store):
             read_to = 0  # nothing read ahead: the engine's own read meets the fault
         return await self.inner.latest_snapshot(pid, at_most, read_to=read_to)
 
+    async def latest_snapshot_slot(self, pid: str, at_most: int) -> int | None:
+        await self._enter("latest_snapshot", pid)  # the same faults as the snapshot's read
+        return await self.inner.latest_snapshot_slot(pid, at_most)
+
     # the fast path (when ``inner`` has one) --------------------------------------------------
 
     def get_assignments_nowait(self, pid: str, start: int, stop: int) -> list[Message]:
