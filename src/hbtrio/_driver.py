@@ -40,6 +40,7 @@ import attrs
 import trio
 
 from ._broadcast import SlotBroadcaster
+from ._budget import Limits
 from ._core import AWAIT, INLINE, Call, ProcessCore
 from ._devices import Devices, is_async
 from ._exceptions import (
@@ -103,6 +104,13 @@ class Driver:
     ahead_at: int = 0
     #: The store's answers from memory (`Store.fast`, or one that always says "wait").
     fast: FastPath = attrs.field(init=False)
+    #: The snapshot policy besides every ``cache_frequency`` slots (`Limits` with
+    #: ``snapshot_seconds`` or ``snapshot_cost_ratio``), or ``None``. It times the
+    #: calls that are awaited or run in threads, on Trio's clock.
+    policy: Limits | None = None
+    #: Seconds of device calls since the last snapshot, and what the last one took.
+    computing: float = 0.0
+    snapshot_cost: float = 0.0
 
     def __attrs_post_init__(self) -> None:
         self.fast = fast_path(self.store)
@@ -389,6 +397,8 @@ class Driver:
         """One slot through an awaited or threaded call, with its snapshot if due."""
         core = self.core
         slot, before = core.slot + 1, core.result
+        timed = self.policy is not None and not core.own_snapshots
+        started = trio.current_time() if timed else 0.0
         try:
             core.computed_value(await self.call(core.compute_call(assignment)))
         except BaseException as exc:
@@ -400,9 +410,17 @@ class Driver:
             self._give_up(failure, slot)
             raise failure from exc
         snapshot = None
-        if core.is_snapshot(slot):
+        due = core.is_snapshot(slot)
+        if timed:
+            now = trio.current_time()
+            self.computing += now - started
+            due = due or self._snapshot_due()
+        if due:
+            started = trio.current_time() if timed else 0.0
             try:
                 snapshot = await self._snapshot_value()
+                if timed:
+                    self.computing, self.snapshot_cost = 0.0, trio.current_time() - started
             except ComputeError as failure:
                 core.slot, core.result = slot - 1, before  # not stored: back to before it
                 await self._close_discarded()
@@ -410,6 +428,20 @@ class Driver:
                 raise
         assert core.result is not None
         self._commit(slot, [core.result], None if snapshot is None else {slot: snapshot}, before)
+
+    def _snapshot_due(self) -> bool:
+        """Whether the snapshot policy (`Limits`) wants a snapshot at the slot just computed.
+
+        After ``snapshot_seconds`` of device calls since the last snapshot, or
+        once those calls took ``snapshot_cost_ratio`` times what the last
+        snapshot took (the first one is taken to learn its cost).
+        """
+        policy = self.policy
+        assert policy is not None
+        seconds, ratio = policy.snapshot_seconds, policy.snapshot_cost_ratio
+        if seconds is not None and self.computing >= seconds:
+            return True
+        return ratio is not None and self.computing >= ratio * self.snapshot_cost
 
     async def _record(self, failure: ComputeError, before: Message | None) -> None:
         """Make ``failure`` its slot's result and go on from the state before it.

@@ -170,6 +170,8 @@ class GroupWorker(Driver):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._now = self.host.now  # the request path reads it
+        if self.host.limits.times_snapshots:
+            self.policy = self.host.limits
 
     # making one ----------------------------------------------------------------------------------
 
