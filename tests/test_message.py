@@ -348,9 +348,7 @@ def test_validate_slot_accepts_non_negative_ints_up_to_the_largest_slot(slot: in
     assert validate_slot(slot) == slot
 
 
-@pytest.mark.parametrize(
-    "slot", [2**63, 2**70, 10**30, pytest.param(10**5000, id="5001-digits")]
-)
+@pytest.mark.parametrize("slot", [2**63, 2**70, 10**30, pytest.param(10**5000, id="5001-digits")])
 def test_validate_slot_says_too_large(slot: int) -> None:
     """Regression (issue 10.8): a slot no store can hold is refused, and said to be too large."""
     with pytest.raises(hbtrio.InvalidMessage, match="too large"):

@@ -67,9 +67,7 @@ async def test_a_file_held_by_another_process_is_refused_and_freed_by_sigkill(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "shared.sqlite"
-    holder = await trio.lowlevel.open_process(
-        [sys.executable, "-c", _HOLDER, str(path)], stdout=-1
-    )
+    holder = await trio.lowlevel.open_process([sys.executable, "-c", _HOLDER, str(path)], stdout=-1)
     try:
         assert holder.stdout is not None
         assert b"holding" in await holder.stdout.receive_some(100)

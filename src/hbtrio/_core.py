@@ -53,7 +53,7 @@ from typing import Any, Final
 import attrs
 import trio
 
-from ._devices import AWAIT, INLINE, THREAD, DeviceInfo, is_async, is_device_failure
+from ._devices import AWAIT, INLINE, RECORD, THREAD, DeviceInfo, is_async, is_device_failure
 from ._exceptions import ComputeError, InvalidMessage
 from ._message import (
     _TRUSTED,
@@ -135,6 +135,10 @@ class ProcessCore:
     inline: bool = attrs.field(default=False, init=False)
     #: How the compute (and snapshot) calls run: `INLINE`, `AWAIT` or `THREAD`.
     how: str = attrs.field(default=INLINE, init=False)
+    #: A live device whose failed slots are recorded as their results (`DeviceInfo.failures`,
+    #: the definition's ``"on-failure"``): the driver rebuilds the instance and goes on.
+    #: Such a core is never `inline`: recording needs the driver's I/O.
+    records: bool = attrs.field(default=False, init=False)
     #: A live instance a failure threw away, until `discard` hands it over to be closed.
     _broken: Any = attrs.field(default=None, init=False, alias="_broken")
     #: One slot of an inline state device: ``(state, assignment) -> state`` (a trusted
@@ -146,6 +150,7 @@ class ProcessCore:
     def __attrs_post_init__(self) -> None:
         d = self.device
         if d.live:
+            self.records = self.definition.get("on-failure", d.failures) == RECORD
             return  # how its instance is called is known once it is booted
         self.how = d.how(d.compute_async)
         self.inline = self.how == INLINE and d.snapshot is None
@@ -195,6 +200,30 @@ class ProcessCore:
         )
         error.__cause__ = exc
         return error
+
+    def records_failure(self, failure: ComputeError) -> bool:
+        """Whether ``failure`` (of the next slot's compute) is to be recorded as its result."""
+        return (
+            self.records and failure.phase == "compute" and failure.attempted_slot == self.slot + 1
+        )
+
+    def recorded(self, failure: ComputeError) -> Message:
+        """The result that records ``failure`` as its slot's: ``error`` and ``error-kind``.
+
+        ``error-kind`` is ``"timeout"`` for a call that ran out of ``slot_timeout``,
+        else ``"failure"``; ``error`` is one line saying what happened.
+        """
+        slot = failure.attempted_slot
+        assert isinstance(slot, int)
+        cause = failure.__cause__
+        if isinstance(cause, trio.TooSlowError):
+            kind, text = "timeout", f"slot {slot} ran out of its slot_timeout"
+        else:
+            kind = "failure"
+            lines = str(cause).strip().splitlines() if cause is not None else []
+            text = type(cause).__name__ + (f": {lines[0]}" if lines else "")
+        result: Message = _Frozen({"error": text[:1000], "error-kind": kind, "at-slot": slot})
+        return result
 
     def discard(self) -> Call | None:
         """The call that closes the instance a failure threw away, if it has a ``close``."""
@@ -251,7 +280,11 @@ class ProcessCore:
                 raise InvalidMessage(f"device {d.name!r}: boot returned no instance with compute")
             snapshot = getattr(value, "snapshot", None)
             self.how = _how(d, compute)
-            self.inline = self.how == INLINE and (snapshot is None or not is_async(snapshot))
+            self.inline = (
+                self.how == INLINE
+                and (snapshot is None or not is_async(snapshot))
+                and not self.records
+            )
             self.result = _Frozen({"at-slot": 0}) if slot == 0 else None
             return self.result if slot == 0 else None
         if value is None and found is not None:
@@ -374,4 +407,3 @@ class ProcessCore:
             wrapped: Message = _Frozen({BYTES_SNAPSHOT: bytes(value)})
             return wrapped
         return freeze(value, what="snapshot")
-

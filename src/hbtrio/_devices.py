@@ -76,6 +76,13 @@ AWAIT: Final = "await"
 THREAD: Final = "thread"
 
 
+#: What a failed slot of a live instance does (`DeviceInfo.failures`, a definition's
+#: ``"on-failure"``): fail with `ComputeError`, or become the slot's result.
+STOP: Final = "stop"
+RECORD: Final = "record"
+FAILURE_POLICIES: Final = (STOP, RECORD)
+
+
 @attrs.frozen
 class DeviceInfo:
     """A registered device with its methods looked up once.
@@ -111,6 +118,11 @@ class DeviceInfo:
     #: the assignments in one go, appending each final state to ``out`` (and
     #: raising at the first failing one), or ``None``.
     compute_batch: Callable[..., Any] | None = None
+    #: What a failed ``compute`` of a live instance does by default: ``"stop"``
+    #: (the slot fails with `ComputeError`) or ``"record"`` (the failure is the
+    #: slot's result and the process goes on); a definition's ``"on-failure"``
+    #: chooses otherwise.
+    failures: str = STOP
 
     @classmethod
     def of(cls, name: str, obj: object) -> DeviceInfo:
@@ -131,6 +143,13 @@ class DeviceInfo:
         restore, restore_async = method("restore")
         boot, boot_async = method("boot")
         trusted = bool(getattr(inner, "hbtrio_trusted", False)) and not threaded
+        failures = getattr(inner, "failures", STOP)
+        if failures not in FAILURE_POLICIES:
+            raise TypeError(
+                f"device {name!r}: failures must be 'stop' or 'record', not {failures!r}"
+            )
+        if failures == RECORD and boot is None:
+            raise TypeError(f"device {name!r}: failures='record' needs a live device (boot)")
         return cls(
             name=name,
             obj=obj,
@@ -148,6 +167,7 @@ class DeviceInfo:
             limiter=obj._limiter if isinstance(obj, _InThread) else None,
             trusted=trusted,
             compute_batch=getattr(inner, "compute_batch", None) if trusted else None,
+            failures=failures,
         )
 
     @property

@@ -392,6 +392,9 @@ class Driver:
         except BaseException as exc:
             failure = core.failure(slot, exc)  # our own cancellation is raised as it is
             await self._close_discarded()
+            if core.records_failure(failure):
+                await self._record(failure, before)
+                return
             self._give_up(failure, slot)
             raise failure from exc
         snapshot = None
@@ -405,6 +408,35 @@ class Driver:
                 raise
         assert core.result is not None
         self._commit(slot, [core.result], None if snapshot is None else {slot: snapshot}, before)
+
+    async def _record(self, failure: ComputeError, before: Message | None) -> None:
+        """Make ``failure`` its slot's result and go on from the state before it.
+
+        For a device that records its failures (`ProcessCore.records`): the
+        instance the failure threw away is rebuilt at the slot before
+        (`rebuild`), and the failed slot is stored with its recorded result and
+        a snapshot, so that no later boot replays through it: a replay of the
+        log gives the same results whatever made that call fail. A rebuild or
+        snapshot that fails gives up as any failure does. Blocks.
+        """
+        core = self.core
+        slot = core.slot + 1
+        try:
+            await self.rebuild()
+        except (ComputeError, StoreError) as exc:
+            self._give_up(exc, slot)
+            raise
+        result = core.recorded(failure)
+        log.info("process %s: slot %d recorded as failed: %s", core.pid, slot, result["error"])
+        core.slot, core.result = slot, result
+        try:
+            snapshot = await self._snapshot_value()
+        except ComputeError as exc:
+            core.slot, core.result = slot - 1, before
+            await self._close_discarded()
+            self._give_up(exc, slot)
+            raise
+        self._commit(slot, [result], {slot: snapshot} if snapshot is not None else None, before)
 
     async def _snapshot_value(self) -> Message | None:
         """The snapshot to store at the position: the core's result itself, or a device call's."""
@@ -557,6 +589,29 @@ class Driver:
         assignment's. Raises `ComputeError`. Blocks on the device.
         """
         core = self.core
+        await self._replay_boot(found)
+        results: list[Message | None] = [core.result]
+        applied: list[Message] = []  # since the boot, without the failed (recorded) slots
+        for assignment in assignments:
+            try:
+                results.append(await self._replay_one(assignment))
+                applied.append(assignment)
+            except ComputeError as failure:
+                if not core.records_failure(failure):
+                    raise
+                # As `_record` does, without a store: boot again and replay the
+                # slots applied since, then stand at the failed slot.
+                await self._close_discarded()
+                await self._replay_boot(found)
+                for again in applied:
+                    core.slot = again["slot"] - 1  # past the failed slots between
+                    await self._replay_one(again)
+                core.slot, core.result = assignment["slot"], core.recorded(failure)
+                results.append(core.result)
+        return results
+
+    async def _replay_boot(self, found: tuple[int, Message] | None) -> None:
+        core = self.core
         slot, call = core.boot_plan(found)
         what = "restore" if found is not None else "boot" if core.device.live else "init"
         try:
@@ -564,21 +619,18 @@ class Driver:
             core.booted(slot, value, found[1] if found is not None else None)
         except BaseException as exc:
             raise core.failure(slot, exc, what) from exc
-        results: list[Message | None] = [core.result]
-        for assignment in assignments:
-            s = core.slot + 1
-            try:
-                if core.inline:
-                    results.append(core.step(assignment))
-                else:
-                    results.append(
-                        core.computed_value(await self.call(core.compute_call(assignment)))
-                    )
-            except ComputeError:
-                raise
-            except BaseException as exc:
-                raise core.failure(s, exc) from exc
-        return results
+
+    async def _replay_one(self, assignment: Message) -> Message:
+        core = self.core
+        s = core.slot + 1
+        try:
+            if core.inline:
+                return core.step(assignment)
+            return core.computed_value(await self.call(core.compute_call(assignment)))
+        except ComputeError:
+            raise
+        except BaseException as exc:
+            raise core.failure(s, exc) from exc
 
     # closing --------------------------------------------------------------------------------------
 

@@ -153,9 +153,7 @@ class FileLock:
 
     @staticmethod
     def _in_use(path: str, holder: str) -> str:
-        return (
-            f"{path} is in use by another engine{holder}: one engine at a time per store file"
-        )
+        return f"{path} is in use by another engine{holder}: one engine at a time per store file"
 
     def release(self, *, remove_created: bool = False) -> None:
         """Unlock (after the store's SQLite connection has closed). Idempotent.

@@ -8,7 +8,7 @@ around the sans-I/O `_core`). Nothing here blocks.
 
 from __future__ import annotations
 
-from ._devices import PROCESS_DEVICE, Devices
+from ._devices import FAILURE_POLICIES, PROCESS_DEVICE, RECORD, Devices
 from ._exceptions import InvalidMessage
 from ._message import Message, freeze
 
@@ -20,6 +20,8 @@ def validate_definition(definition: object, devices: Devices) -> Message:
 
     It must be a message whose ``"device"`` is ``"process@1.0"`` and whose
     ``"execution-device"`` names a registered device (`UnknownDevice` if not).
+    An ``"on-failure"``, if given, is ``"stop"`` or ``"record"`` (the latter for
+    live devices only).
     """
     msg = freeze(definition, what="definition")
     if msg.get("device") != PROCESS_DEVICE:
@@ -29,7 +31,15 @@ def validate_definition(definition: object, devices: Devices) -> Message:
     name = msg.get("execution-device")
     if type(name) is not str:
         raise InvalidMessage('definition: "execution-device" must be a device name (str)')
-    devices.get(name)
+    device = devices.get(name)
+    policy = msg.get("on-failure")
+    if policy is not None:
+        if policy not in FAILURE_POLICIES:
+            raise InvalidMessage(
+                f'definition: "on-failure" must be "stop" or "record", not {policy!r}'
+            )
+        if policy == RECORD and not device.live:
+            raise InvalidMessage(
+                f'definition: "on-failure": "record" needs a live device; {name!r} is not one'
+            )
     return msg
-
-

@@ -778,9 +778,7 @@ class SQLiteStore(Store):
         def append(conn: sqlite3.Connection) -> list[int]:
             # Encoded here, on the I/O thread, and a large one in pieces: it takes tens
             # of ms, and the event loop gets the GIL between pieces.
-            rows = [
-                (proc.rowid, a["slot"], a["message-id"], _encode_large(a)) for a in assignments
-            ]
+            rows = [(proc.rowid, a["slot"], a["message-id"], _encode_large(a)) for a in assignments]
             (latest,) = conn.execute(
                 "SELECT MAX(slot) FROM assignments WHERE proc = ?", (proc.rowid,)
             ).fetchone()

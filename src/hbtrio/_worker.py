@@ -453,4 +453,3 @@ class GroupWorker(Driver):
                 self.board.fail_all(lambda _s: LeaderDied(f"the worker of {self.pid} stopped"))
             if self.stopped is not None:
                 self.stopped.set()
-

@@ -206,9 +206,7 @@ def _methods(
         return default
     names = frozenset([methods] if isinstance(methods, str) else methods)
     names = frozenset(
-        twin
-        for name in names
-        for twin in _TWINS.get(name, (_WRITE_TWINS.get(name, name),))
+        twin for name in names for twin in _TWINS.get(name, (_WRITE_TWINS.get(name, name),))
     )
     unknown = names - ALL_METHODS
     if unknown:

@@ -122,8 +122,6 @@ def slot_param(params: Mapping[str, str]) -> int:
     return int(text)
 
 
-
-
 def unread_body(request: Request) -> bool:
     """Whether an HTTP/1 request's body is (partly) unread: its connection must close."""
     return request.http1 and request.has_body and not request.body_read
