@@ -9,6 +9,7 @@
 ;;   @hog    grows memory until refused, then answers ok:false "out of memory"
 ;;   @error  answers an aos-style Error    @fail   answers ok:false
 ;;   @print  writes a line to stdout through fd_write
+;;   @slow   spins 2**28 times first (about a tenth of a second)
 ;; malloc is a bump allocator whose top lives in memory (at 0x10), as a C
 ;; allocator's does; the only other mutable global is a stack pointer that is
 ;; back at its value when a call returns (but not when it traps).
@@ -37,6 +38,7 @@
   (data (i64.const 0x268) "@error")
   (data (i64.const 0x270) "@fail")
   (data (i64.const 0x278) "@print")
+  (data (i64.const 0x280) "@slow")
 
   (func $malloc (export "malloc") (param $n i64) (result i64)
     (local $p i64) (local $end i64)
@@ -96,10 +98,16 @@
     (call $emit (local.get $cur) (local.get $p) (i64.sub (i64.const 0x340) (local.get $p))))
 
   (func (export "handle") (param $msg i64) (param $env i64) (result i64)
-    (local $out i64) (local $cur i64)
+    (local $out i64) (local $cur i64) (local $spin i64)
     (global.set $calls (i64.add (global.get $calls) (i64.const 1)))
     (i64.store (i64.const 0x08) (i64.add (i64.load (i64.const 0x08)) (i64.const 1)))
     (global.set $sp (i64.sub (global.get $sp) (i64.const 16)))
+    (if (call $find (local.get $msg) (i64.const 0x280) (i64.const 5))
+      (then
+        (local.set $spin (i64.const 0x10000000))
+        (loop $spinning
+          (local.set $spin (i64.sub (local.get $spin) (i64.const 1)))
+          (br_if $spinning (i64.ne (local.get $spin) (i64.const 0))))))
     (if (call $find (local.get $msg) (i64.const 0x250) (i64.const 5)) (then unreachable))
     (if (call $find (local.get $msg) (i64.const 0x258) (i64.const 5))
       (then (loop $forever (br $forever))))

@@ -59,6 +59,47 @@ _EFAULT: Final = 21
 _E = TypeVar("_E")
 
 
+def _raw_caller() -> Callable[[wasmtime.Store, wasmtime.Func, tuple[int, ...]], int] | None:
+    """A call of an ``(i64...) -> i64?`` export without wasmtime-py's per-call type checks.
+
+    wasmtime-py's ``Func.__call__`` looks the function's type up and converts
+    every value on every call, 26 us where the call itself takes 4 (three
+    calls a slot). This calls ``wasmtime_func_call_unchecked`` with the values
+    laid out raw, as wasmtime-py does itself, through wasmtime-py's own ctypes
+    bindings; the signatures were checked once, when the image was loaded.
+    ``None`` when this wasmtime-py has no such bindings (the checked call is
+    used then).
+    """
+    try:
+        from wasmtime import _ffi
+        from wasmtime._func import enter_wasm
+
+        unchecked = _ffi.wasmtime_func_call_unchecked
+        raw = _ffi.wasmtime_val_raw_t
+    except (ImportError, AttributeError):  # pragma: no cover - another wasmtime-py
+        return None
+
+    def call(store: wasmtime.Store, func: wasmtime.Func, args: tuple[int, ...]) -> int:
+        n = max(len(args), 1)
+        values = (raw * n)()
+        for i, a in enumerate(args):
+            values[i].i64 = a
+        with enter_wasm(store) as trap:
+            error = unchecked(store._context(), ctypes.byref(func._func), values, n, trap)
+            if error:
+                raise wasmtime.WasmtimeError._from_ptr(error)
+        return values[0].i64
+
+    return call
+
+
+def _checked_call(store: wasmtime.Store, func: wasmtime.Func, args: tuple[int, ...]) -> int:
+    return func(store, *args)  # type: ignore[no-any-return]
+
+
+_call = _raw_caller() or _checked_call
+
+
 class _Exit(Exception):
     """``proc_exit`` was called: ends the call (a control-flow signal out of an import)."""
 
@@ -106,6 +147,7 @@ class WasmInstance:
         self.closed = False
         self.stdout = bytearray()
         self.stderr = bytearray()
+        self._exit_code: int | None = None
         store = wasmtime.Store(engine)
         store.set_limits(memory_size=max_memory)
         self._store: wasmtime.Store | None = store
@@ -159,6 +201,7 @@ class WasmInstance:
         if name == "proc_exit":
 
             def proc_exit(caller: wasmtime.Caller, code: int, *rest: Any) -> None:
+                self._exit_code = code
                 raise _Exit(code)
 
             return proc_exit
@@ -243,11 +286,18 @@ class WasmInstance:
             with self._ticker.running():
                 yield
         except wasmtime.Trap as trap:
+            if self._exit_code is not None:
+                self.broken = f"the module called proc_exit({self._exit_code})"
+                raise WasmTrap(self.broken) from None
             self.broken = self._trap_line(trap)
             kind = WasmTimeout if trap.trap_code == wasmtime.TrapCode.INTERRUPT else WasmTrap
             raise kind(self.broken) from None
-        except _Exit as exc:
-            self.broken = f"the module called proc_exit({exc.code})"
+        except _Exit:  # wasmtime-py hands a host's exception to whichever thread traps next
+            self.broken = (
+                "wasm trap"
+                if self._exit_code is None
+                else f"the module called proc_exit({self._exit_code})"
+            )
             raise WasmTrap(self.broken) from None
         except wasmtime.WasmtimeError as exc:
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -285,12 +335,12 @@ class WasmInstance:
             with self._calling():
                 msg = self._put(store, message)
                 envp = self._put(store, env)
-                result = self._handle(store, msg, envp)
+                result = _call(store, self._handle, (msg, envp))
                 return self._read_string(store, result)
 
     def _put(self, store: wasmtime.Store, data: bytes) -> int:
         n = len(data) + 1
-        ptr = self._malloc(store, n)
+        ptr = _call(store, self._malloc, (n,))
         if not isinstance(ptr, int) or ptr <= 0:
             self.broken = f"malloc({n}) returned {ptr}: the module is out of memory"
             raise WasmInterfaceError(self.broken)
@@ -338,7 +388,7 @@ class WasmInstance:
             stack = None
             if self._stack is not None:
                 with self._calling():
-                    stack = self._stack[0](store)
+                    stack = _call(store, self._stack[0], ())
         return {
             "format": FORMAT,
             "image": self.image.id,
@@ -382,7 +432,7 @@ class WasmInstance:
             stack = snapshot.get("stack-pointer")
             if stack is not None and self._stack is not None:
                 with self._calling():
-                    self._stack[1](store, stack)
+                    _call(store, self._stack[1], (stack,))
 
     # closing ------------------------------------------------------------------------------------
 
