@@ -8,7 +8,7 @@
 ;; the legacy code was translated and runs.
 (module
   (tag $e (param i32))
-  (memory (export "memory") i64 1)
+  (memory (export "memory") i64 4)
   (data (i64.const 0x08) "\00\00\01\00\00\00\00\00")  ;; heap top: 0x10000
   (data (i64.const 0x100) "{\"ok\":true,\"response\":{\"Output\":{\"data\":\"caught 0\"}}}\00")
 

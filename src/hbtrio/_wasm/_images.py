@@ -209,7 +209,9 @@ class ImageCache:
         compiled = self._compiled_path(image)
         if compiled is not None and compiled.is_file():
             try:
-                module = wasmtime.Module.deserialize_file(self._engine, str(compiled))
+                # Read, not mapped (deserialize_file): a file truncated under a mapping
+                # would crash the process with SIGBUS.
+                module = wasmtime.Module.deserialize(self._engine, compiled.read_bytes())
             except (wasmtime.WasmtimeError, OSError):
                 pass  # another wasmtime's, or damaged: compile again below
             else:
