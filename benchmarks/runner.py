@@ -66,6 +66,7 @@ CASES: tuple[Case, ...] = (
         (("us_per_slot", "us_per_slot"), ("commits", "commits")),
     ),
     Case("w3", "w3"),
+    Case("w3-parked", "w3", ("--order", "parked")),
     Case("w4", "w4", extras=(("bytes_per_worker", "bytes_per_worker"),)),
     Case("w5", "w5", extras=(("executions", "executions"),)),
     Case("w6", "w6", extras=(("warm_ms", "ms_warm"), ("cold_over_warm", "cold/warm"))),
@@ -275,7 +276,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-latest", action="store_true", help=f"do not write {RESULTS.relative_to(REPO)}"
     )
-    p.add_argument("--workloads", help="comma-separated: w1,w2,w2-sqlite,w3,w4,w5,w6 (default all)")
+    p.add_argument("--workloads", help="comma-separated: w1,w2,w2-sqlite,w3,w3-parked,w4,w5,w6 (default all)")
     p.add_argument("--impl", help="comma-separated implementations (default hbtrio,trio,asyncio)")
     p.add_argument("--timeout", type=float, help="seconds per run (default 900, quick 120)")
     return p

@@ -154,12 +154,20 @@ async def w2_catchup(a: Adapter, *, n: int, store: str = "memory", tmp: str = ""
 # W3 ------------------------------------------------------------------------------------------
 
 
-async def w3_fanout(a: Adapter, *, n: int) -> Result:
+async def w3_fanout(a: Adapter, *, n: int, order: str = "slot") -> Result:
     """``n`` tasks each wait for their own slot; the worker computes to ``n``.
 
     All waiter tasks are released together before the worker has run, so they
     are registered before computing starts. The time runs from their release
     to the moment the last waiter resumed.
+
+    ``order="slot"`` starts them in slot order, and trio's scheduler runs a
+    batch either in that order or reversed (its choice, half the time each):
+    in slot order each waiter finds the worker idle one slot behind and is
+    served by its own task. ``order="parked"`` starts the waiter for slot
+    ``n`` first and then the others in slot order, so whichever way the batch
+    runs, the first waiter to run asks for a slot far ahead, the worker takes
+    the computation, and every other waiter parks: the fan-out alone.
     """
     store = a.make_store("memory", None)
     async with a.open_engine(store) as engine:
@@ -174,10 +182,11 @@ async def w3_fanout(a: Adapter, *, n: int) -> Result:
             out[slot - 1] = await compute(pid, slot)
             last = perf_counter()
 
+        slots = [n, *range(1, n)] if order == "parked" else range(1, n + 1)
         gc.collect()
         t0 = perf_counter()
         async with a.task_group() as tg:
-            for slot in range(1, n + 1):
+            for slot in slots:
                 tg.start_soon(waiter, slot)
         elapsed = last - t0
         stats = a.engine_stats(engine)
@@ -355,7 +364,9 @@ WORKLOADS: dict[str, Workload] = {
             needs_tmp=True,
             options={"store": "memory"},
         ),
-        Workload("w3", "W3_fanout", w3_fanout, {"n": 10_000}, {"n": 500}),
+        Workload(
+            "w3", "W3_fanout", w3_fanout, {"n": 10_000}, {"n": 500}, options={"order": "slot"}
+        ),
         Workload(
             "w4", "W4_many_groups", w4_many_groups, {"n": 10_000, "r": 10}, {"n": 300, "r": 10}
         ),
@@ -434,6 +445,9 @@ def _parser() -> argparse.ArgumentParser:
         "--every", type=_positive, help="w6: snapshot every this many slots (also the extra slots)"
     )
     p.add_argument("--store", choices=["memory", "sqlite"], help="w2: the store")
+    p.add_argument(
+        "--order", choices=["slot", "parked"], help="w3: the order the waiters start in"
+    )
     p.add_argument("--quick", action="store_true", help="small default sizes")
     return p
 
@@ -443,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     workload = WORKLOADS[args.workload]
     sizes = dict(workload.quick if args.quick else workload.full)
-    for name in ("n", "r", "every", "store"):
+    for name in ("n", "r", "every", "store", "order"):
         value = getattr(args, name)
         if value is not None:
             if name not in sizes and name not in workload.options:

@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
@@ -31,9 +32,11 @@ SRC = str(Path(hbtrio.__file__).resolve().parents[1])
 
 
 @asynccontextmanager
-async def node(**app_options: Any) -> AsyncIterator[tuple[str, Gate]]:
+async def node(
+    devices: dict[str, object] | None = None, **app_options: Any
+) -> AsyncIterator[tuple[str, Gate]]:
     gate = Gate()
-    async with hbtrio.open_engine(devices={"gate@1.0": gate}) as engine:
+    async with hbtrio.open_engine(devices={"gate@1.0": gate, **(devices or {})}) as engine:
         stop = trio.Event()
         try:
             async with trio.open_nursery() as nursery:
@@ -67,7 +70,17 @@ def test_help_everywhere(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    commands = ("serve", "demo", "spawn", "schedule", "compute", "now", "workers", "stats")
+    commands = (
+        "serve",
+        "demo",
+        "spawn",
+        "schedule",
+        "compute",
+        "now",
+        "workers",
+        "stats",
+        "put-blob",
+    )
     for command in commands:
         assert command in out
     for command in commands:
@@ -488,3 +501,131 @@ async def test_serve_finds_device_modules_in_the_current_directory(tmp_path: Pat
     finally:
         await reap(proc)
         await proc.stderr.aclose()
+
+
+# --------------------------------------------------------------------------- blobs
+
+
+class Image:
+    """A stand-in for a WASM device: its state names the image its process was spawned with."""
+
+    def init(self, process: hbtrio.Message) -> dict[str, Any]:
+        return {"image": process.get("image")}
+
+    def compute(self, state: hbtrio.Message, assignment: hbtrio.Message) -> dict[str, Any]:
+        return dict(state)
+
+
+def blob_id_of(data: bytes) -> str:
+    return hbtrio._message.id_of_bytes(data)
+
+
+async def test_spawn_image_fits_the_definition(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    module = tmp_path / "module.wasm"
+    module.write_bytes(b"\x00asm" + bytes(100))
+    image = blob_id_of(module.read_bytes())
+    wasm = {"device": "process@1.0", "execution-device": "wasm-64@1.0", "image": image}
+    async with node(devices={"wasm-64@1.0": Image()}) as (url, _):
+        status, out, err = await cli(capsys, "spawn", "--url", url, "--image", str(module))
+        assert (status, err) == (0, "")
+        assert out.strip() == hbtrio.message_id(wasm)
+        # A device named on the command line, or in the body, is kept; fields are added.
+        status, out, _ = await cli(
+            capsys, "spawn", "--url", url, "--image", str(module), "--execution-device",
+            "counter@1.0", "name=x",
+        )  # fmt: skip
+        assert out.strip() == hbtrio.message_id(
+            {**wasm, "execution-device": "counter@1.0", "name": "x"}
+        )
+        body = '{"execution-device": "counter@1.0", "image": "overridden"}'
+        status, out, _ = await cli(
+            capsys, "spawn", "--url", url, "--image", str(module), "--body", body
+        )
+        assert out.strip() == hbtrio.message_id({**wasm, "execution-device": "counter@1.0"})
+        # Bad usage is found before anything is uploaded or spawned.
+        status, _, err = await cli(
+            capsys, "spawn", "--url", url, "--image", str(tmp_path / "nope.wasm")
+        )
+        assert status == 1
+        assert f"cannot read {tmp_path / 'nope.wasm'}: No such file" in _one_line_error(
+            err, "spawn"
+        )
+        status, _, err = await cli(capsys, "spawn", "--url", url, "--image", str(module), "n:=[")
+        assert status == 2
+        status, out, _ = await cli(capsys, "stats", "--url", url, "--json")
+        assert json.loads(out)["blobs_stored"] == 3
+
+
+async def test_put_blob_and_spawn_image_against_a_real_node(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """``hbtrio serve`` (a subprocess) with a device that names its image, driven by the
+    client commands: put-blob, spawn --image, now; the node's blob limit."""
+    (tmp_path / "imagedevice.py").write_text(
+        "class Image:\n"
+        "    def init(self, process):\n"
+        '        return {"image": process["image"]}\n'
+        "    def compute(self, state, assignment):\n"
+        "        return dict(state)\n"
+    )
+    module = tmp_path / "module.wasm"
+    module.write_bytes(b"\x00asm\x01\x00\x00\x00" + bytes(range(256)) * 8)
+    image = blob_id_of(module.read_bytes())
+    (tmp_path / "big.wasm").write_bytes(bytes(4097))
+    proc = await trio.lowlevel.open_process(
+        [
+            sys.executable,
+            "-m",
+            "hbtrio._cli",
+            "serve",
+            "--db",
+            "n.sqlite",
+            "--port",
+            "0",
+            "--log-level",
+            "warning",
+            "--device",
+            "wasm-64@1.0=imagedevice:Image",
+            "--max-blob-size",
+            "4096",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+        cwd=tmp_path,
+    )
+    assert proc.stdout is not None
+    seen = bytearray()
+    try:
+        with trio.fail_after(30):
+            while b"press Ctrl-C" not in seen:
+                chunk = await proc.stdout.receive_some()
+                assert chunk, bytes(seen)
+                seen += chunk
+        found = re.search(rb"listening on (http://127\.0\.0\.1:\d+)", seen)
+        assert found is not None, seen
+        url = found.group(1).decode()
+
+        status, out, err = await cli(capsys, "put-blob", "--url", url, str(module))
+        assert (status, out, err) == (0, f"{image}\n", "")
+        status, out, _ = await cli(capsys, "put-blob", "--url", url, str(module), "--json")
+        assert json.loads(out) == {"id": image}  # the same bytes, the same blob
+        status, out, err = await cli(capsys, "spawn", "--url", url, "--image", str(module))
+        assert status == 0, err
+        pid = out.strip()
+        status, out, _ = await cli(capsys, "now", "--url", url, pid, "--json")
+        assert json.loads(out) == {"at-slot": 0, "image": image}
+        async with httpx.AsyncClient(base_url=url) as client:
+            assert (await client.get(f"/blobs/{image}")).content == module.read_bytes()
+
+        status, _, err = await cli(capsys, "put-blob", "--url", url, str(tmp_path / "big.wasm"))
+        assert status == 1 and "413 body-too-large" in err and "max-blob-size  4096" in err
+        status, _, err = await cli(capsys, "put-blob", "--url", url, str(tmp_path))
+        assert status == 1 and "cannot read" in _one_line_error(err, "put-blob")
+        proc.send_signal(signal.SIGINT)
+        with trio.fail_after(20):
+            assert await proc.wait() == 0
+    finally:
+        await reap(proc)

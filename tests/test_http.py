@@ -561,6 +561,120 @@ async def test_client_disconnect_releases_the_wait(node: Node) -> None:
     assert node.app.metrics.requests["GET", "/{pid}/compute", 499] == 1
 
 
+# --------------------------------------------------------------------------- blobs
+
+OCTETS = "application/octet-stream"
+
+
+def blob_id_of(data: bytes) -> str:
+    return hbtrio._message.id_of_bytes(data)
+
+
+async def test_blobs_round_trip(node: Node) -> None:
+    """A blob is any bytes, larger than ``max_body`` (4096 here) too, stored once."""
+    c = node.client
+    data = bytes(range(256)) * 40  # 10 KiB
+    r = await c.post("/blobs", content=data, headers={"content-type": OCTETS})
+    assert r.status_code == 201, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert r.json() == {"id": blob_id_of(data)}
+    r = await c.get(f"/blobs/{blob_id_of(data)}")
+    assert r.status_code == 200
+    assert r.headers["content-type"] == OCTETS
+    assert r.headers["content-length"] == str(len(data))
+    assert r.content == data
+    # Again: the same ID, nothing new; without a Content-Type; in CBOR.
+    r = await c.post("/blobs", content=data, headers={"accept": CBOR})
+    assert r.status_code == 201 and _codec.decode(r.content) == {"id": blob_id_of(data)}
+    assert (await c.post("/blobs", content=b"")).json() == {"id": blob_id_of(b"")}
+    assert (await c.get(f"/blobs/{blob_id_of(b'')}")).content == b""
+    for accept in (OCTETS, "*/*", "application/*", f"{OCTETS};q=0.5, {CBOR}"):
+        r = await c.get(f"/blobs/{blob_id_of(data)}", headers={"accept": accept})
+        assert r.status_code == 200 and r.content == data, accept
+    assert node.engine.stats().blobs_stored == 3
+    stats = (await c.get("/stats")).json()
+    assert stats["blobs_stored"] == 3
+    assert "hbtrio_blobs_stored_total 3" in (await c.get("/metrics")).text
+    # A process can name it.
+    pid = await spawn(c, "echo@1.0", image=blob_id_of(data))
+    definition_ = await node.engine.store.get_process(pid)
+    assert definition_ is not None and definition_["image"] == blob_id_of(data)
+
+
+async def test_large_blobs_round_trip_in_parts() -> None:
+    """A blob of several MiB: its chunks are joined and hashed off the loop, and the answer
+    goes out in parts."""
+    data = bytes(range(251)) * (5 * 1024 * 1024 // 251)
+    async with open_node(max_body=4096) as n:
+        r = await n.client.post("/blobs", content=data, headers={"content-type": OCTETS})
+        assert r.status_code == 201, r.text
+        blob_id = r.json()["id"]
+        assert blob_id == blob_id_of(data)
+        r = await n.client.get(f"/blobs/{blob_id}")
+        assert r.status_code == 200 and r.content == data
+
+
+async def test_blob_errors() -> None:
+    async with open_node(max_body=4096, max_blob_bytes=8000) as n:
+        c = n.client
+        known = (await c.post("/blobs", content=b"known")).json()["id"]
+        unknown = blob_id_of(b"never stored")
+        body = assert_error(await c.get(f"/blobs/{unknown}"), 404, "blob-not-found")
+        assert body["blob"] == unknown
+        for bad in ("short", "x" * 44, "!" * 43):
+            body = assert_error(await c.get(f"/blobs/{bad}"), 400, "invalid-message")
+            assert "blob ID must be 43 base64url characters" in body["message"]
+        body = assert_error(await c.post("/blobs", content=b"x" * 8001), 413, "body-too-large")
+        assert body["max-blob-size"] == 8000
+        assert "blobs are limited to 8000 bytes" in body["message"]
+        body = assert_error(await c.post("/blobs", content=_streamed(9000)), 413, "body-too-large")
+        assert body["max-blob-size"] == 8000
+        assert (await c.post("/blobs", content=b"x" * 8000)).status_code == 201  # at the limit
+        for content_type in ("application/json", CBOR, "text/plain"):
+            r = await c.post("/blobs", content=b"{}", headers={"content-type": content_type})
+            assert_error(r, 415, "unsupported-media-type")
+        r = await c.get(f"/blobs/{known}", headers={"accept": "application/json"})
+        assert_error(r, 406, "not-acceptable")
+        assert_error(await c.get("/blobs"), 405, "method-not-allowed")
+        r = await c.post(f"/blobs/{known}", content=b"x")
+        assert_error(r, 405, "method-not-allowed")
+        assert r.headers["allow"] == "GET"
+        assert_error(await c.get(f"/blobs/{known}/more"), 404, "no-route")
+        r = await c.request("GET", f"/blobs/{known}", content=b"body")
+        assert_error(r, 400, "unexpected-body")
+        # Messages keep their own, smaller limit.
+        r = await c.post("/processes", json=definition(pad="x" * 5000))
+        assert assert_error(r, 413, "body-too-large")["max-body"] == 4096
+        assert (await c.get(f"/blobs/{known}")).content == b"known"
+
+
+def test_make_app_checks_max_blob_bytes() -> None:
+    with pytest.raises(ValueError, match="max_blob_bytes must be >= 1"):
+        make_app(BrokenEngine(), max_blob_bytes=0)  # type: ignore[arg-type]
+
+
+async def test_token_guards_blob_writes_not_reads() -> None:
+    async with open_node(token="s3cret") as n:
+        c = n.client
+        assert_error(await c.post("/blobs", content=b"x"), 401, "unauthorized")
+        auth = {"authorization": "Bearer s3cret"}
+        r = await c.post("/blobs", content=b"x", headers=auth)
+        assert r.status_code == 201
+        assert (await c.get(f"/blobs/{r.json()['id']}")).content == b"x"
+
+
+async def test_a_failed_blob_write_is_503_and_passes(tmp_path: Any) -> None:
+    from hbtrio.testing import FaultyStore
+
+    store = FaultyStore(hbtrio.SQLiteStore(tmp_path / "node.sqlite"))
+    async with open_node(store=store) as n:
+        with store.disk_full(methods="put_blob"):
+            r = await n.client.post("/blobs", content=b"module")
+            assert assert_error(r, 503, "store-error")["message"].count("full") == 1
+        assert_error(await n.client.get(f"/blobs/{blob_id_of(b'module')}"), 404, "blob-not-found")
+        assert (await n.client.post("/blobs", content=b"module")).status_code == 201
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -1103,6 +1217,39 @@ async def test_with_curl(node: Node, tmp_path: Path) -> None:
     with pytest.raises(subprocess.CalledProcessError) as info:
         await curl(f"{node.url}/{pid}/compute?slot=7")
     assert json.loads(info.value.stdout)["error"] == "slot-not-scheduled"
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs the curl binary")
+async def test_blobs_with_curl(node: Node, tmp_path: Path) -> None:
+    """The blob commands of docs/http.md, as written there."""
+    module = tmp_path / "module.wasm"
+    module.write_bytes(b"\x00asm\x01\x00\x00\x00" + bytes(range(256)) * 64)
+
+    async def curl(*args: str) -> bytes:
+        done = await trio.run_process(
+            ["curl", "-sS", "--fail-with-body", *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            cwd=tmp_path,
+        )
+        return bytes(done.stdout)
+
+    out = await curl(
+        "-X",
+        "POST",
+        f"{node.url}/blobs",
+        "-H",
+        "Content-Type: application/octet-stream",
+        "--data-binary",
+        "@module.wasm",
+    )
+    blob_id = json.loads(out)["id"]
+    assert blob_id == blob_id_of(module.read_bytes())
+    await curl("-o", "copy.wasm", f"{node.url}/blobs/{blob_id}")
+    assert (tmp_path / "copy.wasm").read_bytes() == module.read_bytes()
+    with pytest.raises(subprocess.CalledProcessError) as info:
+        await curl(f"{node.url}/blobs/{blob_id_of(b'nothing')}")
+    assert json.loads(info.value.stdout)["error"] == "blob-not-found"
 
 
 async def test_node_survives_its_http_server_failing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -268,3 +268,48 @@ async def test_an_audit_checks_a_live_process_snapshots_by_replay(tmp_path: Path
     finally:
         await store.close()
     assert (report.results, report.snapshots) == (11, 5)  # 0, 3, 6, 9 and the retire's 10
+
+
+class Imaged:
+    """A live device whose instances start from a blob the definition names (``"image"``)."""
+
+    def __init__(self) -> None:
+        self.hosts: list[hbtrio.DeviceHost] = []
+
+    def attach(self, host: hbtrio.DeviceHost) -> None:
+        self.hosts.append(host)
+
+    async def boot(self, process: hbtrio.Message, snapshot: Any) -> LedgerInstance:
+        (host,) = self.hosts
+        start = int(await host.get_blob(process["image"]))
+        ledger = Ledger()
+        return LedgerInstance(ledger, start if snapshot is None else snapshot["total"])
+
+
+async def test_attach_hands_devices_the_engines_blobs_and_slot_timeout() -> None:
+    imaged = Imaged()
+    devices = {"imaged@1.0": imaged, "again@1.0": imaged}  # one object: attached once
+    async with hbtrio.testing.open_test_engine(devices=devices, slot_timeout=7.0) as engine:
+        assert [h.slot_timeout for h in imaged.hosts] == [7.0]
+        image = await engine.put_blob(b"100")
+        pid = await engine.spawn({**definition("imaged@1.0"), "image": image})
+        await engine.schedule(pid, {"n": 5})
+        assert (await engine.compute(pid, 1))["total"] == 105
+        missing = await engine.spawn({**definition("imaged@1.0"), "image": "A" * 43})
+        await engine.schedule(missing, {"n": 5})
+        with pytest.raises(hbtrio.ComputeError) as info:
+            await engine.compute(missing, 1)
+        assert isinstance(info.value.__cause__, hbtrio.BlobNotFound)
+
+
+async def test_a_failing_attach_fails_open_engine_and_releases_the_store(tmp_path: Path) -> None:
+    class Refuses:
+        def attach(self, host: hbtrio.DeviceHost) -> None:
+            raise RuntimeError("no licence for this engine")
+
+    path = tmp_path / "x.sqlite"
+    with pytest.raises(RuntimeError, match="no licence"):
+        async with hbtrio.open_engine(hbtrio.SQLiteStore(path), devices={"r@1.0": Refuses()}):
+            pytest.fail("the block must not run")
+    async with hbtrio.open_engine(hbtrio.SQLiteStore(path)):
+        pass  # the file is free again

@@ -517,11 +517,11 @@ async def test_sqlite_file_is_readable_with_the_stdlib(sqlite_factory: StoreFact
     await store.close()
 
     with sqlite3.connect(sqlite_factory.path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (1,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
         tables = {
             row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
         }
-        assert {"processes", "assignments", "results", "snapshots"} <= tables
+        assert {"processes", "assignments", "results", "snapshots", "blobs"} <= tables
         ((rowid, pid, definition),) = conn.execute("SELECT id, pid, definition FROM processes")
         assert pid == proc.pid
         assert cbor2.loads(definition) == proc.definition
@@ -637,8 +637,8 @@ async def test_sqlite_cold_start_reads_the_file_twice(sqlite_factory: StoreFacto
 
 async def test_sqlite_refuses_a_newer_schema(sqlite_factory: StoreFactory) -> None:
     with sqlite3.connect(sqlite_factory.path) as conn:
-        conn.execute("PRAGMA user_version = 2")
-    with pytest.raises(StoreError, match="schema version 2"):
+        conn.execute("PRAGMA user_version = 3")
+    with pytest.raises(StoreError, match="schema version 3"):
         await sqlite_factory.open()
 
 

@@ -10,12 +10,14 @@ from ._codec import decode as decode
 from ._codec import encode as encode
 from ._dedup import ExecutionInfo as ExecutionInfo
 from ._devices import Counter as Counter
+from ._devices import DeviceHost as DeviceHost
 from ._devices import run_in_thread as run_in_thread
 from ._driver import Driver as ProcessRuntime
 from ._driver import compute_slot as compute_slot
 from ._engine import Engine as Engine
 from ._engine import EngineStats as EngineStats
 from ._engine import open_engine as open_engine
+from ._exceptions import BlobNotFound as BlobNotFound
 from ._exceptions import ComputeError as ComputeError
 from ._exceptions import EngineClosed as EngineClosed
 from ._exceptions import HbTrioError as HbTrioError
@@ -48,8 +50,10 @@ from ._wasm import WasmTrap as WasmTrap
 from ._worker import WorkerInfo as WorkerInfo
 
 __all__ = [
+    "BlobNotFound",
     "ComputeError",
     "Counter",
+    "DeviceHost",
     "Engine",
     "EngineClosed",
     "EngineStats",

@@ -19,6 +19,7 @@ identical call starts afresh instead of joining a dying execution.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -62,6 +63,8 @@ class Execution:
     # Invariant: exactly the tasks parked in wait(); insertion-ordered.
     waiters: dict[trio.lowlevel.Task, None] = attrs.field(factory=dict)
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    #: Its key in the engine's table of flat messages, if it has one.
+    fast_key: object = None
     started_at: float = attrs.field(factory=time.time)  # wall clock
 
     def info(self) -> ExecutionInfo:
@@ -103,17 +106,24 @@ class Execution:
 
     async def wait(self) -> Any:
         """Park until the execution ends; return its result. Cancellation-atomic."""
+        return await trio.lowlevel.wait_task_rescheduled(self.join())
+
+    def join(self) -> Callable[[object], trio.lowlevel.Abort]:
+        """Count the calling task in; the abort function it must park with, at once.
+
+        ``await trio.lowlevel.wait_task_rescheduled(execution.join())`` is
+        `wait` without its frame (the engine's join path). Never blocks.
+        """
         task = trio.lowlevel.current_task()
         self.waiters[task] = None
+        return functools.partial(self._abort, task)  # one object: lighter than a closure
 
-        def abort(_: object) -> trio.lowlevel.Abort:
-            del self.waiters[task]
-            if not self.waiters:
-                self._leave_table()
-                self.scope.cancel()
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        return await trio.lowlevel.wait_task_rescheduled(abort)
+    def _abort(self, task: trio.lowlevel.Task, _raise_cancel: object) -> trio.lowlevel.Abort:
+        del self.waiters[task]
+        if not self.waiters:
+            self._leave_table()
+            self.scope.cancel()
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 def _freeze_result(value: object) -> object:

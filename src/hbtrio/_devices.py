@@ -24,6 +24,7 @@ from ._message import MAX_INT, MIN_INT, Message
 
 __all__ = [
     "Counter",
+    "DeviceHost",
     "DeviceInfo",
     "Devices",
     "call_maybe_async",
@@ -198,6 +199,29 @@ class DeviceInfo:
         return fn, is_async(fn)
 
 
+@attrs.frozen
+class DeviceHost:
+    """What an engine offers the devices registered with it.
+
+    A device with an ``attach(host)`` method is handed one when its engine
+    opens, before any process boots (once per device object, whatever names
+    it is registered under); an exception from ``attach`` fails
+    `open_engine`. A device registered with several engines is attached to
+    each, and must keep what it needs per host.
+    """
+
+    #: The engine's ``slot_timeout`` (``None``: no limit). A device whose calls
+    #: run in threads uses it to stop a call that runs out by itself.
+    slot_timeout: float | None
+    _get_blob: Callable[[str], Awaitable[bytes]] = attrs.field(alias="get_blob", repr=False)
+
+    async def get_blob(self, blob_id: str) -> bytes:
+        """The bytes of blob ``blob_id`` (`Engine.get_blob`): raises `BlobNotFound`,
+        `InvalidMessage` or `StoreError`. Checkpoints; call it from the engine's
+        Trio thread (an async ``boot``, say), or through ``trio.from_thread.run``."""
+        return await self._get_blob(blob_id)
+
+
 class Devices:
     """Name -> device: the built-in devices, then the extras (which may replace a built-in)."""
 
@@ -217,6 +241,19 @@ class Devices:
 
     def __contains__(self, name: object) -> bool:
         return name in self._devices
+
+    def attach(self, host: DeviceHost) -> None:
+        """Call ``attach(host)`` on each registered device object that has one, once each."""
+        seen: set[int] = set()
+        for info in self._devices.values():
+            inner = info.obj._device if isinstance(info.obj, _InThread) else info.obj
+            attach = getattr(inner, "attach", None)
+            if attach is None or id(inner) in seen:
+                continue
+            seen.add(id(inner))
+            if not callable(attach):
+                raise TypeError(f"device {info.name!r}: attach is not callable")
+            attach(host)
 
     def get(self, name: object) -> DeviceInfo:
         """The device registered as ``name``; `UnknownDevice` otherwise."""

@@ -32,9 +32,10 @@ import trio
 
 from ._codec import encode
 from ._dedup import Execution, ExecutionInfo
-from ._devices import PROCESS_DEVICE, Devices
+from ._devices import PROCESS_DEVICE, DeviceHost, Devices
 from ._driver import Reroute, compute_slot
 from ._exceptions import (
+    BlobNotFound,
     EngineClosed,
     HbTrioError,
     InvalidMessage,
@@ -51,6 +52,7 @@ from ._message import (
     hand_out,
     id_of_bytes,
     message_id,
+    validate_blob_id,
     validate_pid,
     validate_slot,
 )
@@ -77,6 +79,8 @@ YIELD_ANSWERS: Final = 256
 #: The clock is read on every ``YIELD_CLOCK + 1``-th answer from memory (a power of two, less 1).
 YIELD_CLOCK: Final = 15
 assert MAX_SLOT == 9223372036854775807 and YIELD_CLOCK == 15  # spelled out on the request path
+#: Blobs at least this long are hashed in a worker thread, off the event loop.
+HASH_IN_THREAD: Final = 64 * 1024
 
 
 @attrs.frozen
@@ -103,6 +107,8 @@ class EngineStats:
     live_workers: int
     #: Requests parked now, on workers and on resolutions.
     waiters: int
+    #: `Engine.put_blob` calls that stored their blob (or found it stored already).
+    blobs_stored: int
 
 
 class _WorkersView(Mapping[str, WorkerInfo]):
@@ -174,9 +180,13 @@ class _Host:
 
     def execution_done(self, execution: Execution, *, ran: bool) -> None:
         """A resolution left: out of the table; counted if it ran to an outcome."""
-        table = self.engine._executions
+        engine = self.engine
+        table = engine._executions
         if table.get(execution.key) is execution:
             del table[execution.key]
+        fast = execution.fast_key
+        if fast is not None and engine._fast_executions.get(fast) is execution:
+            del engine._fast_executions[fast]
         if ran:
             self.engine._executions_run += 1
 
@@ -210,6 +220,8 @@ class Engine:
         self._now = trio.lowlevel.current_clock().current_time
         self._workers: dict[str, GroupWorker] = {}
         self._executions: dict[tuple[bytes, bytes], Execution] = {}
+        #: The same executions by `_fast_key` (those whose messages have one).
+        self._fast_executions: dict[object, Execution] = {}
         self._closed = False
         self._next_yield = 0.0
         self._fast_left = 0
@@ -222,6 +234,7 @@ class Engine:
         self._leader_deaths = 0
         self._requests = 0
         self._executions_run = 0
+        self._blobs_stored = 0
         self._host = _Host(
             self, store, devices, cache_frequency, slot_timeout, shutdown_grace, self._now
         )
@@ -253,6 +266,7 @@ class Engine:
             live_workers=len(self._workers),
             waiters=sum(w.waiting for w in self._workers.values())
             + sum(len(e.waiters) for e in self._executions.values()),
+            blobs_stored=self._blobs_stored,
         )
 
     #: The same as `statistics`.
@@ -335,6 +349,53 @@ class Engine:
         await self._fast_return()
         return latest
 
+    # blobs ---------------------------------------------------------------------------------------
+
+    async def put_blob(self, data: bytes) -> str:
+        """Store ``data`` as a blob; return its ID, the SHA-256 of ``data`` as unpadded base64url.
+
+        The ID has the form of a message ID (43 characters), so a process
+        definition can name a blob (``"image": blob_id``). Storing the same
+        bytes again returns the same ID and changes nothing. The blob is
+        durable in the store when this returns. ``data`` is ``bytes``
+        (``bytearray`` and ``memoryview`` are copied); anything else is
+        `InvalidMessage`. Blobs of `HASH_IN_THREAD` bytes or more are hashed in
+        a worker thread. Raises `StoreError` (also for a store that keeps no
+        blobs). Checkpoints; cancellation-safe: a cancelled call stored the
+        blob or not, and storing it again is harmless either way.
+        """
+        self._check_open()
+        if type(data) is not bytes:
+            if not isinstance(data, bytearray | memoryview):
+                raise InvalidMessage(f"blob data must be bytes, not {type(data).__name__}")
+            data = bytes(data)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if len(data) < HASH_IN_THREAD:
+            blob_id = id_of_bytes(data)
+        else:
+            blob_id = await trio.to_thread.run_sync(id_of_bytes, data)
+        await self._store.put_blob(blob_id, data)
+        self._blobs_stored += 1
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return blob_id
+
+    async def get_blob(self, blob_id: str) -> bytes:
+        """The bytes of the blob ``blob_id`` (from `put_blob`).
+
+        Raises `BlobNotFound` for a well-formed ID (43 base64url characters)
+        of no stored blob, `InvalidMessage` for anything else, `StoreError`
+        when the store fails (or keeps no blobs, or its copy is damaged).
+        Checkpoints; cancellation-safe (it only reads).
+        """
+        self._check_open()
+        validate_blob_id(blob_id)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        data = await self._store.get_blob(blob_id)
+        if data is None:
+            raise BlobNotFound(blob_id)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
+
     # computing -----------------------------------------------------------------------------------
 
     async def compute(self, pid: str, slot: int) -> Message:
@@ -367,6 +428,17 @@ class Engine:
             except trio.WouldBlock:
                 state = await self._store.get_result(pid, slot)
             if state is None:
+                if worker is not None and worker.busy_toward(slot):
+                    # Park on the worker from this coroutine (not `_wait_for`: one
+                    # coroutine fewer per parked waiter).
+                    try:
+                        state = worker.request(slot)
+                        if state is None:
+                            state = await _wait_task_rescheduled(worker.enter(slot))
+                    except (Reroute, LeaderDied) as exc:
+                        deaths = 1 if isinstance(exc, LeaderDied) else 0
+                        return hand_out(await self._wait_for(pid, slot, None, deaths))
+                    return _Frozen(state) if type(state) is dict else state
                 return hand_out(await self._wait_for(pid, slot, worker))
             self._cache_hits += 1
         # An answer given without parking: a schedule point now and then (`_yield_due`,
@@ -378,12 +450,15 @@ class Engine:
             await trio.lowlevel.cancel_shielded_checkpoint()
         return _Frozen(state) if type(state) is dict else state  # hand_out, inlined
 
-    async def _wait_for(self, pid: str, slot: int, worker: GroupWorker | None) -> Message:
+    async def _wait_for(
+        self, pid: str, slot: int, worker: GroupWorker | None, deaths: int = 0
+    ) -> Message:
         """The slow path of `compute`: check the schedule, then wait for the worker.
 
-        Starts the worker if there is none; re-routes when it dies. Kept in one
-        coroutine: with thousands of waiters, every coroutine object per waiter
-        costs garbage-collector time.
+        Starts the worker if there is none; re-routes when it dies (``deaths``:
+        workers this request already lost). Kept in one coroutine: with
+        thousands of waiters, every coroutine object per waiter costs
+        garbage-collector time.
         """
         # Every slot a worker ever aimed for was scheduled (schedules only grow).
         if worker is None or not worker.aims_at(slot):
@@ -393,7 +468,7 @@ class Engine:
                 latest = await self._scheduler.latest(pid)
             if slot > latest:
                 raise SlotNotScheduled(pid, latest + 1, latest, requested_slot=slot)
-        store, host, deaths = self._store, self._host, 0
+        store, host = self._store, self._host
         while True:
             self._check_open()
             worker = self._workers.get(pid)
@@ -468,15 +543,17 @@ class Engine:
         its last waiter leaves. A device failure raises `ComputeError` (the
         device's exception as ``__cause__``) in every caller. Checkpoints.
         """
-        self._check_open()
-        # Joining an execution under way costs two canonical encodings: equal
-        # bytes to a validated message's mean an equally valid message.
-        key = _dedup_key(base, request)
-        execution = self._executions.get(key) if key is not None else None
+        if self._closed:
+            raise EngineClosed("the engine's open_engine block has exited")
+        # Joining an execution under way costs a tuple of each message's items
+        # (`_fast_key`), or, for messages without one, two canonical encodings:
+        # a message equal to a validated one is equally valid. Parking is the
+        # checkpoint (a cancelled caller is aborted at once).
+        execution = self._under_way(base, request)
         if execution is not None:
-            await trio.lowlevel.checkpoint_if_cancelled()
             self._deduplicated += 1
-            return await execution.wait()
+            return await _wait_task_rescheduled(execution.join())
+        fast = _fast_key(base, request)  # of the messages as given: a frozen one has none
         base = freeze(base, what="base")
         request = freeze(request, what="request")
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -501,12 +578,29 @@ class Engine:
             group = message_id({"base": base_id, "request": request_id})
             execution = Execution(key, group, self._host, device.name, path)  # type: ignore[arg-type]
             self._executions[key] = execution
+            if fast is not None:
+                execution.fast_key = fast
+                self._fast_executions[fast] = execution
             self._nursery.start_soon(
                 execution.run, fn, is_async, base, request, name=f"hbtrio resolve {group}"
             )
         else:
             self._deduplicated += 1
         return await execution.wait()
+
+    def _under_way(self, base: object, request: object) -> Execution | None:
+        """The execution of an identical resolution under way, if any. Never blocks.
+
+        A function of its own so that no key outlives the lookup: a caller that
+        joins parks with nothing of its own but its place among the waiters.
+        """
+        fast = _fast_key(base, request)
+        if fast is not None:
+            execution = self._fast_executions.get(fast)
+            if execution is not None:
+                return execution
+        key = _dedup_key(base, request)
+        return self._executions.get(key) if key is not None else None
 
     # shutdown ----------------------------------------------------------------------------------
 
@@ -537,6 +631,71 @@ def _same_exception(a: BaseException, b: BaseException) -> bool:
             _same_exception(x, y) for x, y in zip(a.exceptions, b.exceptions, strict=True)
         )
     return False
+
+
+#: Value types whose equality is equality of the canonical encoding, across types too
+#: (not ``bool``, equal to ``0``/``1``, nor ``float``, with ``-0.0 == 0.0``): a fast
+#: key holds them as they are, and everything else tagged with its type.
+_ATOMS: Final = frozenset({str, bytes, int, type(None)})
+#: Deepest nesting a fast key follows (deeper messages, and cycles, take `_dedup_key`).
+_FAST_DEPTH: Final = 16
+
+
+class _NoFastKey(Exception):
+    pass
+
+
+def _fast_key(base: object, request: object) -> tuple[object, object] | None:
+    """A key equal for two pairs of messages exactly when they are equal, keys in order.
+
+    Built from each message's items without encoding anything: values of
+    `_ATOMS` as they are, ``bool``, ``float``, lists and nested dicts tagged
+    with their type (a float by its exact bits). ``None`` for anything else
+    (a top-level ``"priv"``, other types, deep nesting). Equal keys mean equal
+    messages, and so equal canonical encodings; equal messages whose keys come
+    in other orders have other fast keys and meet through `_dedup_key`.
+    """
+    if type(base) is not dict or type(request) is not dict:
+        return None
+    try:
+        return _fast_items(base, 0), _fast_items(request, 0)
+    except _NoFastKey:
+        return None
+
+
+def _fast_items(msg: dict[Any, Any], depth: int) -> tuple[object, ...]:
+    atoms = _ATOMS
+    for k, v in msg.items():  # the common case: flat, taken as it is
+        if type(k) is not str or type(v) not in atoms:
+            break
+    else:
+        if depth == 0 and "priv" in msg:
+            raise _NoFastKey
+        return tuple(msg.items())
+    if depth >= _FAST_DEPTH or (depth == 0 and "priv" in msg):
+        raise _NoFastKey
+    out = []
+    for k, v in msg.items():
+        if type(k) is not str:
+            raise _NoFastKey
+        out.append((k, v if type(v) in atoms else _fast_value(v, depth + 1)))
+    return tuple(out)
+
+
+def _fast_value(v: object, depth: int) -> object:
+    t = type(v)
+    if t is dict:
+        return dict, _fast_items(v, depth)  # type: ignore[arg-type]
+    if t is list:
+        if depth >= _FAST_DEPTH:
+            raise _NoFastKey
+        atoms = _ATOMS
+        return list, tuple(x if type(x) in atoms else _fast_value(x, depth + 1) for x in v)  # type: ignore[attr-defined]
+    if t is bool:
+        return bool, v
+    if t is float:
+        return float, v.hex()  # type: ignore[attr-defined]
+    raise _NoFastKey
 
 
 def _dedup_key(base: object, request: object) -> tuple[bytes, bytes] | None:
@@ -616,6 +775,7 @@ async def open_engine(
                     shutdown_grace=shutdown_grace,
                     slot_timeout=slot_timeout,
                 )
+                registry.attach(DeviceHost(slot_timeout, engine.get_blob))
                 nursery.start_soon(engine._reaper.run, name="hbtrio idle reaper")
                 try:
                     yield engine

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "BlobNotFound",
     "ComputeError",
     "EngineClosed",
     "HbTrioError",
@@ -33,6 +34,14 @@ class ProcessNotFound(HbTrioError, LookupError):
     def __init__(self, pid: str) -> None:
         super().__init__(f"no process with ID {pid!r}")
         self.pid = pid
+
+
+class BlobNotFound(HbTrioError, LookupError):
+    """A well-formed blob ID (43 base64url characters) of no blob in the engine's store."""
+
+    def __init__(self, blob_id: str) -> None:
+        super().__init__(f"no blob with ID {blob_id!r}")
+        self.blob_id = blob_id
 
 
 class UnknownDevice(HbTrioError, LookupError):

@@ -416,3 +416,15 @@ def validate_pid(pid: object) -> str:
     if type(pid) is not str or _PID_RE.fullmatch(pid) is None:
         raise InvalidMessage(f"process ID must be 43 base64url characters, not {_show(pid):.60}")
     return pid
+
+
+def validate_blob_id(blob_id: object) -> str:
+    """Return ``blob_id`` if it is a well-formed blob ID, else raise `InvalidMessage`.
+
+    The form of a message ID (43 base64url characters: the unpadded SHA-256 of
+    the blob's bytes); any such string may name a blob (an unknown one is
+    `BlobNotFound`).
+    """
+    if type(blob_id) is not str or _PID_RE.fullmatch(blob_id) is None:
+        raise InvalidMessage(f"blob ID must be 43 base64url characters, not {_show(blob_id):.60}")
+    return blob_id

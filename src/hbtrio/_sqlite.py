@@ -46,7 +46,11 @@ Cancellation: a job that has not started is withdrawn (the call raises
 its caller gets the result (trio then raises the cancellation at the caller's
 next checkpoint). Either way the store matches what the caller was told.
 
-Schema (version 1, in ``PRAGMA user_version``), readable with the ``sqlite3``
+Blobs (`put_blob`, `get_blob`) are written through like assignments, one
+row each, and never kept in memory: a read fetches the row on the I/O thread
+and checks its bytes against the ID there (SHA-256 releases the GIL).
+
+Schema (version 2, in ``PRAGMA user_version``), readable with the ``sqlite3``
 shell. Definitions and assignments are canonical CBOR; states and snapshots
 are CBOR in the state's own key order (`encode_plain`: the same message,
 encoded three times faster, and nothing hashes these bytes)::
@@ -56,6 +60,9 @@ encoded three times faster, and nothing hashes these bytes)::
     results(proc, slot, state BLOB, snapshot INT)   -- PK (proc, slot); snapshot=1: the state
                                                     -- is also the restorable snapshot
     snapshots(proc, slot, snapshot BLOB)            -- snapshots in a device's own form
+    blobs(id TEXT PRIMARY KEY, data BLOB)           -- id: the unpadded base64url SHA-256
+
+Version 1 had no ``blobs`` table; opening such a file adds it (`_MIGRATIONS`).
 """
 
 from __future__ import annotations
@@ -89,9 +96,17 @@ __all__ = ["SQLiteStore"]
 
 log = logging.getLogger("hbtrio")
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
-_SCHEMA: Final = """
+_BLOBS: Final = """
+CREATE TABLE IF NOT EXISTS blobs (
+    id TEXT PRIMARY KEY,
+    data BLOB NOT NULL
+);
+"""
+
+#: The tables of schema version 1.
+_TABLES_V1: Final = """
 CREATE TABLE IF NOT EXISTS processes (
     id INTEGER PRIMARY KEY,
     pid TEXT NOT NULL UNIQUE,
@@ -119,6 +134,11 @@ CREATE TABLE IF NOT EXISTS snapshots (
     PRIMARY KEY (proc, slot)
 ) WITHOUT ROWID;
 """
+#: The whole schema (what a new file gets).
+_SCHEMA: Final = _TABLES_V1 + _BLOBS
+
+#: What brings a file of schema version N (a key) to version N + 1.
+_MIGRATIONS: Final = {1: _BLOBS}
 
 _PENDING, _RUNNING, _WITHDRAWN = 0, 1, 2
 
@@ -429,9 +449,15 @@ class SQLiteStore(Store):
                     f"({SCHEMA_VERSION})"
                 )
             if version < SCHEMA_VERSION:
-                # One transaction, so a crash leaves either no schema or all of it.
+                # One transaction, so a crash leaves either no schema or all of it (or
+                # the old version, not half of the new one).
+                steps = (
+                    _SCHEMA
+                    if version == 0
+                    else "".join(_MIGRATIONS[v] for v in range(version, SCHEMA_VERSION))
+                )
                 conn.executescript(
-                    f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;"
+                    f"BEGIN IMMEDIATE;\n{steps}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;"
                 )
         except BaseException:
             conn.close()
@@ -1113,6 +1139,43 @@ class SQLiteStore(Store):
 
     def put_state_nowait(self, pid: str, slot: int, state: Message, snapshot: bool) -> None:
         self.put_results_nowait(pid, [(slot, state, state if snapshot else None)])
+
+    # blobs ----------------------------------------------------------------------------------------
+
+    async def put_blob(self, blob_id: str, data: bytes) -> None:
+        """Store a blob, durably (committed) before it returns; idempotent.
+
+        Written on the I/O thread in the next group commit, and not kept in
+        memory. Blocks; cancellation-safe (a job that has not started is
+        withdrawn).
+        """
+
+        def put(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR IGNORE INTO blobs (id, data) VALUES (?, ?)", (blob_id, data))
+
+        await self._run(put, write=True)
+
+    async def get_blob(self, blob_id: str) -> bytes | None:
+        """The blob's bytes, or ``None``; `StoreError` if the row does not hash to its ID.
+
+        Read and checked on the I/O thread (SQLite keeps no checksums: a
+        damaged row is refused, not handed out). Blocks; cancellation-safe.
+        """
+        path = self.path
+
+        def read(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute("SELECT data FROM blobs WHERE id = ?", (blob_id,)).fetchone()
+            if row is None:
+                return None
+            data = row[0]
+            if type(data) is not bytes or id_of_bytes(data) != blob_id:
+                raise StoreError(
+                    f"{path}: blob {blob_id} does not match its ID (the store file is damaged)"
+                )
+            return data
+
+        self._reads += 1
+        return await self._run(read, write=False)  # type: ignore[no-any-return]
 
     def statistics(self) -> StoreStatistics:
         return StoreStatistics(

@@ -17,6 +17,11 @@ batches; a result is readable as soon as it returns, so "stored" means
 have defaults: `open`, `close`, `flush`, backpressure (`wait_writable`,
 `backlogged`), `pin`/`unpin` (what must stay in memory) and `statistics`.
 
+Two optional operations keep *blobs*, byte strings named by their content
+(`put_blob`, `get_blob`; a process definition names its module image by
+blob ID). They are not among the eight: a store without them raises
+`StoreError` ("... keeps no blobs") from both, and works for everything else.
+
 One optional fast path: a store that can answer from memory, without
 blocking, gives a `FastPath` as `Store.fast` (``None`` otherwise). The
 engine's request path, a worker catching up and a worker starting in the
@@ -185,6 +190,26 @@ class Store(abc.ABC):
         """Counters for introspection and benchmarks."""
         return StoreStatistics()
 
+    # optional operations: blobs ------------------------------------------------------------------
+
+    async def put_blob(self, blob_id: str, data: bytes) -> None:
+        """Store ``data`` under ``blob_id``, durably before it returns; idempotent.
+
+        ``blob_id`` is the unpadded base64url SHA-256 of ``data`` (the engine
+        computes it), so storing an ID that is stored already changes nothing.
+        The default raises `StoreError`: this store keeps no blobs.
+        """
+        raise StoreError(f"{type(self).__name__} keeps no blobs")
+
+    async def get_blob(self, blob_id: str) -> bytes | None:
+        """The bytes stored under ``blob_id``, or ``None``.
+
+        A store that reads from a medium that can be damaged should check the
+        bytes against their ID and raise `StoreError` when they differ. The
+        default raises `StoreError`: this store keeps no blobs.
+        """
+        raise StoreError(f"{type(self).__name__} keeps no blobs")
+
 
 class FastPath(Protocol):
     """A store's answers from memory (`Store.fast`): each raises `trio.WouldBlock` for I/O.
@@ -278,7 +303,8 @@ class _Proc:
 class MemoryStore(Store):
     """A store in process memory: fast, and gone with the process.
 
-    Every method answers at once; none blocks or checkpoints. A `MemoryStore`
+    Every method answers at once; none blocks or checkpoints. It keeps blobs
+    too (`Store.put_blob`). A `MemoryStore`
     outlives the engines that use it, so a new engine on the same object
     continues where the last one stopped. Memory is all it has, so nothing is
     ever evicted: every process, assignment, result and snapshot stays until
@@ -288,12 +314,19 @@ class MemoryStore(Store):
 
     def __init__(self) -> None:
         self._procs: dict[str, _Proc] = {}
+        self._blobs: dict[str, bytes] = {}
         self._results_written = 0
         self._assignments_written = 0
         self.fast: FastPath = self  # every answer is in memory
 
     def __repr__(self) -> str:
         return f"<MemoryStore processes={len(self._procs)}>"
+
+    async def put_blob(self, blob_id: str, data: bytes) -> None:
+        self._blobs.setdefault(blob_id, data)
+
+    async def get_blob(self, blob_id: str) -> bytes | None:
+        return self._blobs.get(blob_id)
 
     def _proc(self, pid: str) -> _Proc:
         try:

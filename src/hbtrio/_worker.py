@@ -224,6 +224,14 @@ class GroupWorker(Driver):
         """Whether this worker was ever asked for ``slot`` or beyond (so it is scheduled)."""
         return slot <= self.target
 
+    def busy_toward(self, slot: int) -> bool:
+        """Whether this worker is at work toward ``slot`` or beyond (starting or running).
+
+        Then `serve_now` never computes in the calling task, and `request`
+        answers or parks the caller. Never blocks.
+        """
+        return slot <= self.target and (self.phase is Phase.RUNNING or self.phase is Phase.STARTING)
+
     def info(self) -> WorkerInfo:
         core = self.core
         now = trio.current_time()
@@ -244,6 +252,7 @@ class GroupWorker(Driver):
     def waiting(self) -> int:
         return 0 if self.board is None else len(self.board)
 
+    @trio.lowlevel.enable_ki_protection  # a real Ctrl-C never lands in the device it calls
     def serve_now(self, slot: int) -> Message | None:
         """The result at ``slot`` if this worker has it at once; ``None`` if not. Never blocks.
 
@@ -277,11 +286,19 @@ class GroupWorker(Driver):
             if assignment is None:  # unscheduled, or stored ahead (`advance` jumps there)
                 return None
             before = core.result
-            try:
-                state = core.step(assignment)
-            except ComputeError:
-                self._close_discarded_nowait()  # a live instance it threw away
-                raise
+            if core.instance is None:  # a state device: `ProcessCore.step`, inlined
+                try:
+                    state = core._compute_one(before, assignment)  # type: ignore[arg-type]
+                except BaseException as exc:  # whatever the device raised: see is_device_failure
+                    raise core.failure(slot, exc) from exc
+                core.slot, core.result = slot, state
+                core.computed += 1
+            else:
+                try:
+                    state = core.step(assignment)
+                except ComputeError:
+                    self._close_discarded_nowait()  # a live instance it threw away
+                    raise
             try:
                 if core.instance is None:  # a state device: each state its own snapshot
                     fast.put_state_nowait(core.pid, slot, state, slot % core.cache_frequency == 0)

@@ -25,6 +25,7 @@ from ._http._defaults import DEFAULT_BODY_TIMEOUT as DEFAULT_BODY_TIMEOUT
 from ._http._defaults import DEFAULT_GRACE as DEFAULT_GRACE
 from ._http._defaults import DEFAULT_HOST as DEFAULT_HOST
 from ._http._defaults import DEFAULT_KEEP_ALIVE as DEFAULT_KEEP_ALIVE
+from ._http._defaults import DEFAULT_MAX_BLOB_BYTES as DEFAULT_MAX_BLOB_BYTES
 from ._http._defaults import DEFAULT_MAX_BODY as DEFAULT_MAX_BODY
 from ._http._defaults import DEFAULT_MAX_CONNECTIONS as DEFAULT_MAX_CONNECTIONS
 from ._http._defaults import DEFAULT_MAX_WAIT as DEFAULT_MAX_WAIT
@@ -41,6 +42,7 @@ __all__ = [
     "DEFAULT_GRACE",
     "DEFAULT_HOST",
     "DEFAULT_KEEP_ALIVE",
+    "DEFAULT_MAX_BLOB_BYTES",
     "DEFAULT_MAX_BODY",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_WAIT",

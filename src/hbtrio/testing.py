@@ -87,11 +87,11 @@ T = TypeVar("T")
 
 #: Store methods that make something durable.
 WRITE_METHODS: Final = frozenset(
-    {"put_process", "append_assignments", "put_results_nowait", "flush"}
+    {"put_process", "append_assignments", "put_results_nowait", "flush", "put_blob"}
 )
 #: Store methods that read. A fault on an async read also covers its ``*_nowait`` twin.
 READ_METHODS: Final = frozenset(
-    {"get_process", "latest_slot", "get_assignments", "get_result", "latest_snapshot"}
+    {"get_process", "latest_slot", "get_assignments", "get_result", "latest_snapshot", "get_blob"}
 )
 #: Every store method a fault can target.
 ALL_METHODS: Final = WRITE_METHODS | READ_METHODS | {"wait_writable", "open", "close"}
@@ -257,7 +257,8 @@ class FaultyStore(Store):
     to it (target ``wait_writable`` for a slow disk applying backpressure).
     While a fault targets ``get_assignments``, ``latest_snapshot`` asks
     ``inner`` to read nothing ahead, so the engine's own read meets that
-    fault.
+    fault. ``put_blob`` and ``get_blob`` are about no process: only faults
+    without a ``pid`` hit them.
 
     Example::
 
@@ -498,6 +499,14 @@ class FaultyStore(Store):
     async def flush(self) -> None:
         await self._enter("flush")
         await self.inner.flush()
+
+    async def put_blob(self, blob_id: str, data: bytes) -> None:
+        await self._enter("put_blob")
+        await self.inner.put_blob(blob_id, data)
+
+    async def get_blob(self, blob_id: str) -> bytes | None:
+        await self._enter("get_blob")
+        return await self.inner.get_blob(blob_id)
 
     def pin(self, pid: str) -> None:
         self.inner.pin(pid)

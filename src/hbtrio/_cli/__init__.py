@@ -8,6 +8,8 @@
     hbtrio schedule "$PID" n:=5      # -> its slot
     hbtrio compute "$PID" 1          # -> its state after slot 1
     hbtrio now "$PID"; hbtrio workers; hbtrio stats
+    hbtrio put-blob module.wasm      # -> the file's blob ID
+    hbtrio spawn --image module.wasm # a wasm-64@1.0 process naming that blob
     hbtrio bench --quick             # the benchmark suite (from a source checkout)
 
 Exit status: 0 success, 1 an error (the node's answer or no node), 2 bad
@@ -34,7 +36,15 @@ from collections.abc import Sequence
 from typing import Final
 
 from ._bench import cmd_bench
-from ._client import cmd_compute, cmd_now, cmd_schedule, cmd_spawn, cmd_stats, cmd_workers
+from ._client import (
+    cmd_compute,
+    cmd_now,
+    cmd_put_blob,
+    cmd_schedule,
+    cmd_spawn,
+    cmd_stats,
+    cmd_workers,
+)
 from ._demo import cmd_demo
 from ._errors import EXIT_ERROR as EXIT_ERROR
 from ._errors import EXIT_INTERRUPTED as EXIT_INTERRUPTED
@@ -58,6 +68,7 @@ _COMMANDS: Final = {
     "now": cmd_now,
     "workers": cmd_workers,
     "stats": cmd_stats,
+    "put-blob": cmd_put_blob,
     "bench": cmd_bench,
 }
 

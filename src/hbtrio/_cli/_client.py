@@ -1,10 +1,12 @@
-"""The client commands: ``spawn``, ``schedule``, ``compute``, ``now``, ``workers``, ``stats``.
+"""The client commands: ``spawn``, ``schedule``, ``compute``, ``now``, ``workers``, ``stats``,
+``put-blob``.
 
 Each command makes one request to a node over HTTP with httpx's blocking
 client, in the calling thread and without an event loop, and prints the
-answer (``--json``: the node's JSON as it came). A message is built from
-``--body`` (JSON, ``@FILE`` or ``-`` for stdin) and ``KEY=TEXT`` /
-``KEY:=JSON`` arguments. A transport failure or an error status is a
+answer (``--json``: the node's JSON as it came); ``spawn --image FILE``
+makes two, the upload of the file as a blob and then the spawn. A message
+is built from ``--body`` (JSON, ``@FILE`` or ``-`` for stdin) and
+``KEY=TEXT`` / ``KEY:=JSON`` arguments. A transport failure or an error status is a
 `CliError` carrying the node's error code and message; a 202 (the result
 is not ready yet) is exit status 3. httpx is imported on the first request,
 so the other commands do not pay for it.
@@ -16,7 +18,7 @@ import argparse
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from .. import _jsonwire
 from .._exceptions import InvalidMessage
@@ -25,6 +27,11 @@ from ._output import format_message, format_table
 
 if TYPE_CHECKING:
     import httpx
+
+#: The execution device of a process spawned with ``--image`` whose definition names none.
+IMAGE_DEVICE: Final = "wasm-64@1.0"
+#: The execution device of any other process whose definition names none.
+DEFAULT_DEVICE: Final = "counter@1.0"
 
 
 def _message_from_args(args: argparse.Namespace, base: Mapping[str, Any]) -> dict[str, Any]:
@@ -82,8 +89,12 @@ def _client_call(
     *,
     params: Mapping[str, object] | None = None,
     body: Mapping[str, Any] | None = None,
+    blob: bytes | None = None,
 ) -> httpx.Response:
-    """One request to the node; `CliError` for transport failures and error statuses."""
+    """One request to the node; `CliError` for transport failures and error statuses.
+
+    ``body`` is a message sent as JSON, ``blob`` bytes sent as they are.
+    """
     require("httpx", "the client commands")
     import httpx
 
@@ -97,6 +108,9 @@ def _client_call(
             content = _jsonwire.dumps(body)
         except InvalidMessage as exc:
             raise CliError(str(exc), EXIT_USAGE) from None
+    elif blob is not None:
+        headers["content-type"] = "application/octet-stream"
+        content = blob
     if args.token:
         try:
             check_token(args.token)
@@ -108,7 +122,9 @@ def _client_call(
     url = args.url.rstrip("/") + path
     if getattr(args, "verbose", False):
         print(f"{method} {url}", file=sys.stderr)
-        if content is not None:
+        if blob is not None:
+            print(f"<{len(blob)} bytes>", file=sys.stderr)
+        elif content is not None:
             print(content.decode("utf-8"), file=sys.stderr)
     try:
         response = httpx.request(
@@ -145,9 +161,35 @@ def _print_json(response: httpx.Response) -> None:
     print(response.text)
 
 
+def _read_file(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _put_blob(args: argparse.Namespace, data: bytes) -> httpx.Response:
+    return _client_call(args, "POST", "/blobs", blob=data)
+
+
+def cmd_put_blob(args: argparse.Namespace) -> int:
+    response = _put_blob(args, _read_file(args.file))
+    if args.json:
+        _print_json(response)
+    else:
+        print(_decoded(response)["id"])
+    return 0
+
+
 def cmd_spawn(args: argparse.Namespace) -> int:
-    base = {"device": "process@1.0", "execution-device": args.execution_device}
-    response = _client_call(args, "POST", "/processes", body=_message_from_args(args, base))
+    device = args.execution_device
+    if device is None:
+        device = DEFAULT_DEVICE if args.image is None else IMAGE_DEVICE
+    base = {"device": "process@1.0", "execution-device": device}
+    definition = _message_from_args(args, base)  # bad usage is found before any upload
+    if args.image is not None:
+        definition["image"] = _decoded(_put_blob(args, _read_file(args.image)))["id"]
+    response = _client_call(args, "POST", "/processes", body=definition)
     if args.json:
         _print_json(response)
     else:

@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         DEFAULT_GRACE,
         DEFAULT_HOST,
         DEFAULT_KEEP_ALIVE,
+        DEFAULT_MAX_BLOB_BYTES,
         DEFAULT_MAX_BODY,
         DEFAULT_MAX_CONNECTIONS,
         DEFAULT_MAX_WAIT,
@@ -136,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_BODY,
         metavar="BYTES",
         help="largest request body accepted; larger ones get 413 (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-blob-size",
+        type=_positive_int,
+        default=DEFAULT_MAX_BLOB_BYTES,
+        metavar="BYTES",
+        help="largest blob accepted by POST /blobs; larger ones get 413 (default: %(default)s)",
     )
     serve.add_argument(
         "--wait",
@@ -300,16 +308,34 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Spawn a process from a definition and print its ID. The definition is "
             '{"device": "process@1.0", "execution-device": DEVICE} plus the given fields; '
-            "spawning the same definition again returns the same ID."
+            "spawning the same definition again returns the same ID. With --image FILE, "
+            'the file is stored on the node as a blob first and the definition gets "image": '
+            "its blob ID."
         ),
     )
     spawn.add_argument("fields", nargs="*", metavar="FIELD", help=FIELDS_HELP)
     spawn.add_argument(
         "--execution-device",
-        default="counter@1.0",
+        default=None,
         metavar="DEVICE",
-        help="execution device of the process (default: %(default)s)",
+        help="execution device of the process (default: counter@1.0, or wasm-64@1.0 with --image)",
     )
+    spawn.add_argument(
+        "--image",
+        metavar="FILE",
+        help='store FILE on the node as a blob and name it in the definition ("image": ID)',
+    )
+    put_blob = commands.add_parser(
+        "put-blob",
+        parents=[client],
+        help="store a file on the node as a blob; prints its ID",
+        description=(
+            "Store the bytes of FILE on the node as a blob (POST /blobs) and print its ID, "
+            "the SHA-256 of the bytes as 43 base64url characters. Storing the same bytes "
+            "again gives the same ID."
+        ),
+    )
+    put_blob.add_argument("file", metavar="FILE", help="the file to store")
     schedule = commands.add_parser(
         "schedule",
         parents=[client, body],

@@ -89,6 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_idle=args.max_idle,
                     cache_frequency=args.cache_frequency,
                     max_body=args.max_body,
+                    max_blob_bytes=args.max_blob_size,
                     default_wait=args.wait,
                     max_wait=max(args.max_wait, args.wait),
                     grace=args.grace,

@@ -37,6 +37,7 @@ from ._defaults import DEFAULT_BODY_TIMEOUT as DEFAULT_BODY_TIMEOUT
 from ._defaults import DEFAULT_GRACE as DEFAULT_GRACE
 from ._defaults import DEFAULT_HOST as DEFAULT_HOST
 from ._defaults import DEFAULT_KEEP_ALIVE as DEFAULT_KEEP_ALIVE
+from ._defaults import DEFAULT_MAX_BLOB_BYTES as DEFAULT_MAX_BLOB_BYTES
 from ._defaults import DEFAULT_MAX_BODY as DEFAULT_MAX_BODY
 from ._defaults import DEFAULT_MAX_CONNECTIONS as DEFAULT_MAX_CONNECTIONS
 from ._defaults import DEFAULT_MAX_WAIT as DEFAULT_MAX_WAIT
@@ -71,6 +72,7 @@ __all__ = [
     "DEFAULT_GRACE",
     "DEFAULT_HOST",
     "DEFAULT_KEEP_ALIVE",
+    "DEFAULT_MAX_BLOB_BYTES",
     "DEFAULT_MAX_BODY",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_PORT",

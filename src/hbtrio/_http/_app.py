@@ -9,8 +9,11 @@ GET (400), token (401), ``Accept`` (406), ``Content-Type`` (415),
 ``Content-Length`` (413), body (400, 413, and 408 past the read or body
 timeout), and only then the engine call. A request refused before its body
 was read gets ``Connection: close``. Large bodies are decoded in worker
-threads (``_negotiation``). Engine errors are translated into statuses
-once, in `error_response` (``_errors``).
+threads (``_negotiation``). A blob (``POST /blobs``) is bounded by
+``max_blob_bytes`` instead of ``max_body``, is not decoded (its chunks are
+joined, a large one's in a worker thread) and goes to `Engine.put_blob`,
+which hashes a large one in a thread too. Engine errors are translated into
+statuses once, in `error_response` (``_errors``).
 
 A compute request waits inside a cancel scope whose deadline is the request's
 wait budget. When the budget runs out, only that wait is cancelled (engine
@@ -57,11 +60,12 @@ import attrs
 import trio
 
 from .._exceptions import HbTrioError, InvalidMessage
-from .._message import Message, check_ints, validate_pid
+from .._message import Message, check_ints, validate_blob_id, validate_pid
 from ._auth import check_bearer, check_token
 from ._defaults import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_GRACE,
+    DEFAULT_MAX_BLOB_BYTES,
     DEFAULT_MAX_BODY,
     DEFAULT_MAX_WAIT,
     DEFAULT_READ_TIMEOUT,
@@ -69,10 +73,19 @@ from ._defaults import (
 )
 from ._errors import RETRY, HttpError, error_response, unwrap
 from ._metrics import PROMETHEUS, HttpMetrics
-from ._negotiation import body_media, decode_request, decoder_threads, encode_body, negotiate
+from ._negotiation import (
+    blob_media,
+    body_media,
+    decode_request,
+    decoder_threads,
+    encode_body,
+    join_body,
+    negotiate,
+    negotiate_octets,
+)
 from ._plain import plain, stats_fields, worker_info
-from ._request import METHODS, Request, match_route, slot_param, unread_body
-from ._types import CBOR, JSON, ASGIMessage, EngineLike, Headers, Receive, Response, Send
+from ._request import BLOB_ROUTE, METHODS, Request, match_route, slot_param, unread_body
+from ._types import CBOR, JSON, OCTETS, ASGIMessage, EngineLike, Headers, Receive, Response, Send
 
 access_logger: Final = logging.getLogger("hbtrio.access")
 
@@ -94,6 +107,7 @@ class HttpApp:
     access_log: bool = False
     read_timeout: float = DEFAULT_READ_TIMEOUT
     body_timeout: float = DEFAULT_BODY_TIMEOUT
+    max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES
     metrics: HttpMetrics = attrs.field(factory=HttpMetrics, init=False)
     #: Set once by `begin_shutdown`; never unset.
     shutting_down: bool = attrs.field(default=False, init=False)
@@ -180,8 +194,11 @@ class HttpApp:
                 404, "no-route", f"no endpoint at {request.path!r:.200} (see docs/http.md)"
             )
         route, allowed, handler_name, pid = matched
-        if pid is not None:
-            validate_pid(pid)  # 400 unless 43 base64url characters; unknown ones are 404 later
+        # The path's ID: 400 unless 43 base64url characters; unknown ones are 404 later.
+        if route == BLOB_ROUTE:
+            validate_blob_id(pid)
+        elif pid is not None:
+            validate_pid(pid)
         if request.method != allowed:
             raise HttpError(
                 405,
@@ -200,8 +217,16 @@ class HttpApp:
             )
         if allowed == "POST" and self.token is not None:
             check_bearer(request.headers.get("authorization"), self.token)
-        media = negotiate(request.headers.get("accept"))
-        body_type = body_media(request.headers.get("content-type")) if allowed == "POST" else JSON
+        accept = request.headers.get("accept")
+        media = negotiate_octets(accept) if route == BLOB_ROUTE else negotiate(accept)
+        content_type = request.headers.get("content-type")
+        if handler_name == "put_blob":
+            blob_media(content_type)  # 415 unless application/octet-stream (or none)
+            chunks = await self._read_chunks(request, receive, blob=True)
+            if chunks is None:
+                return None
+            return await self._h_put_blob(await join_body(chunks, self._decoders), media)
+        body_type = body_media(content_type) if allowed == "POST" else JSON
         body = await self._read_body(request, receive)
         if body is None:
             return None
@@ -213,23 +238,36 @@ class HttpApp:
         return response
 
     async def _read_body(self, request: Request, receive: Receive) -> bytes | None:
-        """The whole request body, or ``None`` if the client disconnected.
+        """The whole request body, at most ``max_body`` bytes, or ``None`` if the client
+        disconnected (see `_read_chunks`)."""
+        chunks = await self._read_chunks(request, receive)
+        if chunks is None:
+            return None
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-        Bounded in size (413), in the pause between two reads (``read_timeout``)
-        and in total, from the end of the headers (``body_timeout``): 408.
+    async def _read_chunks(
+        self, request: Request, receive: Receive, *, blob: bool = False
+    ) -> list[bytes] | None:
+        """The request body as it arrived (at least one chunk), or ``None`` if the client
+        disconnected.
+
+        Bounded in size (``max_body``, or ``max_blob_bytes`` for a ``blob``:
+        413), in the pause between two reads (``read_timeout``) and in total,
+        from the end of the headers (``body_timeout``): 408.
         """
+        limit = self.max_blob_bytes if blob else self.max_body
         length = request.headers.get("content-length")
         if length is not None:
             if not (length.isascii() and length.strip().isdigit()):
                 raise HttpError(400, "bad-request", f"bad Content-Length {length[:40]!r}")
-            if int(length) > self.max_body:
-                raise self._too_large()
+            if int(length) > limit:
+                raise self._too_large(blob)
         if request.http1 and not request.has_body:
             # HTTP/1 without Content-Length or Transfer-Encoding: no body, and the
             # end of it is already queued (no deadline needed, none paid for).
             event = await receive()
             request.body_read = event["type"] != "http.disconnect"
-            return b"" if request.body_read else None
+            return [b""] if request.body_read else None
         chunks: list[bytes] = []
         size = 0
         end = request.started + self.body_timeout
@@ -241,12 +279,12 @@ class HttpApp:
                     return None
                 chunk = event.get("body", b"")
                 size += len(chunk)
-                if size > self.max_body:
-                    raise self._too_large()
+                if size > limit:
+                    raise self._too_large(blob)
                 chunks.append(chunk)
                 if not event.get("more_body", False):
                     request.body_read = True
-                    return b"".join(chunks)
+                    return chunks
         if trio.current_time() < end:
             raise HttpError(
                 408,
@@ -261,7 +299,15 @@ class HttpApp:
             {"body-timeout": self.body_timeout},
         )
 
-    def _too_large(self) -> HttpError:
+    def _too_large(self, blob: bool) -> HttpError:
+        if blob:
+            limit = self.max_blob_bytes
+            return HttpError(
+                413,
+                "body-too-large",
+                f"blobs are limited to {limit} bytes",
+                {"max-blob-size": limit},
+            )
         return HttpError(
             413,
             "body-too-large",
@@ -330,6 +376,15 @@ class HttpApp:
         return await self._wait_for_state(
             pid, partial(self.engine.now, pid), None, wait, media, receive
         )
+
+    async def _h_put_blob(self, data: bytes, media: str) -> Response:
+        blob_id = await self.engine.put_blob(data)
+        return self._ok({"id": blob_id}, media, 201)
+
+    async def _h_get_blob(
+        self, blob_id: str, request: Request, message: None, media: str, receive: Receive
+    ) -> Response:
+        return Response(200, await self.engine.get_blob(blob_id), OCTETS)
 
     async def _h_slot_current(
         self, pid: str, request: Request, message: None, media: str, receive: Receive
@@ -465,15 +520,27 @@ def _log_access(scope: ASGIMessage, status: int, seconds: float) -> None:
     )
 
 
+#: An answer longer than this is sent in parts of this size (a blob of many MiB): each
+#: write is then bounded by the write timeout, not the whole answer.
+_SEND_PART: Final = 1 << 20
+
+
 async def _send(send: Send, response: Response) -> None:
+    body = response.body
     headers = [
         (b"content-type", response.content_type.encode("latin-1")),
-        (b"content-length", str(len(response.body)).encode("ascii")),
+        (b"content-length", str(len(body)).encode("ascii")),
         (b"cache-control", b"no-store"),
         *response.headers,
     ]
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    await send({"type": "http.response.body", "body": response.body})
+    if len(body) <= _SEND_PART:
+        await send({"type": "http.response.body", "body": body})
+        return
+    for start in range(0, len(body), _SEND_PART):
+        part = body[start : start + _SEND_PART]
+        more = start + _SEND_PART < len(body)
+        await send({"type": "http.response.body", "body": part, "more_body": more})
 
 
 def make_app(
@@ -486,6 +553,7 @@ def make_app(
     access_log: bool = False,
     read_timeout: float = DEFAULT_READ_TIMEOUT,
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
 ) -> HttpApp:
     """The ASGI app serving ``engine`` (see ``docs/http.md`` for the endpoints).
 
@@ -501,11 +569,14 @@ def make_app(
         read_timeout: seconds a request body may pause between two reads (408 after).
         body_timeout: seconds a whole request body may take from the end of the
             request's headers (408 after).
+        max_blob_bytes: largest blob (``POST /blobs`` body) in bytes; larger
+            ones get 413.
 
     Synchronous; the app must run on the engine's Trio loop.
     """
-    if max_body < 1:
-        raise ValueError(f"max_body must be >= 1, not {max_body}")
+    for name, size in (("max_body", max_body), ("max_blob_bytes", max_blob_bytes)):
+        if size < 1:
+            raise ValueError(f"{name} must be >= 1, not {size}")
     if not 0.0 < default_wait <= max_wait:
         raise ValueError(f"need 0 < default_wait <= max_wait, not {default_wait} and {max_wait}")
     for name, value in (("read_timeout", read_timeout), ("body_timeout", body_timeout)):
@@ -521,4 +592,5 @@ def make_app(
         access_log=access_log,
         read_timeout=read_timeout,
         body_timeout=body_timeout,
+        max_blob_bytes=max_blob_bytes,
     )

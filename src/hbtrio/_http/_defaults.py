@@ -14,6 +14,8 @@ DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8734
 #: Largest request body accepted, in bytes (larger ones get 413).
 DEFAULT_MAX_BODY: Final = 1 << 20
+#: Largest blob accepted by ``POST /blobs``, in bytes (larger ones get 413).
+DEFAULT_MAX_BLOB_BYTES: Final = 64 << 20
 #: Seconds a compute request waits for its result before answering 202.
 DEFAULT_WAIT: Final = 10.0
 #: Largest ``wait`` a client may ask for, in seconds.

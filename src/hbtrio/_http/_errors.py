@@ -21,6 +21,7 @@ from typing import Final
 
 from .. import _jsonwire
 from .._exceptions import (
+    BlobNotFound,
     ComputeError,
     EngineClosed,
     HbTrioError,
@@ -113,6 +114,8 @@ def error_response(exc: Exception) -> Response:
         return HttpError(400, "unknown-device", str(exc), {"device": plain(exc.name)}).response()
     if isinstance(exc, ProcessNotFound):
         return HttpError(404, "process-not-found", str(exc), {"process": exc.pid}).response()
+    if isinstance(exc, BlobNotFound):
+        return HttpError(404, "blob-not-found", str(exc), {"blob": exc.blob_id}).response()
     if isinstance(exc, EngineClosed):
         return HttpError(
             503, "shutting-down", "the node is shutting down", headers=RETRY

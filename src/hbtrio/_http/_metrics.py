@@ -46,6 +46,7 @@ _COUNTERS: Final = frozenset(
         "leader_deaths",
         "requests",
         "executions",
+        "blobs_stored",
     }
 )
 _DOCS: Final = {
@@ -57,6 +58,7 @@ _DOCS: Final = {
     "leader_deaths": "Workers that died with requests waiting on them.",
     "requests": "Compute requests made to the engine.",
     "executions": "Generic resolutions executed.",
+    "blobs_stored": "Blobs stored (put_blob calls).",
     "live_workers": "Process workers alive now.",
     "waiters": "Requests waiting on live workers now.",
 }

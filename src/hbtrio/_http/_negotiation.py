@@ -24,8 +24,14 @@ another client's small requests answer in 6.3 ms (p50) and 43 ms (p99),
 against 94 ms and 606 ms when decoding (and encoding) such a body all ran
 on the loop (``docs/http.md``, Limits; figures in ``docs/reliability.md``).
 
-Everything here but `decode_request` is a pure, synchronous function,
-callable from any task or thread (`decode_body` runs in worker threads).
+Blobs (``POST /blobs``, ``GET /blobs/{id}``) travel as raw bytes,
+``application/octet-stream`` (`blob_media`, `negotiate_octets`); a large
+one's chunks are joined in one of the same threads (`join_body`), and the
+engine hashes it in a thread of its own.
+
+Everything here but `decode_request` and `join_body` is a pure, synchronous
+function, callable from any task or thread (`decode_body` runs in worker
+threads).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from .. import _codec, _jsonwire
 from .._exceptions import InvalidMessage
 from .._message import Message
 from ._errors import HttpError
-from ._types import CBOR, JSON
+from ._types import CBOR, JSON, OCTETS
 
 #: Request bodies at least this long are decoded in a worker thread, off the loop.
 DECODE_IN_THREAD: Final = 64 * 1024
@@ -58,7 +64,37 @@ def negotiate(accept: str | None) -> str:
     """
     if not accept or not accept.strip():
         return JSON
-    best: dict[str, tuple[float, int]] = {}  # type -> (q, specificity) of the best match
+    best = _qualities(accept, (JSON, CBOR))
+    ranked = sorted(
+        ((q, spec, candidate == JSON, candidate) for candidate, (q, spec) in best.items() if q > 0),
+        reverse=True,
+    )
+    if not ranked:
+        raise HttpError(
+            406,
+            "not-acceptable",
+            f"cannot answer with any of {accept[:200]!r}; this node speaks {JSON} and {CBOR}",
+        )
+    return ranked[0][3]
+
+
+def negotiate_octets(accept: str | None) -> str:
+    """`OCTETS` if an ``Accept`` header allows it (a blob's answer); `HttpError` 406 if not."""
+    if not accept or not accept.strip():
+        return OCTETS
+    q, _ = _qualities(accept, (OCTETS,)).get(OCTETS, (0.0, 0))
+    if q <= 0:
+        raise HttpError(
+            406,
+            "not-acceptable",
+            f"cannot answer with any of {accept[:200]!r}; a blob is {OCTETS}",
+        )
+    return OCTETS
+
+
+def _qualities(accept: str, candidates: tuple[str, ...]) -> dict[str, tuple[float, int]]:
+    """Each candidate type -> (quality, specificity) of the most specific range matching it."""
+    best: dict[str, tuple[float, int]] = {}
     for part in accept.split(","):
         media, *params = (p.strip() for p in part.split(";"))
         media = media.lower()
@@ -74,7 +110,7 @@ def negotiate(accept: str | None) -> str:
                     q = 0.0
                 if not 0.0 <= q <= 1.0:
                     q = 0.0
-        for candidate in (JSON, CBOR):
+        for candidate in candidates:
             if media == candidate:
                 spec = 2
             elif media in ("*/*", "application/*"):
@@ -84,17 +120,7 @@ def negotiate(accept: str | None) -> str:
             old = best.get(candidate)
             if old is None or spec > old[1]:  # the most specific range decides the quality
                 best[candidate] = (q, spec)
-    ranked = sorted(
-        ((q, spec, candidate == JSON, candidate) for candidate, (q, spec) in best.items() if q > 0),
-        reverse=True,
-    )
-    if not ranked:
-        raise HttpError(
-            406,
-            "not-acceptable",
-            f"cannot answer with any of {accept[:200]!r}; this node speaks {JSON} and {CBOR}",
-        )
-    return ranked[0][3]
+    return best
 
 
 def encode_body(value: object, media: str) -> bytes:
@@ -114,6 +140,17 @@ def body_media(content_type: str | None) -> str:
     return media
 
 
+def blob_media(content_type: str | None) -> str:
+    """`OCTETS` for a blob's ``Content-Type`` (also when absent); 415 otherwise."""
+    if content_type and _media_type(content_type) != OCTETS:
+        raise HttpError(
+            415,
+            "unsupported-media-type",
+            f"Content-Type {content_type!r:.100} is not supported for a blob; send {OCTETS}",
+        )
+    return OCTETS
+
+
 def decode_body(body: bytes, media: str) -> Message:
     """Decode a request body in ``media`` into a read-only `Message`.
 
@@ -127,6 +164,21 @@ def decode_body(body: bytes, media: str) -> Message:
 def decoder_threads() -> trio.CapacityLimiter:
     """A limiter of `DECODE_THREADS` tokens, for one app's `decode_request` calls."""
     return trio.CapacityLimiter(DECODE_THREADS)
+
+
+async def join_body(chunks: list[bytes], threads: trio.CapacityLimiter) -> bytes:
+    """The chunks of a body joined, in a worker thread (one of ``threads``) for a large body.
+
+    For a blob: a few MiB copied at once would hold the loop. A body shorter
+    than `DECODE_IN_THREAD` is joined at once, on the loop, and this is not a
+    checkpoint; a cancellation of a larger one takes effect once the thread
+    is done.
+    """
+    if len(chunks) == 1:
+        return chunks[0]
+    if sum(map(len, chunks)) < DECODE_IN_THREAD:
+        return b"".join(chunks)
+    return await trio.to_thread.run_sync(b"".join, chunks, limiter=threads)
 
 
 async def decode_request(body: bytes, media: str, threads: trio.CapacityLimiter) -> Message:

@@ -5,7 +5,7 @@ method, the path, the query string, the headers joined by name) plus what
 the app learns while answering (whether the body was read). `match_route`
 maps a path to its endpoint: the route's name for the metrics
 (``/{pid}/compute``), the one method it takes, its handler and the process
-ID in it. `slot_param` reads and bounds ``?slot=``.
+or blob ID in it. `slot_param` reads and bounds ``?slot=``.
 
 Sans-I/O: nothing here awaits, and nothing here keeps state between
 requests. A `Request` belongs to the one task answering it.
@@ -77,9 +77,13 @@ class Request:
         return out
 
 
+#: The route of one blob; its path names the blob ID where process routes name a pid.
+BLOB_ROUTE: Final = "/blobs/{id}"
+
 #: Route name -> (allowed method, handler name). Process routes start with ``{pid}``.
 _FIXED: Final = {
     ("processes",): ("POST", "spawn"),
+    ("blobs",): ("POST", "put_blob"),
     ("workers",): ("GET", "workers"),
     ("stats",): ("GET", "stats"),
     ("metrics",): ("GET", "metrics"),
@@ -93,11 +97,17 @@ _PROCESS: Final = {
 
 
 def match_route(path: str) -> tuple[str, str, str, str | None] | None:
-    """``(route name, allowed method, handler name, pid)`` for a path, or ``None``."""
+    """``(route name, allowed method, handler name, ID)`` for a path, or ``None``.
+
+    The ID is the one in the path: the process ID of a process route, the
+    blob ID of `BLOB_ROUTE`, ``None`` for the others.
+    """
     parts = tuple(path.split("/")[1:]) if path.startswith("/") else ()
     if parts in _FIXED:
         method, handler = _FIXED[parts]
         return "/" + "/".join(parts), method, handler, None
+    if len(parts) == 2 and parts[0] == "blobs":
+        return BLOB_ROUTE, "GET", "get_blob", parts[1]
     if len(parts) >= 2 and parts[1:] in _PROCESS:
         method, handler = _PROCESS[parts[1:]]
         return "/{pid}/" + "/".join(parts[1:]), method, handler, parts[0]

@@ -52,6 +52,7 @@ from ._defaults import (
     DEFAULT_GRACE,
     DEFAULT_HOST,
     DEFAULT_KEEP_ALIVE,
+    DEFAULT_MAX_BLOB_BYTES,
     DEFAULT_MAX_BODY,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_WAIT,
@@ -225,6 +226,7 @@ async def serve(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     keep_alive: float = DEFAULT_KEEP_ALIVE,
     write_timeout: float = DEFAULT_WRITE_TIMEOUT,
+    max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -236,8 +238,8 @@ async def serve(
     shutdown (see `run_server`), then leaves the engine's block, which stores
     every worker's snapshot. ``task_status.started()`` reports the listening
     URLs once the node accepts requests. ``slot_timeout`` and
-    ``shutdown_grace`` go to `hbtrio.open_engine`; ``read_timeout`` and
-    ``body_timeout`` to `make_app`; ``max_connections``, ``keep_alive`` and
+    ``shutdown_grace`` go to `hbtrio.open_engine`; ``read_timeout``,
+    ``body_timeout`` and ``max_blob_bytes`` to `make_app`; ``max_connections``, ``keep_alive`` and
     ``write_timeout`` to `run_server`.
     """
     check_bind(host, token)
@@ -263,6 +265,7 @@ async def serve(
             access_log=access_log,
             read_timeout=read_timeout,
             body_timeout=body_timeout,
+            max_blob_bytes=max_blob_bytes,
         )
         await run_server(
             app,

@@ -4,8 +4,8 @@
 are the ASGI callables hypercorn hands the app, and `Response` is a whole
 answer, built before a byte of it is sent (so a failure while building it
 can still become an error answer). `JSON` and `CBOR` are the two media
-types the node speaks. Types and frozen values only: safe to share between
-tasks and threads.
+types the node speaks for messages, `OCTETS` the one of blobs. Types and
+frozen values only: safe to share between tasks and threads.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from .._message import Message
 
 JSON: Final = "application/json"
 CBOR: Final = "application/cbor"
+OCTETS: Final = "application/octet-stream"
 
 ASGIMessage = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[ASGIMessage]]
@@ -38,6 +39,10 @@ class EngineLike(Protocol):
     async def now(self, pid: str, /) -> Mapping[str, Any]: ...
 
     async def latest_slot(self, pid: str, /) -> int: ...
+
+    async def put_blob(self, data: bytes, /) -> str: ...
+
+    async def get_blob(self, blob_id: str, /) -> bytes: ...
 
     @property
     def workers(self) -> Mapping[str, Any]: ...
