@@ -16,7 +16,7 @@ import trio
 import hbtrio
 import hbtrio.testing
 from hbtrio import _wasm
-from wasm_kit import StandInHost, device, image_id, module, wasm_definition
+from wasm_kit import device, image_id, module, wasm_definition
 
 COUNTER = "wasm-64@1.0"
 
@@ -147,9 +147,9 @@ async def test_a_reported_error_is_a_result_and_keeps_the_memory() -> None:
 
 
 async def test_a_runaway_call_times_out_stops_its_thread_and_the_process_goes_on() -> None:
-    dev = device()
-    dev.attach(StandInHost(slot_timeout=0.5))
+    dev = device()  # bounded by the engine's slot_timeout, which it is attached with
     async with hbtrio.testing.open_test_engine(devices={COUNTER: dev}, slot_timeout=0.5) as engine:
+        assert dev.timeout == 0.5
         pid = await engine.spawn(wasm_definition(module("counter")))
         await engine.schedule_many(pid, [{}, {"data": "@loop"}, {}])
         start = time.monotonic()
@@ -243,19 +243,44 @@ async def test_processes_of_one_image_share_one_compiled_module() -> None:
     assert (stats.compiled, stats.booted, stats.images) == (1, 4, 1)
 
 
-async def test_an_image_by_blob_id_comes_from_the_host() -> None:
+async def test_an_image_by_blob_id_comes_from_the_engines_store(tmp_path: Path) -> None:
     data = module("counter")
-    dev = device()
-    dev.attach(StandInHost({image_id(data): data}))
-    async with hbtrio.testing.open_test_engine(devices={COUNTER: dev}) as engine:
-        pid = await engine.spawn(wasm_definition(image_id(data)))
+    path = tmp_path / "blobs.sqlite"
+    async with hbtrio.testing.open_test_engine(
+        hbtrio.SQLiteStore(path), devices={COUNTER: device()}
+    ) as engine:
+        image = await engine.put_blob(data)
+        assert image == image_id(data)
+        pid = await engine.spawn(wasm_definition(image))
         await engine.schedule(pid, {})
         assert counts(await engine.now(pid)) == (1, 1)
         missing = await engine.spawn(wasm_definition("M" * 43))
         await engine.schedule(missing, {})
         with pytest.raises(hbtrio.ComputeError) as info:
             await engine.now(missing)
-        assert "no blob" in str(info.value.__cause__)
+        assert isinstance(info.value.__cause__, hbtrio.BlobNotFound)
+    dev = device()
+    async with hbtrio.testing.open_test_engine(
+        hbtrio.SQLiteStore(path), devices={COUNTER: dev}
+    ) as engine:
+        await engine.schedule(pid, {})
+        assert counts(await engine.now(pid)) == (2, 2)  # the image read again from the file
+    assert dev.statistics().compiled == 1
+
+
+async def test_a_device_shared_by_two_engines_finds_each_ones_blobs() -> None:
+    dev = device()
+    a, b = module("counter"), module("echo")
+    async with (
+        hbtrio.testing.open_test_engine(devices={COUNTER: dev}) as one,
+        hbtrio.testing.open_test_engine(devices={COUNTER: dev}) as two,
+    ):
+        pa = await one.spawn(wasm_definition(await one.put_blob(a)))
+        pb = await two.spawn(wasm_definition(await two.put_blob(b)))
+        await one.schedule(pa, {})
+        await two.schedule(pb, {})
+        assert counts(await one.now(pa)) == (1, 1)
+        assert (await two.now(pb))["output"]["Target"] == pb
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,20 +73,6 @@ def legacy_eh_module() -> bytes:
     raise AssertionError("eh.wat has no code section")
 
 
-class StandInHost:
-    """What the engine attaches to a device: its ``slot_timeout`` and its blobs."""
-
-    def __init__(self, blobs: Mapping[str, bytes] = (), slot_timeout: float | None = None) -> None:  # type: ignore[assignment]
-        self.blobs = dict(blobs)
-        self.slot_timeout = slot_timeout
-
-    async def get_blob(self, blob_id: str) -> bytes:
-        try:
-            return self.blobs[blob_id]
-        except KeyError:
-            raise LookupError(f"no blob {blob_id}") from None
-
-
 def device(**options: Any) -> hbtrio.WasmDevice:
     """A `WasmDevice` with no on-disk cache (unless given one)."""
     options.setdefault("cache_dir", None)
@@ -100,7 +85,6 @@ def wasm_definition(image: bytes | str, **extra: Any) -> dict[str, Any]:
 
 __all__ = [
     "LEGACY_PROBE",
-    "StandInHost",
     "device",
     "image_id",
     "legacy_eh_module",

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import attrs
 import trio
 
+from .._exceptions import BlobNotFound, EngineClosed
 from .._message import message_id
 from ._errors import WasmImageError
 from ._iface import Process, message_json, parse_result
@@ -83,7 +84,7 @@ CACHE_ENV: Final = "HBTRIO_WASM_CACHE"
 
 
 class Host(Protocol):
-    """What a device is attached to: the engine's ``slot_timeout`` and its blobs."""
+    """What a device is attached to (`hbtrio.DeviceHost`): ``slot_timeout`` and blobs."""
 
     slot_timeout: float | None
 
@@ -200,7 +201,7 @@ class WasmDevice:
         )
         self._limiter = limiter
         self._max_images = max_images
-        self._host: Host | None = None
+        self._hosts: list[Host] = []  # newest first; guarded by _lock
         self._lock = threading.Lock()
         self._runtime: _Runtime | None = None  # made at the first boot; guarded by _lock
         self._booted = 0  # guarded by _lock
@@ -213,15 +214,23 @@ class WasmDevice:
         )
 
     def attach(self, host: Host) -> None:
-        """Called by the engine before any process boots: its blobs and ``slot_timeout``."""
-        self._host = host
+        """Called by each engine it is registered with, when it opens: blobs and ``slot_timeout``.
+
+        A device registered with several engines at once looks an image's blob
+        up in each (the latest first); its calls are bounded by the latest
+        engine's ``slot_timeout``.
+        """
+        with self._lock:
+            self._hosts = [host, *(h for h in self._hosts if h is not host)]
 
     @property
     def timeout(self) -> float:
         """Seconds one call may run (see the class)."""
         if self.call_timeout is not None:
             return self.call_timeout
-        slot_timeout = getattr(self._host, "slot_timeout", None)
+        with self._lock:
+            host = self._hosts[0] if self._hosts else None
+        slot_timeout = getattr(host, "slot_timeout", None)
         return slot_timeout if slot_timeout else DEFAULT_CALL_TIMEOUT
 
     def statistics(self) -> WasmStats:
@@ -294,12 +303,24 @@ class WasmDevice:
             rt = self._runtime
         if rt is not None and rt.images.get(ref) is not None:
             return ref, None
-        host = self._host
-        if host is None:
+        with self._lock:
+            hosts = list(self._hosts)
+        if not hosts:
             raise WasmImageError(
                 f"image {ref}: this device is attached to no engine that holds blobs"
             )
-        return ref, await host.get_blob(ref)
+        missing: BaseException | None = None
+        for host in hosts:
+            try:
+                return ref, await host.get_blob(ref)
+            except EngineClosed:
+                with self._lock:
+                    self._hosts = [h for h in self._hosts if h is not host]
+            except BlobNotFound as exc:
+                missing = exc
+        if missing is not None:
+            raise missing
+        raise WasmImageError(f"image {ref}: every engine this device was attached to is closed")
 
     def _boot(
         self, process: Mapping[str, Any], image_id: str, data: bytes | None, snapshot: Any
