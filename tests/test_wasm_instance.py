@@ -7,6 +7,7 @@ here needs a real aos module.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,29 @@ def test_a_snapshot_restores_into_a_fresh_instance_bit_for_bit() -> None:
     assert call(cold) == call(hot)
     a, b = hot.snapshot(), cold.snapshot()
     assert a == b  # memory, globals and stack pointer alike
+
+
+def test_instances_snapshot_and_restore_in_parallel_threads() -> None:
+    """Regression: a zstd compressor shared by threads crashed the process (SIGSEGV)."""
+    instances = [instance() for _ in range(4)]
+    for inst in instances:
+        call(inst, "z" * 2_000_000)  # megabytes of memory to compress
+    errors: list[BaseException] = []
+
+    def work(inst: WasmInstance) -> None:
+        try:
+            for _ in range(10):
+                snap = inst.snapshot()
+                instance().restore(snap)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(inst,)) for inst in instances]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
 
 
 def test_restore_grows_a_fresh_instance_first_and_respects_its_limit() -> None:

@@ -17,6 +17,7 @@ payload survives too.
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -30,24 +31,36 @@ FORMAT: Final = "wasm-memory@1"
 CODEC: Final = "zstd"
 LEVEL: Final = 3
 
-_compressor = zstandard.ZstdCompressor(level=LEVEL)
-_decompressor = zstandard.ZstdDecompressor()
+#: zstd (de)compressors are not thread-safe (two threads in one crash the process): one
+#: of each per thread.
+_local = threading.local()
+
+
+def _codecs() -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
+    try:
+        return _local.codecs  # type: ignore[no-any-return]
+    except AttributeError:
+        _local.codecs = (zstandard.ZstdCompressor(level=LEVEL), zstandard.ZstdDecompressor())
+        return _local.codecs  # type: ignore[no-any-return]
 
 
 def compress(memory: Any) -> bytes:
-    """A zstd frame of ``memory`` (any buffer: the instance's memory itself, uncopied)."""
-    return _compressor.compress(memory)
+    """A zstd frame of ``memory`` (any buffer: the instance's memory itself, uncopied).
+
+    Thread-safe.
+    """
+    return _codecs()[0].compress(memory)
 
 
 def decompress(snapshot: Mapping[str, Any]) -> bytes:
-    """The memory of a snapshot; `WasmError` for one that is not of this form."""
+    """The memory of a snapshot; `WasmError` for one that is not of this form. Thread-safe."""
     if snapshot.get("format") != FORMAT or snapshot.get("codec") != CODEC:
         raise WasmError(
             f"not a WASM memory snapshot (format {snapshot.get('format')!r}, codec "
             f"{snapshot.get('codec')!r})"
         )
     size = snapshot["size"]
-    memory = _decompressor.decompress(snapshot["memory"], max_output_size=size)
+    memory = _codecs()[1].decompress(snapshot["memory"], max_output_size=size)
     if len(memory) != size:
         raise WasmError(f"snapshot memory is {len(memory)} bytes, not the {size} it says")
     return memory
