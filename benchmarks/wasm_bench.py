@@ -163,8 +163,10 @@ def bare_loop(
     return timed(lambda: [one() for _ in range(n)])
 
 
-async def threaded_instance_layer(image: bytes, n: int, body: dict[str, Any] = BODY) -> float:
-    """`instance_layer` with each call in a thread of its own hop (trio.to_thread), no engine."""
+async def threaded_instance_layer(
+    image: bytes, n: int, body: dict[str, Any] = BODY, per_hop: int = 1
+) -> float:
+    """`instance_layer` with ``per_hop`` calls per thread hop (trio.to_thread), no engine."""
     _, instance = instance_layer(image, 0, body)
     _, _, process = documents(image, body)
     assignment = {"message-id": "M" * 43, "timestamp": 1_700_000_000_000, "body": body}
@@ -172,10 +174,14 @@ async def threaded_instance_layer(image: bytes, n: int, body: dict[str, Any] = B
     def one() -> None:
         parse_result(instance.handle(message_json(assignment, process), process.env), process)
 
+    def some() -> None:
+        for _ in range(per_hop):
+            one()
+
     gc.collect()
     start = time.perf_counter()
-    for _ in range(n):
-        await trio.to_thread.run_sync(one)
+    for _ in range(n // per_hop):
+        await trio.to_thread.run_sync(some)
     return time.perf_counter() - start
 
 
@@ -349,7 +355,11 @@ def hot_rows(
     bare = bare_loop(image, n, body=body)
     layer, _ = instance_layer(image, n, body)
     hops = trio.run(threaded_instance_layer, image, n, body)
+    batched = trio.run(threaded_instance_layer, image, n, body, 100)
     engine = trio.run(lambda: engine_catchup(image, n, body=body, expect=expect))
+    unsnapped = trio.run(
+        lambda: engine_catchup(image, n, body=body, expect=expect, cache_frequency=10**9)
+    )
     return {
         "module": label,
         "slots": n,
@@ -357,7 +367,9 @@ def hot_rows(
         "bare_per_s": n / bare,
         "instance_per_s": n / layer,
         "threaded_per_s": n / hops,
+        "batched_per_s": n / batched,
         "engine_per_s": n / engine,
+        "engine_no_snapshots_per_s": n / unsnapped,
         "engine_over_bare": engine / bare,
         "engine_over_threaded": engine / hops,
     }
@@ -464,17 +476,18 @@ def report(r: dict[str, Any]) -> None:
     print(f"# WASM benchmark: {r['machine']}, wasmtime {r['wasmtime']}")
     print("\n## hot slots per second (one process, snapshots every 100 slots)\n")
     print(
-        "| module | slots | bare, plain config | bare | instance layer | + a thread hop a call "
-        "| engine | engine time / bare | engine time / hops |"
+        "| module | bare, plain config | bare | instance layer | + a hop a call "
+        "| + a hop per 100 calls | engine | engine, no snapshots | engine time / bare |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     hot = list(r["hot"]) + ([r["aos"]["hot"]] if "aos" in r else [])
     for row in hot:
         print(
-            f"| {row['module']} | {row['slots']} | {row['plain_config_per_s']:,.0f} | "
+            f"| {row['module']} ({row['slots']} slots) | {row['plain_config_per_s']:,.0f} | "
             f"{row['bare_per_s']:,.0f} | {row['instance_per_s']:,.0f} | "
-            f"{row['threaded_per_s']:,.0f} | {row['engine_per_s']:,.0f} | "
-            f"{row['engine_over_bare']:.2f} | {row['engine_over_threaded']:.2f} |"
+            f"{row['threaded_per_s']:,.0f} | {row['batched_per_s']:,.0f} | "
+            f"{row['engine_per_s']:,.0f} | {row['engine_no_snapshots_per_s']:,.0f} | "
+            f"{row['engine_over_bare']:.2f} |"
         )
     print("\n## cold restore after a restart against a hot request\n")
     print("| module | hot ms | cold ms | of which open ms | restore + slot ms | cold/hot |")
