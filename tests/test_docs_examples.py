@@ -1,4 +1,4 @@
-"""The examples in docs/reliability.md, devices.md and stores.md run, and do what they say.
+"""The examples in docs/reliability.md, devices.md, stores.md and api.md run and do what they say.
 
 Every fenced block whose info string is ``python`` is a complete script: it
 runs in a fresh namespace (in a temporary working directory) and must not
@@ -20,7 +20,7 @@ import pytest
 import hbtrio
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-PAGES = ("reliability.md", "devices.md", "stores.md")
+PAGES = ("reliability.md", "devices.md", "stores.md", "api.md")
 SRC = str(Path(hbtrio.__file__).resolve().parents[1])
 FENCE = re.compile(r"^```(python[^\n]*)\n(.*?)^```", re.M | re.S)
 
@@ -42,6 +42,7 @@ def test_the_documents_have_examples() -> None:
     assert len(blocks("python pytest", ("reliability.md",))) >= 1
     assert len(blocks("python", ("devices.md",))) >= 5
     assert len(blocks("python", ("stores.md",))) >= 1  # a store written from the docs alone
+    assert len(blocks("python", ("api.md",))) >= 1  # a live device
 
 
 def ids(kind: str) -> list[str]:

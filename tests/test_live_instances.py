@@ -45,9 +45,12 @@ class Ledger:
         else:
             total = snapshot["total"]
         self.boots.append(None if snapshot is None else total)
-        instance = LedgerInstance(self, total)
+        instance = self.make_instance(total)
         self.live.append(instance)
         return instance
+
+    def make_instance(self, total: int) -> LedgerInstance:
+        return LedgerInstance(self, total)
 
 
 class LedgerInstance:
@@ -313,3 +316,115 @@ async def test_a_failing_attach_fails_open_engine_and_releases_the_store(tmp_pat
             pytest.fail("the block must not run")
     async with hbtrio.open_engine(hbtrio.SQLiteStore(path)):
         pass  # the file is free again
+
+
+class PickyInstance(LedgerInstance):
+    """An instance that cannot take its snapshot at its device's ``snapshot_fail_at`` slots."""
+
+    device: PickyLedger
+    at: int | None = None  # the slot it stands at, once it has computed one
+
+    def compute(self, assignment: hbtrio.Message) -> dict[str, Any]:
+        self.at = assignment["slot"]
+        return super().compute(assignment)
+
+    def snapshot(self) -> Any:
+        if self.at in self.device.snapshot_fail_at:
+            raise RuntimeError(f"no snapshot at {self.at}")
+        self.device.snapshots.append(self.at)
+        return super().snapshot()
+
+
+class PickyLedger(Ledger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.snapshot_fail_at: set[int] = set()
+        self.snapshots: list[int | None] = []  # the slot of each snapshot taken
+
+    def make_instance(self, total: int) -> LedgerInstance:
+        return PickyInstance(self, total)
+
+
+@pytest.mark.parametrize("path", ["next-slot", "inline-batch", "worker-task"])
+async def test_a_slot_whose_snapshot_fails_is_not_stored_on_any_path(
+    path: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The request's next slot, a few slots applied by the requesting task, or the worker's
+    task: each fails the slot whose snapshot failed, stores nothing for it, and stands
+    before it."""
+    ledger = PickyLedger()
+    store = hbtrio.MemoryStore()
+    async with hbtrio.testing.open_test_engine(
+        store, devices={"ledger@1.0": ledger}, cache_frequency=2
+    ) as engine:
+        pid = await engine.spawn(definition("ledger@1.0"))
+        await engine.schedule_many(pid, [{"n": 1}] * 20)
+        await engine.compute(pid, 1)
+        ledger.snapshot_fail_at = {2}
+        target = {"next-slot": 2, "inline-batch": 3, "worker-task": 20}[path]
+        with pytest.raises(hbtrio.ComputeError) as info:
+            await engine.compute(pid, target)
+        assert info.value.attempted_slot == 2 and "snapshot failed" in str(info.value)
+        assert await store.get_result(pid, 2) is None
+        assert engine.workers[pid].slot == 1
+        ledger.snapshot_fail_at = set()
+        assert (await engine.compute(pid, 2))["total"] == 2
+        found = await store.latest_snapshot(pid, 2)
+        assert found is not None and found[0] == 2
+
+
+async def test_booting_at_the_snapshot_of_slot_0_does_not_snapshot_slot_0_again() -> None:
+    ledger = PickyLedger()
+    async with hbtrio.testing.open_test_engine(
+        devices={"ledger@1.0": ledger}, cache_frequency=100
+    ) as engine:
+        pid = await engine.spawn(definition("ledger@1.0"))
+        await engine.compute(pid, 0)
+        await engine.stop(pid)  # its snapshot at slot 0 is stored already
+        assert ledger.snapshots == [None]
+        await engine.schedule(pid, {"n": 1})
+        assert (await engine.compute(pid, 1))["total"] == 1
+        assert ledger.boots == [None, 0]  # the second from the snapshot at slot 0
+        assert ledger.snapshots == [None]  # and slot 0 was not snapshotted (and stored) again
+
+
+async def test_an_instance_whose_call_was_cancelled_is_never_snapshotted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The engine closing past its grace period cancels an awaited compute halfway: that
+    instance may have changed, so it is thrown away, not snapshotted at its last slot."""
+
+    class Halfway:
+        hang = True
+
+        def __init__(self, total: int) -> None:
+            self.total = total
+
+        async def compute(self, assignment: hbtrio.Message) -> dict[str, Any]:
+            self.total += assignment["body"]["n"]  # changed, then interrupted
+            if assignment["slot"] == 2 and self.hang:
+                await trio.sleep(1000)
+            return {"total": self.total}
+
+        async def snapshot(self) -> dict[str, Any]:
+            return {"total": self.total}
+
+    class Device:
+        async def boot(self, process: hbtrio.Message, snapshot: Any) -> Halfway:
+            return Halfway(0 if snapshot is None else snapshot["total"])
+
+    store = hbtrio.MemoryStore()
+    devices = {"halfway@1.0": Device()}
+    async with hbtrio.open_engine(
+        store, devices=devices, shutdown_grace=1.0, cache_frequency=10
+    ) as engine:
+        pid = await engine.spawn(definition("halfway@1.0"))
+        await engine.schedule_many(pid, [{"n": 5}, {"n": 100}])
+        assert (await engine.compute(pid, 1))["total"] == 5
+        with trio.move_on_after(1):
+            await engine.compute(pid, 2)  # still computing when the block is left
+    found = await store.latest_snapshot(pid, 10)
+    assert found is not None and found[0] == 0  # no snapshot of the interrupted instance
+    Halfway.hang = False
+    async with hbtrio.open_engine(store, devices=devices, cache_frequency=10) as engine:
+        assert (await engine.compute(pid, 2))["total"] == 105  # not 205

@@ -18,12 +18,14 @@ from ._engine import Engine as Engine
 from ._engine import EngineStats as EngineStats
 from ._engine import open_engine as open_engine
 from ._exceptions import BlobNotFound as BlobNotFound
+from ._exceptions import CatchingUp as CatchingUp
 from ._exceptions import ComputeError as ComputeError
 from ._exceptions import EngineClosed as EngineClosed
 from ._exceptions import HbTrioError as HbTrioError
 from ._exceptions import InternalError as InternalError
 from ._exceptions import InvalidMessage as InvalidMessage
 from ._exceptions import LeaderDied as LeaderDied
+from ._exceptions import Overloaded as Overloaded
 from ._exceptions import ProcessNotFound as ProcessNotFound
 from ._exceptions import SlotNotScheduled as SlotNotScheduled
 from ._exceptions import StoreError as StoreError
@@ -51,6 +53,7 @@ from ._worker import WorkerInfo as WorkerInfo
 
 __all__ = [
     "BlobNotFound",
+    "CatchingUp",
     "ComputeError",
     "Counter",
     "DeviceHost",
@@ -66,6 +69,7 @@ __all__ = [
     "LeaderDied",
     "MemoryStore",
     "Message",
+    "Overloaded",
     "ProcessNotFound",
     "ProcessRuntime",
     "SQLiteStore",

@@ -20,8 +20,8 @@ do I/O":
 - for a device whose calls are awaited or run in a thread, the driver asks
   the core for the call (`compute_call`, `snapshot_call`, `boot_plan`),
   performs it (`Driver.call`, the one place where ``slot_timeout`` and
-  threads apply), and hands the value back (`computed`, `snapshotted`,
-  `booted`);
+  threads apply), and hands the value back (`computed_value`,
+  `snapshotted`, `booted`);
 - `is_snapshot` says which slots are snapshot points (every
   ``cache_frequency``), `failure` what a failed call means.
 
@@ -53,6 +53,7 @@ from typing import Any, Final
 import attrs
 import trio
 
+from ._budget import WORKER_BYTES, estimate_bytes
 from ._devices import AWAIT, INLINE, RECORD, THREAD, DeviceInfo, is_async, is_device_failure
 from ._exceptions import ComputeError, InvalidMessage
 from ._message import (
@@ -68,6 +69,8 @@ from ._message import (
 
 __all__ = ["AWAIT", "BYTES_SNAPSHOT", "INLINE", "THREAD", "Call", "ProcessCore", "adopt_state"]
 
+#: What a live instance without ``memory_size()`` is taken to hold.
+LIVE_INSTANCE_BYTES: Final = 64 * 1024
 #: A live instance's snapshot that is bytes is stored as this one-key message.
 BYTES_SNAPSHOT: Final = "hbtrio/bytes"
 
@@ -173,6 +176,28 @@ class ProcessCore:
         """True when each state is its own snapshot (a state device without a snapshot hook)."""
         return not self.device.live and self.device.snapshot is None
 
+    def memory_estimate(self) -> int:
+        """What this process holds in memory, in bytes: an estimate. Never blocks.
+
+        A live instance's own ``memory_size()`` when it has one (a WASM
+        instance's linear memory), else `WORKER_BYTES` plus `estimate_bytes`
+        of the state at hand (for a live instance without ``memory_size``,
+        `LIVE_INSTANCE_BYTES`). A ``memory_size`` that fails or returns
+        something that is not an ``int`` counts as the latter.
+        """
+        instance = self.instance
+        if instance is not None:
+            size = getattr(instance, "memory_size", None)
+            if size is not None:
+                try:
+                    value = size()
+                except Exception:
+                    value = None
+                if type(value) is int and value >= 0:
+                    return WORKER_BYTES + value
+            return WORKER_BYTES + LIVE_INSTANCE_BYTES
+        return WORKER_BYTES + (0 if self.result is None else estimate_bytes(self.result))
+
     def _given(self, message: Message) -> Message:
         """What a device is handed of a message the engine keeps (see the module)."""
         return message if self.device.trusted else private_copy(message)
@@ -183,15 +208,15 @@ class ProcessCore:
         Whatever the device raised (see `is_device_failure`), but the caller's
         own cancellation, which this raises again as it is: call it from the
         ``except BaseException`` around a device call. ``exc`` is its
-        ``__cause__``. A live instance is
-        thrown away (the core is no longer `ready`): call `discard` to get it
-        and close it.
+        ``__cause__``. A live instance is thrown away either way (the core is
+        no longer `ready`), since a call that did not complete may have
+        changed it: call `discard` to get it and close it.
         """
-        if not is_device_failure(exc):
-            raise exc
         if self.device.live and self.instance is not None:
             self._broken, self.instance = self.instance, None
             self.inline = False  # until an instance is booted again
+        if not is_device_failure(exc):
+            raise exc
         error = ComputeError(
             f"process {self.pid}: {what} failed at slot {slot}: {exc!r}",
             phase="compute",
@@ -264,35 +289,33 @@ class ProcessCore:
     def booted(self, slot: int, value: Any, found: Message | None = None) -> Message | None:
         """Stand at ``slot`` with what the boot call returned (``value``).
 
-        For a state device without a ``restore`` call (`boot_plan` gave none),
-        ``found`` is the snapshot, which is the state. Returns the result at
-        slot 0 for a new process (to be stored, with `initial_snapshot`),
-        else ``None``. Raises `InvalidMessage` for a state that is not a message
-        (the caller turns that into the boot's failure).
+        ``found`` is the snapshot given to `boot_plan` (``None`` for a new
+        process); for a state device without a ``restore`` call (`boot_plan`
+        gave none) it is the state itself. Returns the result at slot 0 for a
+        new process (for the driver to store, with its snapshot), else
+        ``None``. Raises `InvalidMessage` for a state that is not a message, or
+        an instance without ``compute`` and ``snapshot`` (the caller turns that
+        into the boot's failure); the core has then not moved.
         """
         d = self.device
-        self.slot = slot
         if d.live:
-            self.instance = value
-            compute = getattr(value, "compute", None)
-            if compute is None or not callable(compute):
-                self.instance = None
-                raise InvalidMessage(f"device {d.name!r}: boot returned no instance with compute")
-            snapshot = getattr(value, "snapshot", None)
-            self.how = _how(d, compute)
-            self.inline = (
-                self.how == INLINE
-                and (snapshot is None or not is_async(snapshot))
-                and not self.records
-            )
+            for method in ("compute", "snapshot"):
+                fn = getattr(value, method, None)
+                if fn is None or not callable(fn):
+                    raise InvalidMessage(
+                        f"device {d.name!r}: boot returned no instance with {method}"
+                    )
+            self.slot, self.instance = slot, value
+            self.how = _how(d, value.compute)
+            self.inline = self.how == INLINE and not is_async(value.snapshot) and not self.records
             self.result = _Frozen({"at-slot": 0}) if slot == 0 else None
-            return self.result if slot == 0 else None
+            return self.result if found is None else None
         if value is None and found is not None:
             state = found if found.get("at-slot") == slot else adopt_state(dict(found), slot, True)
         else:
             state = adopt_state(value, slot, d.trusted)
-        self.result = state
-        return state if slot == 0 else None
+        self.slot, self.result = slot, state
+        return state if found is None else None
 
     # computing inline ---------------------------------------------------------------------------
 
@@ -332,31 +355,38 @@ class ProcessCore:
 
         Appends each slot's result to ``out`` (a live instance's snapshots due
         to ``snapshots``) and moves the core with them; returns the failure
-        that stopped the batch, if any (the results before it are kept).
+        that stopped the batch, if any (the results before it are kept; a
+        slot whose snapshot failed is not: the core stands before it).
         """
         d = self.device
         if self.instance is None and d.compute_batch is not None:
+            done = len(out)
             try:
                 d.compute_batch(self.result, batch, out)
             except BaseException as exc:
-                failure = self.failure(batch[len(out)]["slot"], exc)
-                self._moved(out)
+                failure = self.failure(batch[len(out) - done]["slot"], exc)
+                self._moved(len(out) - done, out)
                 return failure
-            self._moved(out)
+            self._moved(len(out) - done, out)
             return None
+        before = self.result
         for assignment in batch:
             try:
-                out.append(self.step(assignment))
+                result = self.step(assignment)
                 if self.instance is not None and self.is_snapshot(self.slot):
                     snapshots[self.slot] = self.snapshot_now()
             except ComputeError as exc:
+                if exc.attempted_slot == self.slot:  # computed, but its snapshot failed
+                    self.slot, self.result = self.slot - 1, before
                 return exc
+            out.append(result)
+            before = result
         return None
 
-    def _moved(self, out: list[Message]) -> None:
-        if out:
-            self.slot, self.result = self.slot + len(out), out[-1]
-            self.computed += len(out)
+    def _moved(self, n: int, out: list[Message]) -> None:
+        if n:
+            self.slot, self.result = self.slot + n, out[-1]
+            self.computed += n
 
     @trio.lowlevel.enable_ki_protection  # a real Ctrl-C never lands in the device it calls
     def _compute_untrusted(self, state: Message, assignment: Message) -> Message:
@@ -391,9 +421,7 @@ class ProcessCore:
     def snapshot_call(self) -> Call | None:
         """The call that gives the snapshot at `slot`; ``None`` when the result is its own."""
         if self.instance is not None:
-            snapshot = getattr(self.instance, "snapshot", None)
-            if snapshot is None:
-                raise InvalidMessage(f"device {self.device.name!r}: its instance has no snapshot")
+            snapshot = self.instance.snapshot  # `booted` made sure there is one
             return _how(self.device, snapshot), snapshot, ()
         d = self.device
         if d.snapshot is None:

@@ -2,19 +2,21 @@
 
 Theory of operation
 -------------------
-Every path that computes slots goes through a `Driver`: a request answered
-in its own task (`step_nowait`, `apply_nowait`), a worker's catch-up
-(`advance`), the recompute of an earlier slot and `compute_slot` (a driver
-and core of their own, never the worker's hot instance). So this is the one
+Every path that computes slots goes through a `Driver`: a request that an
+idle worker answers in the request's own task (`apply_nowait`, and the one
+slot case inlined in `GroupWorker.serve_now`), a worker's catch-up
+(`advance`), and the recompute of an earlier slot (`compute_slot`: a driver
+and core of its own, never the worker's hot instance). So this is the one
 place where:
 
 - device calls that are not inline are made (`call`): awaited under
   ``slot_timeout``, or in a worker thread (`run_in_thread` devices) under the
   same bound, abandoned if it runs out;
-- results are committed (`_commit`): the store first, then the core's
-  position, then the waiters of those slots (`publish`). A store that refuses
-  them leaves the core where it was (a live instance that already moved is
-  thrown away), fails the waiters from the first refused slot, and raises;
+- results are committed (`_commit`): the core computes them, the store takes
+  them, and only then are the waiters of those slots woken (`_publish`). A
+  store that refuses them puts the core back where it was (`_undo`: a live
+  instance that already moved is thrown away), fails the waiters from the
+  first refused slot, and raises;
 - backpressure applies: `Store.wait_writable` right before computing, with
   no await between it and the results;
 - a long catch-up yields to the scheduler: between chunks of `CHUNK` slots.
@@ -38,6 +40,7 @@ import attrs
 import trio
 
 from ._broadcast import SlotBroadcaster
+from ._budget import Limits
 from ._core import AWAIT, INLINE, Call, ProcessCore
 from ._devices import Devices, is_async
 from ._exceptions import (
@@ -101,6 +104,13 @@ class Driver:
     ahead_at: int = 0
     #: The store's answers from memory (`Store.fast`, or one that always says "wait").
     fast: FastPath = attrs.field(init=False)
+    #: The snapshot policy besides every ``cache_frequency`` slots (`Limits` with
+    #: ``snapshot_seconds`` or ``snapshot_cost_ratio``), or ``None``. It times the
+    #: calls that are awaited or run in threads, on Trio's clock.
+    policy: Limits | None = None
+    #: Seconds of device calls since the last snapshot, and what the last one took.
+    computing: float = 0.0
+    snapshot_cost: float = 0.0
 
     def __attrs_post_init__(self) -> None:
         self.fast = fast_path(self.store)
@@ -387,6 +397,8 @@ class Driver:
         """One slot through an awaited or threaded call, with its snapshot if due."""
         core = self.core
         slot, before = core.slot + 1, core.result
+        timed = self.policy is not None and not core.own_snapshots
+        started = trio.current_time() if timed else 0.0
         try:
             core.computed_value(await self.call(core.compute_call(assignment)))
         except BaseException as exc:
@@ -398,9 +410,17 @@ class Driver:
             self._give_up(failure, slot)
             raise failure from exc
         snapshot = None
-        if core.is_snapshot(slot):
+        due = core.is_snapshot(slot)
+        if timed:
+            now = trio.current_time()
+            self.computing += now - started
+            due = due or self._snapshot_due()
+        if due:
+            started = trio.current_time() if timed else 0.0
             try:
                 snapshot = await self._snapshot_value()
+                if timed:
+                    self.computing, self.snapshot_cost = 0.0, trio.current_time() - started
             except ComputeError as failure:
                 core.slot, core.result = slot - 1, before  # not stored: back to before it
                 await self._close_discarded()
@@ -408,6 +428,20 @@ class Driver:
                 raise
         assert core.result is not None
         self._commit(slot, [core.result], None if snapshot is None else {slot: snapshot}, before)
+
+    def _snapshot_due(self) -> bool:
+        """Whether the snapshot policy (`Limits`) wants a snapshot at the slot just computed.
+
+        After ``snapshot_seconds`` of device calls since the last snapshot, or
+        once those calls took ``snapshot_cost_ratio`` times what the last
+        snapshot took (the first one is taken to learn its cost).
+        """
+        policy = self.policy
+        assert policy is not None
+        seconds, ratio = policy.snapshot_seconds, policy.snapshot_cost_ratio
+        if seconds is not None and self.computing >= seconds:
+            return True
+        return ratio is not None and self.computing >= ratio * self.snapshot_cost
 
     async def _record(self, failure: ComputeError, before: Message | None) -> None:
         """Make ``failure`` its slot's result and go on from the state before it.
