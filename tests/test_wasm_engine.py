@@ -175,6 +175,19 @@ async def test_a_memory_hog_meets_the_limit() -> None:
         assert found is not None and found[1]["size"] <= 4 << 20
 
 
+async def test_the_engine_counts_a_workers_linear_memory() -> None:
+    async with hbtrio.testing.open_test_engine(devices={COUNTER: device()}) as engine:
+        pid = await engine.spawn(wasm_definition(module("counter")))
+        await engine.schedule(pid, {})
+        await engine.compute(pid, 1)
+        small = engine.workers[pid].memory_bytes
+        assert small >= 2 * 65536  # the module's two pages
+        await engine.schedule(pid, {"data": "x" * 1_000_000})  # never freed: memory grows
+        await engine.compute(pid, 2)
+        assert engine.workers[pid].memory_bytes >= small + 900_000
+        assert engine.statistics().memory_bytes >= engine.workers[pid].memory_bytes
+
+
 async def test_a_wasm_process_is_deterministic() -> None:
     bodies: list[dict[str, Any]] = [
         {"data": "one"},

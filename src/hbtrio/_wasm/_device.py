@@ -385,6 +385,10 @@ class LiveWasm:
             result["stderr"] = instance.stderr.decode(errors="replace")
         return result
 
+    def memory_size(self) -> int:
+        """Bytes of the instance's linear memory (for the engine's memory bounds). Never blocks."""
+        return self.instance.memory_size
+
     async def snapshot(self) -> dict[str, Any]:
         """The instance's memory and globals (`_snapshot`). Runs in a thread; checkpoints."""
         return await trio.to_thread.run_sync(

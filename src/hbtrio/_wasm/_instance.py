@@ -171,6 +171,7 @@ class WasmInstance:
             if image.stack
             else None
         )
+        self._size: int = self._memory.data_len(store)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "broken" if self.broken else "live"
@@ -332,11 +333,14 @@ class WasmInstance:
         with self._use() as store:
             self.stdout.clear()
             self.stderr.clear()
-            with self._calling():
-                msg = self._put(store, message)
-                envp = self._put(store, env)
-                result = _call(store, self._handle, (msg, envp))
-                return self._read_string(store, result)
+            try:
+                with self._calling():
+                    msg = self._put(store, message)
+                    envp = self._put(store, env)
+                    result = _call(store, self._handle, (msg, envp))
+                    return self._read_string(store, result)
+            finally:
+                self._size = self._memory.data_len(store)
 
     def _put(self, store: wasmtime.Store, data: bytes) -> int:
         n = len(data) + 1
@@ -375,9 +379,11 @@ class WasmInstance:
 
     @property
     def memory_size(self) -> int:
-        """Bytes of linear memory now."""
-        with self._use() as store:
-            return self._memory.data_len(store)
+        """Bytes of linear memory, as of the end of the last call (or restore). Never blocks.
+
+        Safe from any thread, also while a call runs (it reads no store).
+        """
+        return self._size
 
     def snapshot(self) -> dict[str, Any]:
         """The instance's state as a snapshot message (`_snapshot`). Blocks for milliseconds."""
@@ -425,6 +431,7 @@ class WasmInstance:
                     raise WasmError(f"cannot grow memory to the snapshot's size: {exc}") from None
             base = ctypes.addressof(self._memory.data_ptr(store).contents)
             ctypes.memmove(base, memory, len(memory))
+            self._size = len(memory)
             saved = snapshot.get("globals") or {}
             for name, kind, g in self._globals:
                 if name in saved:
