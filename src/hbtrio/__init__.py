@@ -42,6 +42,13 @@ from ._store import MemoryStore as MemoryStore
 from ._store import SlotResult as SlotResult
 from ._store import Store as Store
 from ._store import StoreStatistics as StoreStatistics
+from ._wasm import WasmDevice as WasmDevice
+from ._wasm import WasmError as WasmError
+from ._wasm import WasmImageError as WasmImageError
+from ._wasm import WasmInterfaceError as WasmInterfaceError
+from ._wasm import WasmStats as WasmStats
+from ._wasm import WasmTimeout as WasmTimeout
+from ._wasm import WasmTrap as WasmTrap
 from ._worker import WorkerInfo as WorkerInfo
 
 __all__ = [
@@ -73,6 +80,13 @@ __all__ = [
     "StoreError",
     "StoreStatistics",
     "UnknownDevice",
+    "WasmDevice",
+    "WasmError",
+    "WasmImageError",
+    "WasmInterfaceError",
+    "WasmStats",
+    "WasmTimeout",
+    "WasmTrap",
     "WorkerInfo",
     "__version__",
     "compute_slot",
