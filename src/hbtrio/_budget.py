@@ -49,6 +49,8 @@ __all__ = ["WORKER_BYTES", "Budget", "Limits", "estimate_bytes"]
 #: What a worker with a small message state costs besides its state (its worker,
 #: core and bookkeeping objects), measured on CPython 3.11 (docs/design.md).
 WORKER_BYTES: Final = 3 * 1024
+#: Values `estimate_bytes` need not look into.
+_ATOMS: Final = frozenset({str, bytes, int, float, bool, type(None)})
 #: Most entries `estimate_bytes` looks at; beyond it, the average so far is extrapolated.
 _ESTIMATE_ENTRIES: Final = 4096
 
@@ -121,7 +123,7 @@ def estimate_bytes(value: object, _depth: int = 0) -> int:
     at their average). Shared objects count each time they appear.
     """
     size = sys.getsizeof(value)
-    if _depth >= 32:
+    if type(value) in _ATOMS or _depth >= 32:
         return size
     items: Any
     if isinstance(value, Mapping):

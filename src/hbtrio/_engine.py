@@ -306,7 +306,9 @@ class Engine:
             waiters=sum(w.waiting for w in self._workers.values())
             + sum(len(e.waiters) for e in self._executions.values()),
             blobs_stored=self._blobs_stored,
-            memory_bytes=self._budget.memory,
+            memory_bytes=self._budget.memory
+            if self._limits.max_memory is not None
+            else sum(w.memory() for w in self._workers.values()),
             evictions=self._budget.evictions,
             refused=self._budget.refused,
             cold_starts=self._budget.cold_starts,

@@ -274,7 +274,7 @@ class GroupWorker(Driver):
             idle_seconds=max(0.0, now - self.last_request) if self.phase is _IDLE else 0.0,
             computed=self.computed,
             started_at=self.started_at,
-            memory_bytes=self.memory_bytes,
+            memory_bytes=self.memory(),
         )
 
     @property
@@ -305,35 +305,40 @@ class GroupWorker(Driver):
         else:
             # `apply_nowait` + `_commit` for one slot, inlined; nobody waits on an
             # idle worker, so there is nobody to wake.
-            fast = self.fast
             if not core.inline or self.store.backlogged:
                 return None
+            fast, pid = self.fast, core.pid
             try:
-                assignment = fast.pending_assignment_nowait(core.pid, slot)
+                assignment = fast.pending_assignment_nowait(pid, slot)
             except trio.WouldBlock:
                 return None
             if assignment is None:  # unscheduled, or stored ahead (`advance` jumps there)
                 return None
             before = core.result
-            if core.instance is None:  # a state device: `ProcessCore.step`, inlined
+            if core.instance is None:
+                # A state device: `ProcessCore.step` inlined, each state its own
+                # snapshot, stored before the core moves to it.
                 try:
                     state = core._compute_one(before, assignment)  # type: ignore[arg-type]
                 except BaseException as exc:  # whatever the device raised: see is_device_failure
                     raise core.failure(slot, exc) from exc
+                try:
+                    fast.put_state_nowait(pid, slot, state, slot % core.cache_frequency == 0)
+                except StoreError as exc:
+                    self._undo(at, before, exc)
                 core.slot, core.result = slot, state
                 core.computed += 1
-            else:
-                try:
-                    state = core.step(assignment)
-                except ComputeError:
-                    self._close_discarded_nowait()  # a live instance it threw away
-                    raise
+                self.target = slot
+                self.last_request = self._now()
+                return state
             try:
-                if core.instance is None:  # a state device: each state its own snapshot
-                    fast.put_state_nowait(core.pid, slot, state, slot % core.cache_frequency == 0)
-                else:
-                    snapshot = core.snapshot_now() if core.is_snapshot(slot) else None
-                    self.store.put_results_nowait(core.pid, [(slot, state, snapshot)])
+                state = core.step(assignment)
+            except ComputeError:
+                self._close_discarded_nowait()  # a live instance it threw away
+                raise
+            try:
+                snapshot = core.snapshot_now() if core.is_snapshot(slot) else None
+                self.store.put_results_nowait(pid, [(slot, state, snapshot)])
             except (StoreError, ComputeError) as exc:
                 self._undo(at, before, exc)
             self.target = slot
@@ -456,10 +461,18 @@ class GroupWorker(Driver):
         await self.boot(max(lowest, 0), self.target + 1)
         self._jumped()
 
+    def memory(self) -> int:
+        """The estimate of the memory it holds: `memory_bytes` when the engine bounds
+        memory (then measured at boot and idle), else measured now. Never blocks."""
+        if self.host.limits.max_memory is not None or self.core is None:
+            return self.memory_bytes
+        return self.core.memory_estimate()
+
     def _measure(self) -> None:
-        """Measure `memory_bytes` again and tell the host what changed. Never blocks."""
+        """Measure `memory_bytes` again and tell the host what changed, when the engine
+        bounds memory (else `memory` measures on demand). Never blocks."""
         core = self.core
-        if core is None or self.evicted:
+        if core is None or self.evicted or self.host.limits.max_memory is None:
             return
         size = core.memory_estimate()
         delta, self.memory_bytes = size - self.memory_bytes, size
