@@ -406,6 +406,23 @@ class ProcessCore:
             state, assignment = private_copy(state), private_assignment(assignment)
         return self.how, self.device.compute, (state, assignment)  # type: ignore[return-value]
 
+    def many_call(self, batch: list[Message], out: list[Any]) -> Call | None:
+        """The call that computes consecutive ``batch`` at once, appending each result to
+        ``out`` (a live instance's ``compute_many``), or ``None`` if it has none."""
+        instance = self.instance
+        many = getattr(instance, "compute_many", None) if instance is not None else None
+        if many is None:
+            return None
+        if not self.device.trusted:
+            batch = [private_assignment(a) for a in batch]
+        return _how(self.device, many), many, (batch, out)
+
+    def many_due(self, limit: int) -> int:
+        """How many slots from the next one to hand a ``compute_many`` at most: up to
+        ``limit``, and never past the next snapshot point (so it is taken there)."""
+        cf = self.cache_frequency
+        return min(limit, cf - self.slot % cf)
+
     def computed_value(self, value: Any) -> Message:
         """Move to the next slot with what its compute call returned; its result.
 
