@@ -60,3 +60,8 @@ async def test_spawn_with_an_image_from_the_command_line(
         assert (await cli(capsys, "schedule", "--url", url, pid, "data=hi"))[0] == 0
         status, out, _ = await cli(capsys, "now", "--url", url, pid, "--json")
         assert json.loads(out)["output"] == {"count": 1, "calls": 1}
+        # Without --json: the output data alone, plainly (JSON, as it is not text).
+        status, out, err = await cli(capsys, "now", "--url", url, pid)
+        assert status == 0 and json.loads(out) == {"count": 1, "calls": 1}
+        status, out, err = await cli(capsys, "compute", "--url", url, pid, "1")
+        assert status == 0 and json.loads(out) == {"count": 1, "calls": 1} and err == ""
