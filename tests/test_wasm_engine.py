@@ -278,6 +278,15 @@ async def test_an_image_by_blob_id_comes_from_the_engines_store(tmp_path: Path) 
     ) as engine:
         await engine.schedule(pid, {})
         assert counts(await engine.now(pid)) == (2, 2)  # the image read again from the file
+        # Audits and replays without an engine find the image in the store's blobs too.
+        report = await hbtrio.testing.audit_process(engine.store, pid, {COUNTER: device()})
+        assert report.results == 3 and report.missing_results == 0
+        states = await hbtrio.testing.assert_deterministic(
+            wasm_definition(image), [{}, {}], {COUNTER: device()}, blobs=engine.store
+        )
+        assert [counts(s) for s in states[1:]] == [(1, 1), (2, 2)]
+        with pytest.raises(hbtrio.ComputeError):  # without the store: no image to boot
+            await hbtrio.testing.replay(wasm_definition(image), [{}], {COUNTER: device()})
     assert dev.statistics().compiled == 1
 
 

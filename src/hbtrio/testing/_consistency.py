@@ -16,9 +16,10 @@ from typing import Any
 import attrs
 
 from .._core import ProcessCore
-from .._devices import Devices
+from .._devices import DeviceHost, Devices
 from .._driver import Driver
-from .._message import Message, freeze, message_id
+from .._exceptions import BlobNotFound
+from .._message import Message, freeze, message_id, validate_blob_id
 from .._process import validate_definition
 from .._scheduler import make_assignment, verify_schedule
 from .._store import MemoryStore, Store
@@ -45,8 +46,23 @@ class AuditReport:
     snapshots: int
 
 
-def _registry(devices: Mapping[str, object] | Devices | None) -> Devices:
-    return devices if isinstance(devices, Devices) else Devices(devices)
+def _registry(
+    devices: Mapping[str, object] | Devices | None, store: Store | None = None
+) -> Devices:
+    """The devices as an engine would have them: attached (`DeviceHost`) to blobs of ``store``."""
+    if isinstance(devices, Devices):
+        return devices
+    registry = Devices(devices)
+
+    async def get_blob(blob_id: str) -> bytes:
+        validate_blob_id(blob_id)
+        data = None if store is None else await store.get_blob(blob_id)
+        if data is None:
+            raise BlobNotFound(blob_id)
+        return data
+
+    registry.attach(DeviceHost(None, get_blob))
+    return registry
 
 
 async def _replay_assignments(
@@ -70,15 +86,19 @@ async def replay(
     definition: Mapping[str, Any],
     bodies: Iterable[Mapping[str, Any]],
     devices: Mapping[str, object] | None = None,
+    *,
+    blobs: Store | None = None,
 ) -> list[Message]:
     """The states of a process at slots 0, 1, ... computed from scratch, without any engine.
 
     ``bodies`` are the messages scheduled at slots 1, 2, ...; ``devices`` are
-    the extra devices as for `hbtrio.open_engine`. Device failures raise
-    `hbtrio.ComputeError` as in the engine. The reference to compare an
-    engine's answers with (by value or by `hbtrio.message_id`).
+    the extra devices as for `hbtrio.open_engine` (attached to the blobs of
+    the store ``blobs``, for a process that names its module by blob ID).
+    Device failures raise `hbtrio.ComputeError` as in the engine. The
+    reference to compare an engine's answers with (by value or by
+    `hbtrio.message_id`).
     """
-    registry = _registry(devices)
+    registry = _registry(devices, blobs)
     defn = validate_definition(definition, registry)
     pid = message_id(defn)
     assignment, chain = make_assignment(pid, 0, defn, b"", mid=pid)
@@ -96,6 +116,7 @@ async def assert_deterministic(
     devices: Mapping[str, object] | None = None,
     *,
     runs: int = 2,
+    blobs: Store | None = None,
 ) -> list[Message]:
     """Replay a process ``runs`` times; raise `AuditError` at the first slot whose states differ.
 
@@ -103,10 +124,10 @@ async def assert_deterministic(
     on another node would be checked against. Returns the states of the
     first run.
     """
-    first = await replay(definition, bodies, devices)
+    first = await replay(definition, bodies, devices, blobs=blobs)
     ids = [message_id(s) for s in first]
     for run in range(1, runs):
-        again = await replay(definition, bodies, devices)
+        again = await replay(definition, bodies, devices, blobs=blobs)
         for slot, (a, b) in enumerate(zip(ids, again, strict=True)):
             if a != message_id(b):
                 raise AuditError(
@@ -134,9 +155,9 @@ async def audit_process(
 
     Raises `AuditError` naming the first problem; returns an `AuditReport`.
     The store must be open; this only reads. ``devices`` are the extra
-    devices as for `hbtrio.open_engine`.
+    devices as for `hbtrio.open_engine` (attached to the store's blobs).
     """
-    registry = _registry(devices)
+    registry = _registry(devices, store)
     definition = await store.get_process(pid)
     if definition is None:
         raise AuditError(f"process {pid} is not in the store")
