@@ -18,6 +18,7 @@ from typing import Any, Final
 import attrs
 import trio
 
+from . import _lua
 from ._exceptions import ComputeError, InvalidMessage, UnknownDevice
 from ._message import MAX_INT, MIN_INT, Message
 
@@ -228,6 +229,9 @@ class Devices:
         self._devices: dict[str, DeviceInfo] = {
             "counter@1.0": DeviceInfo.of("counter@1.0", Counter())
         }
+        for name, builtin in _lua.builtin_devices().items():
+            if name not in (extra or {}):
+                self._devices[name] = DeviceInfo.of(name, builtin)
         for name, obj in (extra or {}).items():
             if type(name) is not str or not name:
                 raise TypeError(f"device names must be non-empty str, not {name!r}")
@@ -256,7 +260,8 @@ class Devices:
         try:
             return self._devices[name]  # type: ignore[index]
         except (KeyError, TypeError):
-            raise UnknownDevice(name) from None
+            why = _lua.MISSING if name in _lua.NAMES else None
+            raise UnknownDevice(name, why) from None
 
     def names(self) -> list[str]:
         return sorted(self._devices)

@@ -47,8 +47,8 @@ class BlobNotFound(HbTrioError, LookupError):
 class UnknownDevice(HbTrioError, LookupError):
     """A device name that no registered device answers to."""
 
-    def __init__(self, name: object) -> None:
-        super().__init__(f"no device registered as {name!r}")
+    def __init__(self, name: object, why: str | None = None) -> None:
+        super().__init__(f"no device registered as {name!r}" + (f": {why}" if why else ""))
         self.name = name
 
 
