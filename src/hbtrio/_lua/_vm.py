@@ -52,6 +52,14 @@ def seed_of(*parts: str) -> int:
     return int.from_bytes(digest[:8], "little", signed=True)
 
 
+#: Bytes of the BLAKE2b digest in front of a snapshot's heap.
+DIGEST_SIZE: Final = 16
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+
+
 def _no_attributes(obj: object, name: object, is_setting: bool) -> object:
     raise AttributeError("host objects have no attributes in hbtrio's Lua sandbox")
 
@@ -151,15 +159,25 @@ class LuaVM:
         return LuaScriptError(text)
 
     def snapshot(self, *, timeout: float) -> bytes:
-        """The VM's heap as bytes (see ``sandbox.lua``). Raises `LuaSnapshotError`, ..."""
+        """The VM's heap as bytes (see ``sandbox.lua``), behind a digest of them.
+
+        Raises `LuaSnapshotError` (the heap holds what a snapshot cannot keep), ...
+        """
         try:
             data, _ = self.call("snapshot", timeout=timeout)
         except LuaScriptError as exc:
             raise LuaSnapshotError(f"cannot snapshot the Lua VM: {exc}") from None
-        return bytes(data)
+        return _digest(data) + data
 
-    def restore(self, data: bytes, *, timeout: float) -> None:
-        """Refill a new VM's heap from `snapshot`'s bytes. Raises `LuaSnapshotError`, ..."""
+    def restore(self, snapshot: bytes, *, timeout: float) -> None:
+        """Refill a new VM's heap from `snapshot`'s bytes. Raises `LuaSnapshotError`, ...
+
+        The digest is checked first: the heap holds bytecode, which Lua loads
+        without checking it, so damaged bytes never reach the VM.
+        """
+        head, data = snapshot[:DIGEST_SIZE], snapshot[DIGEST_SIZE:]
+        if len(head) < DIGEST_SIZE or _digest(data) != head:
+            raise LuaSnapshotError("not a snapshot of hbtrio's Lua device, or a damaged one")
         try:
             self.call("restore", data, timeout=timeout)
         except LuaScriptError as exc:

@@ -206,11 +206,11 @@ G.next = function(t, k)
   if type(t) ~= "table" then
     error("bad argument #1 to 'next' (table expected, got " .. type(t) .. ")", 2)
   end
-  if next(t) == nil then
-    return nil
-  end
   if k ~= nil and rawget(t, k) == nil then
     error("invalid key to 'next'", 2)
+  end
+  if next(t) == nil then
+    return nil
   end
   local best = nil
   for key in next, t do
@@ -413,6 +413,12 @@ for _, lib in ipairs(LIBRARIES) do
 end
 know_table("_G", G)
 know_table("#string-metatable", STRING_META)
+-- Every builtin table is a root: one whose entries changed is written even when nothing
+-- that changed refers to it.
+local ROOTS = { "_G", "#string-metatable" }
+for _, lib in ipairs(LIBRARIES) do
+  ROOTS[#ROOTS + 1] = lib
+end
 
 -- Snapshots: the heap reachable from the globals -------------------------------------------
 --
@@ -528,8 +534,10 @@ local function snapshot()
   end
 
   put(MAGIC)
-  value(G, "_G")
-  value(STRING_META, "#string-metatable")
+  put(pack("<I4", #ROOTS))
+  for _, name in ipairs(ROOTS) do
+    value(known_value[name], name)
+  end
   local i = 0
   while i < #nodes do
     i = i + 1
@@ -606,7 +614,12 @@ local function restore(data)
     return list, read()
   end
 
-  local roots = { read(), read() }
+  local nroots
+  nroots, pos = unpack("<I4", data, pos)
+  local roots = {}
+  for j = 1, nroots do
+    roots[j] = read()
+  end
   local id = 0
   while pos <= #data do
     id = id + 1
@@ -678,8 +691,13 @@ local function restore(data)
       end
     end
   end
-  if resolve(roots[1]) ~= G or resolve(roots[2]) ~= STRING_META then
+  if nroots ~= #ROOTS then
     error("a damaged snapshot (its roots)", 0)
+  end
+  for j, name in ipairs(ROOTS) do
+    if resolve(roots[j]) ~= known_value[name] then
+      error("a damaged snapshot (its roots)", 0)
+    end
   end
 end
 
