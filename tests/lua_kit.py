@@ -18,10 +18,13 @@ def source(name: str) -> str:
     return (LUA / f"{name}.lua").read_text()
 
 
-def lua_process(script: str, **extra: Any) -> dict[str, Any]:
-    """A lua@5.3 definition with ``script`` inline (a script's name, or Lua source)."""
-    text = source(script) if "\n" not in script else script
-    return {"device": "process@1.0", "execution-device": "lua@5.3", "script": text, **extra}
+def lua_process(script: str | None, **extra: Any) -> dict[str, Any]:
+    """A lua@5.3 definition with ``script`` inline (a script's name, or Lua source; ``None``:
+    none, the code is in ``extra``'s ``module``)."""
+    definition = {"device": "process@1.0", "execution-device": "lua@5.3", **extra}
+    if script is not None:
+        definition["script"] = source(script) if "\n" not in script else script
+    return definition
 
 
 def instance(

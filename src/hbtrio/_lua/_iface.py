@@ -27,7 +27,7 @@ JSON.
 ``Assignments`` and ``Error`` (in any case); `parse_result` makes the slot's
 result of it::
 
-    {"output": <Output's data (or Output itself when it has no data)>,
+    {"output": <Output's data (or Output itself when it is no table with data)>,
      "messages": [<outbox message>, ...], "spawns": [...], "assignments": [...],
      "error": <text, only when the script reported one>}
 
@@ -200,8 +200,8 @@ def parse_result(answer: Any, printed: str, process: Process) -> dict[str, Any]:
     if isinstance(answer, dict):
         response = _folded(answer)
         output = response.get("output")
-        if isinstance(output, dict):
-            output = _folded(output).get("data", "")
+        if isinstance(output, dict) and "data" in _folded(output):
+            output = _folded(output)["data"]
         result["output"] = "" if output is None else output
         result["messages"] = [_outgoing(m, process) for m in _list(response, "messages")]
         result["spawns"] = [_outgoing(m, process) for m in _list(response, "spawns")]

@@ -167,7 +167,7 @@ class LuaVM:
             data, _ = self.call("snapshot", timeout=timeout)
         except LuaScriptError as exc:
             raise LuaSnapshotError(f"cannot snapshot the Lua VM: {exc}") from None
-        return _digest(data) + data
+        return _digest(data) + bytes(data)
 
     def restore(self, snapshot: bytes, *, timeout: float) -> None:
         """Refill a new VM's heap from `snapshot`'s bytes. Raises `LuaSnapshotError`, ...
