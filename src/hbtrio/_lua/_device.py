@@ -82,6 +82,8 @@ class LuaStats:
     booted: int
     restored: int
     live_instances: int
+    #: Calls into VMs running now, in threads: an abandoned one counts until it has stopped.
+    running: int
 
 
 class LuaDevice:
@@ -131,7 +133,7 @@ class LuaDevice:
         self._limiter = limiter
         self._hosts: list[Host] = []  # newest first; guarded by _lock
         self._lock = threading.Lock()
-        self._booted = self._restored = self._live = 0  # guarded by _lock
+        self._booted = self._restored = self._live = self._running = 0  # guarded by _lock
 
     def __repr__(self) -> str:
         return f"<LuaDevice max_memory={self.max_memory >> 20} MiB timeout={self.timeout:g} s>"
@@ -158,7 +160,16 @@ class LuaDevice:
 
     def statistics(self) -> LuaStats:
         with self._lock:
-            return LuaStats(booted=self._booted, restored=self._restored, live_instances=self._live)
+            return LuaStats(
+                booted=self._booted,
+                restored=self._restored,
+                live_instances=self._live,
+                running=self._running,
+            )
+
+    def _enter(self, delta: int) -> None:
+        with self._lock:
+            self._running += delta
 
     # booting --------------------------------------------------------------------------------
 
@@ -274,10 +285,15 @@ class LiveLua:
         msg = to_lua(runtime, message_fields(assignment, process))
         env = to_lua(runtime, self._env)
         seed = seed_of(process.id, assignment["message-id"])
-        answer, printed = vm.call(
-            "handle", msg, env, assignment.get("timestamp", 0), seed, timeout=self._device.timeout
-        )
-        return parse_result(from_lua(answer), printed, process)
+        device = self._device
+        device._enter(1)
+        try:
+            answer, printed = vm.call(
+                "handle", msg, env, assignment.get("timestamp", 0), seed, timeout=device.timeout
+            )
+            return parse_result(from_lua(answer), printed, process)
+        finally:
+            device._enter(-1)
 
     async def snapshot(self) -> bytes:
         """The VM's heap (``sandbox.lua``). Runs in a thread; checkpoints."""
@@ -285,7 +301,12 @@ class LiveLua:
                                              abandon_on_cancel=True)  # fmt: skip
 
     def snapshot_sync(self) -> bytes:
-        return self.vm.snapshot(timeout=self._device.timeout)
+        device = self._device
+        device._enter(1)
+        try:
+            return self.vm.snapshot(timeout=device.timeout)
+        finally:
+            device._enter(-1)
 
     def close(self) -> None:
         """Let the VM go (a call still running in a thread stops at its next hook). Idempotent."""
