@@ -276,7 +276,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-latest", action="store_true", help=f"do not write {RESULTS.relative_to(REPO)}"
     )
-    p.add_argument("--workloads", help="comma-separated: w1,w2,w2-sqlite,w3,w3-parked,w4,w5,w6 (default all)")
+    p.add_argument(
+        "--workloads", help="comma-separated: w1,w2,w2-sqlite,w3,w3-parked,w4,w5,w6 (default all)"
+    )
     p.add_argument("--impl", help="comma-separated implementations (default hbtrio,trio,asyncio)")
     p.add_argument("--timeout", type=float, help="seconds per run (default 900, quick 120)")
     return p

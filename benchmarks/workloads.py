@@ -445,9 +445,7 @@ def _parser() -> argparse.ArgumentParser:
         "--every", type=_positive, help="w6: snapshot every this many slots (also the extra slots)"
     )
     p.add_argument("--store", choices=["memory", "sqlite"], help="w2: the store")
-    p.add_argument(
-        "--order", choices=["slot", "parked"], help="w3: the order the waiters start in"
-    )
+    p.add_argument("--order", choices=["slot", "parked"], help="w3: the order the waiters start in")
     p.add_argument("--quick", action="store_true", help="small default sizes")
     return p
 

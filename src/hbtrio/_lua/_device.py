@@ -46,7 +46,7 @@ from .._message import id_of_bytes, message_id
 from ._errors import LuaModuleError, LuaSnapshotError
 from ._iface import Process, message_fields, parse_result
 from ._modules import ModuleRef, modules_of
-from ._values import from_lua, to_lua
+from ._values import from_lua, lua_ready, to_lua
 from ._vm import HOOK_INTERVAL, LuaVM, seed_of
 
 __all__ = [
@@ -264,7 +264,7 @@ class LiveLua:
         self._device = device
         self.vm = vm
         self.process = process
-        self._env = process.env
+        self._env = lua_ready(process.env)
         self._closed = False
 
     def __repr__(self) -> str:
@@ -282,7 +282,7 @@ class LiveLua:
         runtime = vm.runtime
         if runtime is None:
             raise LuaModuleError("the Lua VM is closed")
-        msg = to_lua(runtime, message_fields(assignment, process))
+        msg = to_lua(runtime, lua_ready(message_fields(assignment, process)))
         env = to_lua(runtime, self._env)
         seed = seed_of(process.id, assignment["message-id"])
         device = self._device

@@ -4,8 +4,8 @@ Theory of operation
 -------------------
 The VM is made with ``encoding=None``: Lua strings reach Python as `bytes`,
 and what Python hands Lua must be `bytes` already (a `str` would arrive as a
-host object). `to_lua` turns a message value into that form: `str` keys and
-values to UTF-8 bytes, lists and mappings to Lua tables.
+host object). `lua_ready` turns a message value into that form (`str` keys and
+values to UTF-8 bytes), once, and `to_lua` makes Lua tables of it in one call.
 
 `from_lua` turns a value from the VM into a message value:
 
@@ -33,26 +33,29 @@ from typing import Any, Final
 
 from ._errors import LuaResultError
 
-__all__ = ["MAX_NESTING", "from_lua", "to_lua"]
+__all__ = ["MAX_NESTING", "from_lua", "lua_ready", "to_lua"]
 
 #: Levels of nesting a value from the VM may have (a message nests at most 100).
 MAX_NESTING: Final = 90
 
 
-def to_lua(runtime: Any, value: object) -> object:
-    """``value`` (a message value, or plain Python made of the same) in the form the VM takes."""
+def lua_ready(value: object) -> object:
+    """``value`` with every `str` as UTF-8 bytes and tuples as lists: what `to_lua` converts."""
     t = type(value)
     if t is str:
         return value.encode()  # type: ignore[attr-defined]
     if isinstance(value, Mapping):
-        return runtime.table_from({_key(k): to_lua(runtime, v) for k, v in value.items()})
+        return {lua_ready(k): lua_ready(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return runtime.table_from([to_lua(runtime, v) for v in value])
+        return [lua_ready(v) for v in value]
     return value
 
 
-def _key(key: object) -> object:
-    return key.encode() if isinstance(key, str) else key
+def to_lua(runtime: Any, ready: object) -> object:
+    """A Lua value for ``ready`` (what `lua_ready` returned): tables made in one call."""
+    if isinstance(ready, dict | list):
+        return runtime.table_from(ready, recursive=True)
+    return ready
 
 
 def _text(value: bytes) -> str | bytes:
