@@ -8,6 +8,7 @@ from typing import Any
 
 import hbtrio
 from hbtrio._lua import LiveLua, LuaDevice
+from hbtrio._lua._device import _parts
 from hbtrio._lua._modules import modules_of
 
 LUA = Path(__file__).parent / "lua"
@@ -28,14 +29,15 @@ def lua_process(script: str | None, **extra: Any) -> dict[str, Any]:
 
 
 def instance(
-    script: str, device: LuaDevice | None = None, snapshot: bytes | None = None, **extra: Any
+    script: str, device: LuaDevice | None = None, snapshot: Any = None, **extra: Any
 ) -> LiveLua:
     """A live instance of a process with ``script``, booted in this thread (no engine)."""
     device = device or LuaDevice(call_timeout=10.0)
     process = hbtrio.freeze(lua_process(script, **extra))
     modules = modules_of(process)
     sources = [(m.name, m.source) for m in modules if m.source is not None]
-    return device._boot(process, [m.id for m in modules], sources, snapshot)  # type: ignore[arg-type]
+    heap, replay = _parts(snapshot)
+    return device._boot(process, [m.id for m in modules], sources, heap, replay)
 
 
 def assignment(slot: int, body: dict[str, Any], timestamp: int = 1_700_000_000_000) -> Any:

@@ -295,3 +295,39 @@ async def test_many_processes_on_many_vms_hot_and_restored_agree(tmp_path: Path)
                     assert got == expected
                     report = await hbtrio.testing.audit_process(engine.store, pid)
                     assert report.snapshots > 1 and report.missing_results == 0
+
+
+async def test_a_process_holding_a_coroutine_snapshots_as_replay_and_restores(
+    tmp_path: Path,
+) -> None:
+    script = """
+    -- a generator kept across messages: a coroutine, which no heap snapshot can hold
+    function handle(msg)
+      if msg.Action == 'Start' then
+        Gen = coroutine.wrap(function()
+          local i = 0
+          while true do i = i + 1 coroutine.yield(i) end
+        end)
+      elseif msg.Action == 'Stop' then
+        Gen = nil
+      end
+      return { Output = Gen and Gen() or 0 }
+    end"""
+    path = tmp_path / "co.sqlite"
+    bodies = [{}, {"action": "Start"}, {}, {}, {"action": "Stop"}, {}, {"action": "Start"}, {}]
+    expected = [0, 1, 2, 3, 0, 0, 1, 2]
+    async with hbtrio.open_engine(hbtrio.SQLiteStore(path), cache_frequency=2) as engine:
+        pid = await engine.spawn(lua_process(script))
+        await engine.schedule_many(pid, bodies)
+        for slot in range(1, 5):
+            assert (await engine.compute(pid, slot))["output"] == expected[slot - 1]
+            await engine.stop(pid)  # every next slot boots from a snapshot
+        found = await engine.store.latest_snapshot(pid, 4)
+        assert found is not None and found[0] == 4 and len(found[1]["replay"]) == 3
+    async with hbtrio.open_engine(hbtrio.SQLiteStore(path), cache_frequency=2) as engine:
+        got = [(await engine.compute(pid, s))["output"] for s in range(1, len(bodies) + 1)]
+        assert got == expected
+        found = await engine.store.latest_snapshot(pid, 6)
+        assert found is not None and "hbtrio/bytes" in found[1]  # no coroutine: a heap again
+        report = await hbtrio.testing.audit_process(engine.store, pid)
+        assert report.missing_results == 0

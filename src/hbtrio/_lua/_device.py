@@ -29,13 +29,15 @@ error the script *reports* (a result with ``Error``) is a result like any
 other, with its ``"error"`` key set; the VM's changes are kept.
 
 Snapshots are the VM's heap (``sandbox.lua``): a new worker restores it into
-a fresh sandbox without running the modules again.
+a fresh sandbox without running the modules again. A heap that cannot be
+written (it holds a coroutine, say) is snapshotted as the last heap that
+could be and the messages computed since, which a boot replays (`LiveLua`).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, Final, Protocol
 
 import attrs
@@ -181,18 +183,16 @@ class LuaDevice:
         or what getting a blob raised.
         """
         modules = modules_of(process)
-        if snapshot is None:
-            sources = [await self._source(m) for m in modules]
-        elif isinstance(snapshot, bytes):
-            sources = []  # the heap holds the modules' code
-        else:
-            raise LuaSnapshotError("a Lua snapshot is bytes, not a message")
+        heap, replay = _parts(snapshot)
+        # A heap holds the modules' code; without one, the modules are loaded anew.
+        sources = [await self._source(m) for m in modules] if heap is None else []
         return await trio.to_thread.run_sync(
             self._boot,
             process,
             [m.id for m in modules],
             sources,
-            snapshot,
+            heap,
+            replay,
             limiter=self._limiter,
             abandon_on_cancel=True,
         )
@@ -230,42 +230,69 @@ class LuaDevice:
         process: Mapping[str, Any],
         module_ids: list[str],
         sources: list[tuple[str, bytes]],
-        snapshot: bytes | None,
+        heap: bytes | None,
+        replay: Sequence[Mapping[str, Any]] = (),
     ) -> LiveLua:
         pid = message_id(process)
         timeout = self.timeout
         vm = LuaVM(max_memory=self.max_memory, hook_interval=self.hook_interval)
+        live = LiveLua(self, vm, Process.of(process, pid, module_ids), heap)
         try:
-            if snapshot is None:
+            if heap is None:
                 for name, source in sources:
                     _, _printed = vm.call(
                         "load_module", name.encode(), source, 0, seed_of(pid, name), timeout=timeout
                     )
             else:
-                vm.restore(snapshot, timeout=timeout)
+                vm.restore(heap, timeout=timeout)
+            for assignment in replay:
+                live.compute_sync(assignment)
         except BaseException:
             vm.close()
             raise
         with self._lock:
             self._booted += 1
-            self._restored += snapshot is not None
+            self._restored += heap is not None or bool(replay)
             self._live += 1
-        return LiveLua(self, vm, Process.of(process, pid, module_ids))
+        return live
 
     def _closed(self) -> None:
         with self._lock:
             self._live -= 1
 
 
-class LiveLua:
-    """One process's hot VM (the live instance of its worker). One call at a time."""
+def _parts(snapshot: object) -> tuple[bytes | None, list[Mapping[str, Any]]]:
+    """A snapshot's heap (``None``: load the modules) and the messages to replay after it."""
+    if snapshot is None:
+        return None, []
+    if isinstance(snapshot, bytes):
+        return snapshot, []
+    if isinstance(snapshot, Mapping) and isinstance(snapshot.get("replay"), list | tuple):
+        heap = snapshot.get("lua-heap")
+        if heap is None or isinstance(heap, bytes):
+            return heap, list(snapshot["replay"])
+    raise LuaSnapshotError("not a snapshot of hbtrio's Lua device")
 
-    def __init__(self, device: LuaDevice, vm: LuaVM, process: Process) -> None:
+
+class LiveLua:
+    """One process's hot VM (the live instance of its worker). One call at a time.
+
+    It keeps its last heap snapshot and the messages computed since: a heap
+    that cannot be snapshotted (it holds a coroutine, say) is snapshotted as
+    that heap and those messages, ``{"lua-heap": bytes | None, "replay":
+    [assignment, ...], "reason": text}``, which a boot restores and replays.
+    """
+
+    def __init__(
+        self, device: LuaDevice, vm: LuaVM, process: Process, heap: bytes | None = None
+    ) -> None:
         self._device = device
         self.vm = vm
         self.process = process
         self._env = lua_ready(process.env)
         self._closed = False
+        self._heap = heap  # the last heap snapshot (None: the modules loaded anew)
+        self._since: list[Mapping[str, Any]] = []  # messages computed since _heap
 
     def __repr__(self) -> str:
         return f"<LiveLua {self.process.id} {self.vm!r}>"
@@ -291,22 +318,29 @@ class LiveLua:
             answer, printed = vm.call(
                 "handle", msg, env, assignment.get("timestamp", 0), seed, timeout=device.timeout
             )
-            return parse_result(from_lua(answer), printed, process)
+            result = parse_result(from_lua(answer), printed, process)
         finally:
             device._enter(-1)
+        self._since.append(assignment)
+        return result
 
-    async def snapshot(self) -> bytes:
-        """The VM's heap (``sandbox.lua``). Runs in a thread; checkpoints."""
+    async def snapshot(self) -> bytes | dict[str, Any]:
+        """The VM's heap (``sandbox.lua``), or see the class. Runs in a thread; checkpoints."""
         return await trio.to_thread.run_sync(self.snapshot_sync, limiter=self._device._limiter,
                                              abandon_on_cancel=True)  # fmt: skip
 
-    def snapshot_sync(self) -> bytes:
+    def snapshot_sync(self) -> bytes | dict[str, Any]:
+        """`snapshot` in the calling thread: the heap, or the last heap and the messages since."""
         device = self._device
         device._enter(1)
         try:
-            return self.vm.snapshot(timeout=device.timeout)
+            heap = self.vm.snapshot(timeout=device.timeout)
+        except LuaSnapshotError as exc:
+            return {"lua-heap": self._heap, "replay": list(self._since), "reason": str(exc)}
         finally:
             device._enter(-1)
+        self._heap, self._since = heap, []
+        return heap
 
     def close(self) -> None:
         """Let the VM go (a call still running in a thread stops at its next hook). Idempotent."""
