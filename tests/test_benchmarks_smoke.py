@@ -19,7 +19,7 @@ WORKLOADS = [
     "W5_dedup",
     "W6_cold_restore",
 ]
-CASES = {"w1", "w2", "w2-sqlite", "w3", "w4", "w5", "w6"}
+CASES = {"w1", "w2", "w2-sqlite", "w3", "w3-parked", "w4", "w5", "w6"}
 
 try:
     from hbtrio import open_engine  # noqa: F401

@@ -629,3 +629,13 @@ async def test_put_blob_and_spawn_image_against_a_real_node(
             assert await proc.wait() == 0
     finally:
         await reap(proc)
+
+
+def test_a_process_result_prints_its_output_plainly() -> None:
+    from hbtrio._cli._output import format_result, is_process_result
+
+    result = {"at-slot": 3, "output": "2", "messages": [{"target": "x"}], "spawns": []}
+    assert is_process_result(result) and not is_process_result({"at-slot": 3, "count": 1})
+    assert format_result(result) == ("2", ["1 message (--json shows them)"])
+    text, notes = format_result({**result, "output": {"a": 1}, "error": "bad", "messages": []})
+    assert text == '{"a":1}' and notes == ["error: bad"]

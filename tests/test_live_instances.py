@@ -428,3 +428,99 @@ async def test_an_instance_whose_call_was_cancelled_is_never_snapshotted(
     Halfway.hang = False
     async with hbtrio.open_engine(store, devices=devices, cache_frequency=10) as engine:
         assert (await engine.compute(pid, 2))["total"] == 105  # not 205
+
+
+class Batched(Ledger):
+    """A ledger whose instances also compute consecutive slots in one call (``compute_many``)."""
+
+    def __init__(self, *, short: bool = False) -> None:
+        super().__init__()
+        self.batches: list[list[int]] = []
+        self.short = short  # a compute_many that leaves out the last result
+
+    def boot(self, process: hbtrio.Message, snapshot: Any) -> BatchedInstance:
+        base = super().boot(process, snapshot)
+        instance = BatchedInstance(self, base.total)
+        self.live[-1] = instance
+        return instance
+
+
+class BatchedInstance(LedgerInstance):
+    def compute_many(self, assignments: list[hbtrio.Message], out: list[Any]) -> None:
+        device = self.device
+        assert isinstance(device, Batched)
+        device.batches.append([a["slot"] for a in assignments])
+        todo = assignments[:-1] if device.short else assignments
+        for assignment in todo:
+            out.append(self.compute(assignment))  # noqa: PERF401 - one by one: a failure keeps those before
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+async def test_compute_many_takes_runs_of_slots_up_to_each_snapshot_point(threaded: bool) -> None:
+    batched = Batched()
+    device: object = hbtrio.run_in_thread(batched) if threaded else batched
+    ns = list(range(1, 101))
+    async with hbtrio.testing.open_test_engine(
+        devices={"ledger@1.0": device}, cache_frequency=40
+    ) as engine:
+        pid = await engine.spawn(definition("ledger@1.0"))
+        await engine.schedule_many(pid, [{"n": n} for n in ns])
+        assert (await engine.compute(pid, 100))["total"] == sum(ns)
+        for slot in (1, 39, 40, 41, 77, 100):
+            assert (await engine.compute(pid, slot))["total"] == totals(ns)[slot - 1]
+        slots = [s for batch in batched.batches for s in batch]
+        if not threaded:  # plain calls on the event loop: inline, one by one, no hop to share
+            assert slots == []
+            return
+        assert slots == list(range(1, 101))  # every slot once, in order
+        for batch in batched.batches:
+            assert len(batch) <= hbtrio._driver.MANY_MAX
+            assert not any(s % 40 == 0 for s in batch[:-1])  # a snapshot point ends a batch
+        found = await engine.store.latest_snapshot(pid, 99)
+        assert found is not None and found[0] == 80
+
+
+async def test_a_failure_inside_compute_many_keeps_the_slots_before_it() -> None:
+    batched = Batched()
+    batched.fail_at = {7}
+    async with hbtrio.testing.open_test_engine(
+        devices={"ledger@1.0": hbtrio.run_in_thread(batched)}, cache_frequency=5
+    ) as engine:
+        pid = await engine.spawn(definition("ledger@1.0"))
+        await engine.schedule_many(pid, [{"n": 1}] * 12)
+        with pytest.raises(hbtrio.ComputeError) as info:
+            await engine.compute(pid, 12)
+        assert info.value.attempted_slot == 7
+        assert batched.batches[0] == [1, 2, 3, 4, 5]  # up to the snapshot point
+        assert (await engine.compute(pid, 6))["total"] == 6  # stored before the failure
+        batched.fail_at = set()
+        assert (await engine.compute(pid, 12))["total"] == 12
+        assert batched.boots[-1] == 5  # rebuilt from the snapshot at 5, slot 6 replayed
+
+
+async def test_a_recorded_failure_inside_compute_many() -> None:
+    class Recording(Batched):
+        failures = "record"
+
+    batched = Recording()
+    batched.fail_at = {3}
+    async with hbtrio.testing.open_test_engine(
+        devices={"ledger@1.0": hbtrio.run_in_thread(batched)}, cache_frequency=100
+    ) as engine:
+        pid = await engine.spawn(definition("ledger@1.0"))
+        await engine.schedule_many(pid, [{"n": 1}] * 10)
+        assert (await engine.compute(pid, 10))["total"] == 9  # slot 3's message left out
+        assert batched.batches[0] == list(range(1, 11))
+        assert (await engine.compute(pid, 3))["error-kind"] == "failure"
+
+
+async def test_a_compute_many_that_returns_too_few_results_fails_the_missing_slot() -> None:
+    batched = Batched(short=True)
+    devices = {"ledger@1.0": hbtrio.run_in_thread(batched)}
+    async with hbtrio.testing.open_test_engine(devices=devices, cache_frequency=100) as engine:
+        pid = await engine.spawn(definition("ledger@1.0"))
+        await engine.schedule_many(pid, [{"n": 1}] * 4)
+        with pytest.raises(hbtrio.ComputeError) as info:
+            await engine.compute(pid, 4)
+        assert isinstance(info.value.__cause__, hbtrio.InvalidMessage)
+        assert "compute_many returned" in str(info.value.__cause__)

@@ -23,14 +23,10 @@ import trio.testing
 import hbtrio
 from hbtrio import SQLiteStore
 from hbtrio._driver import CHUNK
-from hbtrio._sqlite import (
-    _FLUSH_ROWS,
-    _INSERT_RESULTS,
-    _READS_PER_BATCH,
-    _insert_rows,
-    _Job,
-    _read_assignments,
-)
+from hbtrio._sqlite._iothread import READS_PER_BATCH, Job
+from hbtrio._sqlite._reads import read_assignments
+from hbtrio._sqlite._writebehind import FLUSH_ROWS
+from hbtrio._sqlite._writes import INSERT_RESULTS, insert_rows
 from hbtrio.testing import open_test_engine
 
 COUNTER = {"device": "process@1.0", "execution-device": "counter@1.0"}
@@ -44,7 +40,7 @@ def hold_thread(store: SQLiteStore) -> tuple[threading.Event, threading.Event]:
         inside.set()
         release.wait()
 
-    store._submit(_Job(hold, False, callback=lambda _result: None))
+    store._submit(Job(hold, False, callback=lambda _result: None))
     return inside, release
 
 
@@ -182,23 +178,23 @@ async def test_writes_run_before_reads_queued_ahead_of_them(tmp_path: Path) -> N
             return lambda conn: order.append(name)
 
         async with trio.open_nursery() as nursery, held(store):
-            for i in range(3 * _READS_PER_BATCH):
+            for i in range(3 * READS_PER_BATCH):
                 nursery.start_soon(partial(store._run, job(f"read {i}"), write=False))
             await trio.testing.wait_all_tasks_blocked()
             nursery.start_soon(partial(store._run, job("write"), write=True))
             await trio.testing.wait_all_tasks_blocked()
         assert order[0] == "write"
-        assert sorted(order[1:]) == sorted(f"read {i}" for i in range(3 * _READS_PER_BATCH))
+        assert sorted(order[1:]) == sorted(f"read {i}" for i in range(3 * READS_PER_BATCH))
     finally:
         await store.close()
 
 
 async def test_a_schedule_waits_for_one_bounded_flush_at_most(tmp_path: Path) -> None:
-    """A backlog of results goes to the disk in jobs of `_FLUSH_ROWS` rows, so a durable
+    """A backlog of results goes to the disk in jobs of `FLUSH_ROWS` rows, so a durable
     schedule queued behind it shares a commit with the first job and waits for no other.
     Before, one job took the whole backlog: the schedule waited for all of it."""
     path = tmp_path / "flush.sqlite"
-    backlog = 5 * _FLUSH_ROWS
+    backlog = 5 * FLUSH_ROWS
     store = SQLiteStore(path, synchronous="NORMAL", max_pending=10 * backlog)
     async with open_test_engine(store) as engine:
         big = await engine.spawn({**COUNTER, "tag": "big"})
@@ -226,7 +222,7 @@ async def test_a_schedule_waits_for_one_bounded_flush_at_most(tmp_path: Path) ->
                 assert done.is_set()
                 with sqlite3.connect(path) as conn:
                     (written,) = conn.execute("SELECT COUNT(*) FROM results").fetchone()
-                assert written == _FLUSH_ROWS  # the schedule's commit carried one flush job
+                assert written == FLUSH_ROWS  # the schedule's commit carried one flush job
             finally:
                 release2.set()
         await store.flush()
@@ -245,7 +241,7 @@ def test_rows_are_inserted_in_a_few_statements(per_statement: int, count: int) -
     statements: list[str] = []
     conn.set_trace_callback(statements.append)
     rows = [(7, s, bytes([s % 256]) * 3, s % 2) for s in range(count)]
-    _insert_rows(conn, _INSERT_RESULTS, 4, rows, per_statement)
+    insert_rows(conn, INSERT_RESULTS, 4, rows, per_statement)
     conn.set_trace_callback(None)
     stored = conn.execute("SELECT proc, slot, state, snapshot FROM results ORDER BY slot")
     assert stored.fetchall() == rows
@@ -286,9 +282,9 @@ async def test_a_run_of_assignments_is_read_in_one_statement(tmp_path: Path) -> 
     (rowid,) = conn.execute("SELECT id FROM processes WHERE pid = ?", (pid,)).fetchone()
     statements: list[str] = []
     conn.set_trace_callback(statements.append)
-    assert _read_assignments(conn, rowid, pid, 1, 501) == expected[1:501]
-    assert _read_assignments(conn, rowid, pid, 7, 8) == expected[7:8]
-    assert _read_assignments(conn, rowid, pid, 600, 700) == []
+    assert read_assignments(conn, rowid, pid, 1, 501) == expected[1:501]
+    assert read_assignments(conn, rowid, pid, 7, 8) == expected[7:8]
+    assert read_assignments(conn, rowid, pid, 600, 700) == []
     assert len(statements) == 3
     # Row 4 also holds row 5's bytes: joined, the run does not decode into slots 1..10.
     conn.set_trace_callback(None)
@@ -296,6 +292,6 @@ async def test_a_run_of_assignments_is_read_in_one_statement(tmp_path: Path) -> 
     conn.execute("UPDATE assignments SET assignment = ? WHERE proc = ? AND slot = 4", (row, rowid))
     statements.clear()
     conn.set_trace_callback(statements.append)
-    assert _read_assignments(conn, rowid, pid, 1, 11) == expected[1:11]
+    assert read_assignments(conn, rowid, pid, 1, 11) == expected[1:11]
     assert len(statements) == 2
     conn.close()

@@ -18,12 +18,14 @@ from ._engine import Engine as Engine
 from ._engine import EngineStats as EngineStats
 from ._engine import open_engine as open_engine
 from ._exceptions import BlobNotFound as BlobNotFound
+from ._exceptions import CatchingUp as CatchingUp
 from ._exceptions import ComputeError as ComputeError
 from ._exceptions import EngineClosed as EngineClosed
 from ._exceptions import HbTrioError as HbTrioError
 from ._exceptions import InternalError as InternalError
 from ._exceptions import InvalidMessage as InvalidMessage
 from ._exceptions import LeaderDied as LeaderDied
+from ._exceptions import Overloaded as Overloaded
 from ._exceptions import ProcessNotFound as ProcessNotFound
 from ._exceptions import SlotNotScheduled as SlotNotScheduled
 from ._exceptions import StoreError as StoreError
@@ -49,10 +51,18 @@ from ._store import MemoryStore as MemoryStore
 from ._store import SlotResult as SlotResult
 from ._store import Store as Store
 from ._store import StoreStatistics as StoreStatistics
+from ._wasm import WasmDevice as WasmDevice
+from ._wasm import WasmError as WasmError
+from ._wasm import WasmImageError as WasmImageError
+from ._wasm import WasmInterfaceError as WasmInterfaceError
+from ._wasm import WasmStats as WasmStats
+from ._wasm import WasmTimeout as WasmTimeout
+from ._wasm import WasmTrap as WasmTrap
 from ._worker import WorkerInfo as WorkerInfo
 
 __all__ = [
     "BlobNotFound",
+    "CatchingUp",
     "ComputeError",
     "Counter",
     "DeviceHost",
@@ -77,6 +87,7 @@ __all__ = [
     "LuaTimeout",
     "MemoryStore",
     "Message",
+    "Overloaded",
     "ProcessNotFound",
     "ProcessRuntime",
     "SQLiteStore",
@@ -87,6 +98,13 @@ __all__ = [
     "StoreError",
     "StoreStatistics",
     "UnknownDevice",
+    "WasmDevice",
+    "WasmError",
+    "WasmImageError",
+    "WasmInterfaceError",
+    "WasmStats",
+    "WasmTimeout",
+    "WasmTrap",
     "WorkerInfo",
     "__version__",
     "compute_slot",

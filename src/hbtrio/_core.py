@@ -53,6 +53,7 @@ from typing import Any, Final
 import attrs
 import trio
 
+from ._budget import WORKER_BYTES, estimate_bytes
 from ._devices import AWAIT, INLINE, RECORD, THREAD, DeviceInfo, is_async, is_device_failure
 from ._exceptions import ComputeError, InvalidMessage
 from ._message import (
@@ -68,6 +69,8 @@ from ._message import (
 
 __all__ = ["AWAIT", "BYTES_SNAPSHOT", "INLINE", "THREAD", "Call", "ProcessCore", "adopt_state"]
 
+#: What a live instance without ``memory_size()`` is taken to hold.
+LIVE_INSTANCE_BYTES: Final = 64 * 1024
 #: A live instance's snapshot that is bytes is stored as this one-key message.
 BYTES_SNAPSHOT: Final = "hbtrio/bytes"
 
@@ -172,6 +175,28 @@ class ProcessCore:
     def own_snapshots(self) -> bool:
         """True when each state is its own snapshot (a state device without a snapshot hook)."""
         return not self.device.live and self.device.snapshot is None
+
+    def memory_estimate(self) -> int:
+        """What this process holds in memory, in bytes: an estimate. Never blocks.
+
+        A live instance's own ``memory_size()`` when it has one (a WASM
+        instance's linear memory), else `WORKER_BYTES` plus `estimate_bytes`
+        of the state at hand (for a live instance without ``memory_size``,
+        `LIVE_INSTANCE_BYTES`). A ``memory_size`` that fails or returns
+        something that is not an ``int`` counts as the latter.
+        """
+        instance = self.instance
+        if instance is not None:
+            size = getattr(instance, "memory_size", None)
+            if size is not None:
+                try:
+                    value = size()
+                except Exception:
+                    value = None
+                if type(value) is int and value >= 0:
+                    return WORKER_BYTES + value
+            return WORKER_BYTES + LIVE_INSTANCE_BYTES
+        return WORKER_BYTES + (0 if self.result is None else estimate_bytes(self.result))
 
     def _given(self, message: Message) -> Message:
         """What a device is handed of a message the engine keeps (see the module)."""
@@ -380,6 +405,23 @@ class ProcessCore:
         if not self.device.trusted:
             state, assignment = private_copy(state), private_assignment(assignment)
         return self.how, self.device.compute, (state, assignment)  # type: ignore[return-value]
+
+    def many_call(self, batch: list[Message], out: list[Any]) -> Call | None:
+        """The call that computes consecutive ``batch`` at once, appending each result to
+        ``out`` (a live instance's ``compute_many``), or ``None`` if it has none."""
+        instance = self.instance
+        many = getattr(instance, "compute_many", None) if instance is not None else None
+        if many is None:
+            return None
+        if not self.device.trusted:
+            batch = [private_assignment(a) for a in batch]
+        return _how(self.device, many), many, (batch, out)
+
+    def many_due(self, limit: int) -> int:
+        """How many slots from the next one to hand a ``compute_many`` at most: up to
+        ``limit``, and never past the next snapshot point (so it is taken there)."""
+        cf = self.cache_frequency
+        return min(limit, cf - self.slot % cf)
 
     def computed_value(self, value: Any) -> Message:
         """Move to the next slot with what its compute call returned; its result.

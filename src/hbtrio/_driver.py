@@ -40,8 +40,9 @@ import attrs
 import trio
 
 from ._broadcast import SlotBroadcaster
+from ._budget import Limits
 from ._core import AWAIT, INLINE, Call, ProcessCore
-from ._devices import Devices, is_async
+from ._devices import Devices, is_async, is_device_failure
 from ._exceptions import (
     ComputeError,
     HbTrioError,
@@ -61,6 +62,10 @@ log = logging.getLogger("hbtrio")
 CHUNK: Final = 512
 #: Most assignments read ahead of the position in one store call.
 AHEAD: Final = 4096
+#: Most slots handed to one ``compute_many`` call of a live instance (`Driver._apply_many`):
+#: a thread hop (about 0.2 ms) shared by that many slots, and the longest a waiter for
+#: an early slot of the batch waits for the last one.
+MANY_MAX: Final = 32
 #: Most slots a requesting task applies itself (`Driver.apply_nowait`).
 INLINE_MAX: Final = 8
 
@@ -103,6 +108,13 @@ class Driver:
     ahead_at: int = 0
     #: The store's answers from memory (`Store.fast`, or one that always says "wait").
     fast: FastPath = attrs.field(init=False)
+    #: The snapshot policy besides every ``cache_frequency`` slots (`Limits` with
+    #: ``snapshot_seconds`` or ``snapshot_cost_ratio``), or ``None``. It times the
+    #: calls that are awaited or run in threads, on Trio's clock.
+    policy: Limits | None = None
+    #: Seconds of device calls since the last snapshot, and what the last one took.
+    computing: float = 0.0
+    snapshot_cost: float = 0.0
 
     def __attrs_post_init__(self) -> None:
         self.fast = fast_path(self.store)
@@ -170,11 +182,12 @@ class Driver:
     # the one place device calls are made ---------------------------------------------------------
 
     @trio.lowlevel.enable_ki_protection  # a real Ctrl-C never lands in the device it calls
-    async def call(self, call: Call) -> Any:
+    async def call(self, call: Call, slots: int = 1) -> Any:
         """Make a device call the core asked for: inline, awaited, or in a thread.
 
-        Awaited and threaded calls are bounded by ``slot_timeout`` (a thread
-        that runs out is abandoned: its result is thrown away). Raises what
+        Awaited and threaded calls are bounded by ``slot_timeout`` (``slots``
+        times that for a call that computes that many; a thread that runs out
+        is abandoned: its result is thrown away). Raises what
         the device raises, or `trio.TooSlowError`; the caller hands that to
         `ProcessCore.failure`. Checkpoints unless the call is inline.
         """
@@ -182,7 +195,7 @@ class Driver:
         if how == INLINE:
             return fn(*args)
         timeout = self.slot_timeout
-        with trio.fail_after(math.inf if timeout is None else timeout):
+        with trio.fail_after(math.inf if timeout is None else timeout * slots):
             if how == AWAIT:
                 return await fn(*args)
             return await trio.to_thread.run_sync(
@@ -377,11 +390,19 @@ class Driver:
             if core.inline:
                 self._apply_inline(batch)
             else:
-                for assignment in batch:  # slot by slot: a stop takes effect after each
+                i = 0
+                while i < len(batch):  # a stop takes effect between calls
                     if self._stopping():
                         return
                     await self._writable()
-                    await self._apply_one(assignment)
+                    n = core.many_due(min(MANY_MAX, len(batch) - i))
+                    if n > 1 and core.instance is not None:
+                        done = await self._apply_many(batch[i : i + n])
+                        if done:
+                            i += done
+                            continue
+                    await self._apply_one(batch[i])
+                    i += 1
             if self.target > core.slot:
                 await trio.lowlevel.checkpoint()  # the one yield of a long catch-up
 
@@ -389,6 +410,8 @@ class Driver:
         """One slot through an awaited or threaded call, with its snapshot if due."""
         core = self.core
         slot, before = core.slot + 1, core.result
+        timed = self.policy is not None and not core.own_snapshots
+        started = trio.current_time() if timed else 0.0
         try:
             core.computed_value(await self.call(core.compute_call(assignment)))
         except BaseException as exc:
@@ -400,9 +423,17 @@ class Driver:
             self._give_up(failure, slot)
             raise failure from exc
         snapshot = None
-        if core.is_snapshot(slot):
+        due = core.is_snapshot(slot)
+        if timed:
+            now = trio.current_time()
+            self.computing += now - started
+            due = due or self._snapshot_due()
+        if due:
+            started = trio.current_time() if timed else 0.0
             try:
                 snapshot = await self._snapshot_value()
+                if timed:
+                    self.computing, self.snapshot_cost = 0.0, trio.current_time() - started
             except ComputeError as failure:
                 core.slot, core.result = slot - 1, before  # not stored: back to before it
                 await self._close_discarded()
@@ -410,6 +441,89 @@ class Driver:
                 raise
         assert core.result is not None
         self._commit(slot, [core.result], None if snapshot is None else {slot: snapshot}, before)
+
+    async def _apply_many(self, batch: list[Message]) -> int:
+        """Consecutive slots through one ``compute_many`` call of a live instance.
+
+        Returns how many slots it moved (0: the instance has no
+        ``compute_many``; compute one by one). The results before a failing
+        slot are stored; the failing slot is then handled as `_apply_one`
+        handles it (recorded, or given up). A snapshot is taken after the
+        last slot when due (`ProcessCore.many_due` never crosses a snapshot
+        point). Bounded by ``slot_timeout`` per slot of the batch.
+        """
+        core = self.core
+        out: list[Any] = []
+        call = core.many_call(batch, out)
+        if call is None:
+            return 0
+        first, before = core.slot + 1, core.result
+        timed = self.policy is not None
+        started = trio.current_time() if timed else 0.0
+        error: BaseException | None = None
+        try:
+            await self.call(call, len(batch))
+        except BaseException as exc:
+            if not is_device_failure(exc):
+                core.failure(first + len(out), exc)  # raises our cancellation (instance gone)
+            error = exc
+        results: list[Message] = []
+        for value in out[: len(batch)]:
+            try:
+                results.append(core.computed_value(value))
+            except InvalidMessage as exc:
+                error = exc
+                break
+        if timed:
+            self.computing += trio.current_time() - started
+        if error is None and len(results) < len(batch):
+            error = InvalidMessage(
+                f"device {core.device.name!r}: compute_many returned {len(results)} results "
+                f"for {len(batch)} slots"
+            )
+        if error is not None:
+            failing = first + len(results)
+            failure = core.failure(failing, error)
+            if results:  # good slots before the failing one: stored, without a snapshot
+                self._commit(first, results, None, before)
+            await self._close_discarded()
+            if core.records_failure(failure):
+                await self._record(failure, core.result)
+                return len(results) + 1
+            self._give_up(failure, failing)
+            raise failure from error
+        last = core.slot
+        snapshot = None
+        if core.is_snapshot(last) or (timed and self._snapshot_due()):
+            snapped = trio.current_time() if timed else 0.0
+            try:
+                snapshot = await self._snapshot_value()
+                if timed:
+                    self.computing, self.snapshot_cost = 0.0, trio.current_time() - snapped
+            except ComputeError as failure:
+                # The slots are fine but the last one's snapshot is not: keep those before it.
+                core.slot, core.result = last - 1, results[-2] if len(results) > 1 else before
+                if len(results) > 1:
+                    self._commit(first, results[:-1], None, before)
+                await self._close_discarded()
+                self._give_up(failure, last)
+                raise
+        self._commit(first, results, None if snapshot is None else {last: snapshot}, before)
+        return len(results)
+
+    def _snapshot_due(self) -> bool:
+        """Whether the snapshot policy (`Limits`) wants a snapshot at the slot just computed.
+
+        After ``snapshot_seconds`` of device calls since the last snapshot, or
+        once those calls took ``snapshot_cost_ratio`` times what the last
+        snapshot took (the first one is taken to learn its cost).
+        """
+        policy = self.policy
+        assert policy is not None
+        seconds, ratio = policy.snapshot_seconds, policy.snapshot_cost_ratio
+        if seconds is not None and self.computing >= seconds:
+            return True
+        return ratio is not None and self.computing >= ratio * self.snapshot_cost
 
     async def _record(self, failure: ComputeError, before: Message | None) -> None:
         """Make ``failure`` its slot's result and go on from the state before it.

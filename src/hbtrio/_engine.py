@@ -23,6 +23,7 @@ starve other tasks (even under a `trio.testing.MockClock` that stands still).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Final, NoReturn, final
@@ -30,12 +31,14 @@ from typing import Any, Final, NoReturn, final
 import attrs
 import trio
 
+from ._budget import Budget, Limits
 from ._codec import encode
 from ._dedup import Execution, ExecutionInfo
 from ._devices import PROCESS_DEVICE, DeviceHost, Devices
 from ._driver import Reroute, compute_slot
 from ._exceptions import (
     BlobNotFound,
+    CatchingUp,
     EngineClosed,
     HbTrioError,
     InvalidMessage,
@@ -62,6 +65,8 @@ from ._store import MemoryStore, Store, fast_path
 from ._worker import GroupWorker, WorkerInfo
 
 __all__ = ["Engine", "EngineStats", "open_engine"]
+
+log = logging.getLogger("hbtrio")
 
 # Looked up once: the request path awaits it on every call.
 _checkpoint_if_cancelled: Final = trio.lowlevel.checkpoint_if_cancelled
@@ -109,6 +114,14 @@ class EngineStats:
     waiters: int
     #: `Engine.put_blob` calls that stored their blob (or found it stored already).
     blobs_stored: int
+    #: The live workers' memory, their estimates summed (see `WorkerInfo.memory_bytes`).
+    memory_bytes: int = 0
+    #: Idle workers retired to stay within ``max_workers`` / ``max_memory``.
+    evictions: int = 0
+    #: Requests refused with `Overloaded` (`CatchingUp` included).
+    refused: int = 0
+    #: Workers booting now.
+    cold_starts: int = 0
 
 
 class _WorkersView(Mapping[str, WorkerInfo]):
@@ -162,6 +175,7 @@ class _Host:
     slot_timeout: float | None
     shutdown_grace: float
     now: Callable[[], float]
+    limits: Limits
 
     def start_soon(self, fn: Callable[[], Any], name: str) -> None:
         self.engine._nursery.start_soon(fn, name=name)
@@ -177,6 +191,21 @@ class _Host:
         engine._retired_computed += worker.computed
         if crashed:
             engine._leader_deaths += 1
+        if worker.cold_start:  # it never got to boot
+            worker.cold_start = False
+            engine._budget.cold_starts -= 1
+        if not worker.evicted:  # an evicted one stopped counting when it was evicted
+            engine._budget.workers -= 1
+            engine._budget.memory -= worker.memory_bytes
+
+    def booted(self, worker: GroupWorker) -> None:
+        self.engine._budget.cold_starts -= 1
+
+    def memory_changed(self, worker: GroupWorker, delta: int) -> None:
+        engine = self.engine
+        engine._budget.memory += delta
+        if engine._limits.max_memory is not None:
+            engine._evict_while_over()
 
     def execution_done(self, execution: Execution, *, ran: bool) -> None:
         """A resolution left: out of the table; counted if it ran to an outcome."""
@@ -205,7 +234,17 @@ class Engine:
         cache_frequency: int,
         shutdown_grace: float,
         slot_timeout: float | None = None,
+        limits: Limits | None = None,
     ) -> None:
+        self._limits = limits = Limits() if limits is None else limits
+        self._budget = Budget(limits)
+        #: Parking is checked and counted (`_park_counted`), not done on the fast path.
+        self._counts_waiters = (
+            limits.max_waiters is not None or limits.max_waiters_per_worker is not None
+        )
+        #: Some bound applies to requests that wait: they all take `_wait_for`.
+        self._bounded = self._counts_waiters or limits.max_replay is not None
+        self._recomputing: set[tuple[str, int]] = set()
         self._store = store
         self._devices = devices
         self._nursery = nursery
@@ -236,7 +275,7 @@ class Engine:
         self._executions_run = 0
         self._blobs_stored = 0
         self._host = _Host(
-            self, store, devices, cache_frequency, slot_timeout, shutdown_grace, self._now
+            self, store, devices, cache_frequency, slot_timeout, shutdown_grace, self._now, limits
         )
         self.workers: Mapping[str, WorkerInfo] = _WorkersView(self._workers)
         """Process ID -> `WorkerInfo` of each live process worker (a read-only live view)."""
@@ -267,6 +306,12 @@ class Engine:
             waiters=sum(w.waiting for w in self._workers.values())
             + sum(len(e.waiters) for e in self._executions.values()),
             blobs_stored=self._blobs_stored,
+            memory_bytes=self._budget.memory
+            if self._limits.max_memory is not None
+            else sum(w.memory() for w in self._workers.values()),
+            evictions=self._budget.evictions,
+            refused=self._budget.refused,
+            cold_starts=self._budget.cold_starts,
         )
 
     #: The same as `statistics`.
@@ -428,7 +473,7 @@ class Engine:
             except trio.WouldBlock:
                 state = await self._store.get_result(pid, slot)
             if state is None:
-                if worker is not None and worker.busy_toward(slot):
+                if worker is not None and not self._bounded and worker.busy_toward(slot):
                     # Park on the worker from this coroutine (not `_wait_for`: one
                     # coroutine fewer per parked waiter).
                     try:
@@ -468,7 +513,8 @@ class Engine:
                 latest = await self._scheduler.latest(pid)
             if slot > latest:
                 raise SlotNotScheduled(pid, latest + 1, latest, requested_slot=slot)
-        store, host = self._store, self._host
+        store = self._store
+        replay_checked = False
         while True:
             self._check_open()
             worker = self._workers.get(pid)
@@ -479,20 +525,44 @@ class Engine:
                 # writes fail.
                 await store.wait_writable()
                 continue
+            limits = self._limits
             if worker is None:
-                worker = GroupWorker.idle_now(pid, host, slot) or GroupWorker.starting(
-                    pid, host, slot
-                )
-                self._workers[pid] = worker
-                self._workers_started += 1
+                if limits.max_replay is not None and not replay_checked:
+                    # Where a new worker would start computing: the nearest snapshot.
+                    found = await store.latest_snapshot_slot(pid, slot)
+                    start = 0 if found is None else found
+                    if slot - start > limits.max_replay:
+                        if pid not in self._workers:  # (one may have started meanwhile)
+                            self._new_worker(pid, slot, inline=False)
+                        raise self._catching_up(pid, slot, start)
+                    replay_checked = True
+                    continue  # the store was asked: look again
+                worker = self._new_worker(pid, slot)
             try:
-                state = worker.serve_now(slot) or worker.request(slot)
-                if state is None:
-                    state = await _wait_task_rescheduled(worker.enter(slot))
-                return state
+                state = worker.serve_now(slot)
+                if state is not None:
+                    return state
+                if limits.max_replay is not None:
+                    at = worker.position()
+                    if at is not None and slot - at > limits.max_replay:
+                        worker.request(slot)  # on its way there, in the background
+                        raise self._catching_up(pid, slot, at)
+                state = worker.request(slot)
+                if state is not None:
+                    return state
+                if self._counts_waiters:
+                    return await self._park_counted(worker, slot)
+                parked: Message = await _wait_task_rescheduled(worker.enter(slot))
+                return parked
             except Reroute:
                 # The worker is past this slot and its stored result is missing:
                 # recompute it from the nearest earlier snapshot, with a core of its own.
+                if limits.max_replay is not None:
+                    found = await store.latest_snapshot_slot(pid, slot)
+                    start = 0 if found is None else found
+                    if slot - start > limits.max_replay:
+                        self._recompute_soon(pid, slot)
+                        raise self._catching_up(pid, slot, start) from None
                 return await compute_slot(
                     store,
                     self._devices,
@@ -507,6 +577,111 @@ class Engine:
                     raise LeaderDied(
                         f"slot {slot} of {pid}: lost its worker {deaths} times in a row"
                     ) from None
+
+    # bounds (see `_budget`) ---------------------------------------------------------------------
+
+    def _new_worker(self, pid: str, slot: int, *, inline: bool = True) -> GroupWorker:
+        """Make and register ``pid``'s worker, within the engine's bounds. Never blocks.
+
+        Booted in the calling task when it can be (``inline``), else with a
+        task of its own. Raises `Overloaded` when a bound is reached and no
+        idle worker can be evicted to make room; evicts as needed otherwise.
+        """
+        limits, budget = self._limits, self._budget
+        if limits.bounds_workers:
+            if limits.max_cold_starts is not None and budget.cold_starts >= limits.max_cold_starts:
+                raise budget.refuse(
+                    f"{budget.cold_starts} processes are booting already (max_cold_starts)",
+                    "max_cold_starts",
+                )
+            while budget.over(extra_workers=1):
+                if not self._evict_one():
+                    bound = (
+                        "max_workers"
+                        if limits.max_workers is not None
+                        and budget.workers + 1 > limits.max_workers
+                        else "max_memory"
+                    )
+                    raise budget.refuse(
+                        f"{budget.workers} workers ({budget.memory} bytes) are live and busy "
+                        f"({bound})",
+                        bound,
+                    )
+        host = self._host
+        worker = GroupWorker.idle_now(pid, host, slot) if inline else None
+        if worker is None:
+            worker = GroupWorker.starting(pid, host, slot)
+            worker.cold_start = True
+            budget.cold_starts += 1
+        self._workers[pid] = worker
+        self._workers_started += 1
+        budget.workers += 1
+        if worker.memory_bytes:  # booted inline: measured before it was counted
+            budget.memory += worker.memory_bytes
+            if limits.max_memory is not None:
+                self._evict_while_over(keep=worker)
+        return worker
+
+    def _evict_one(self, keep: GroupWorker | None = None) -> bool:
+        """Retire the least recently used idle worker (not ``keep``); False if there is none."""
+        worker = self._reaper.pop_least_recent()
+        if worker is keep and worker is not None:
+            other = self._reaper.pop_least_recent()
+            self._reaper.watch(worker)
+            worker = other
+        if worker is None:
+            return False
+        budget = self._budget
+        worker.evicted = True
+        budget.workers -= 1
+        budget.memory -= worker.memory_bytes
+        budget.evictions += 1
+        worker.request_stop()  # stores its snapshot first, in a task of its own
+        return True
+
+    def _evict_while_over(self, keep: GroupWorker | None = None) -> None:
+        budget = self._budget
+        while budget.over() and self._evict_one(keep):
+            pass
+
+    def _catching_up(self, pid: str, slot: int, position: int) -> CatchingUp:
+        self._budget.refused += 1
+        return CatchingUp(pid, slot, position)
+
+    def _recompute_soon(self, pid: str, slot: int) -> None:
+        """Recompute an earlier slot in the background (once at a time per slot)."""
+        key = (pid, slot)
+        if key in self._recomputing:
+            return
+        self._recomputing.add(key)
+
+        async def recompute() -> None:
+            try:
+                await compute_slot(
+                    self._store,
+                    self._devices,
+                    pid,
+                    slot,
+                    cache_frequency=self._cache_frequency,
+                    slot_timeout=self._slot_timeout,
+                )
+            except HbTrioError as exc:
+                log.warning("recomputing slot %d of %s failed: %s", slot, pid, exc)
+            finally:
+                self._recomputing.discard(key)
+
+        self._nursery.start_soon(recompute, name=f"hbtrio recompute {pid} {slot}")
+
+    async def _park_counted(self, worker: GroupWorker, slot: int) -> Message:
+        """Park on ``worker`` for ``slot`` within the waiter bounds (`Overloaded` over them)."""
+        budget = self._budget
+        budget.check_waiter(worker.waiting)
+        budget.waiting += 1
+        try:
+            state: Message = await _wait_task_rescheduled(worker.enter(slot))
+            return state
+        finally:
+            budget.waiting -= 1
 
     async def now(self, pid: str) -> Message:
         """The state at the latest scheduled slot of ``pid`` (see `compute`)."""
@@ -721,6 +896,14 @@ async def open_engine(
     cache_frequency: int = 1,
     shutdown_grace: float = 30.0,
     slot_timeout: float | None = None,
+    max_workers: int | None = None,
+    max_memory: int | None = None,
+    max_waiters: int | None = None,
+    max_waiters_per_worker: int | None = None,
+    max_cold_starts: int | None = None,
+    max_replay: int | None = None,
+    snapshot_seconds: float | None = None,
+    snapshot_cost_ratio: float | None = None,
 ) -> AsyncIterator[Engine]:
     """Run an engine for the duration of an ``async with`` block.
 
@@ -738,6 +921,29 @@ async def open_engine(
             takes longer fails with `ComputeError` (``__cause__`` is
             `trio.TooSlowError`). Plain devices run on the event loop and
             cannot be interrupted: wrap them in `run_in_thread` to bound them.
+        max_workers: most live workers; at it, the least recently used idle
+            worker retires (snapshot first) to make room, and with none idle
+            a request that needs a new worker gets `Overloaded`.
+        max_memory: most bytes of live workers' memory (each worker's
+            estimate: a live instance's ``memory_size()``, else an estimate
+            of its state); over it, least recently used idle workers retire.
+        max_waiters, max_waiters_per_worker: most requests parked at once in
+            the engine, and on one worker; one more gets `Overloaded`.
+        max_cold_starts: most workers booting at once; a request that needs
+            one more gets `Overloaded`.
+        max_replay: most slots a request waits to have computed (from the
+            worker's position or the nearest snapshot); a request for a slot
+            further away gets `CatchingUp` while it is computed in the
+            background.
+        snapshot_seconds: besides every ``cache_frequency`` slots, a snapshot
+            once this many seconds of device calls went by since the last.
+        snapshot_cost_ratio: besides every ``cache_frequency`` slots, a
+            snapshot once the device calls since the last one took this many
+            times what taking the last snapshot took.
+
+        The bounds and the snapshot policy are off (``None``) by default; see
+        docs/api.md. Every refusal changes nothing and is counted in
+        `statistics` (``refused``), every eviction too (``evictions``).
 
     Entering opens the store (blocking until it is ready). Leaving stops every
     worker cleanly (each stores a snapshot of its latest state first), waits
@@ -750,6 +956,16 @@ async def open_engine(
         raise ValueError(f"max_idle must be > 0, not {max_idle!r}")
     if slot_timeout is not None and not slot_timeout > 0:
         raise ValueError(f"slot_timeout must be > 0 or None, not {slot_timeout!r}")
+    limits = Limits(
+        max_workers=max_workers,
+        max_memory=max_memory,
+        max_waiters=max_waiters,
+        max_waiters_per_worker=max_waiters_per_worker,
+        max_cold_starts=max_cold_starts,
+        max_replay=max_replay,
+        snapshot_seconds=snapshot_seconds,
+        snapshot_cost_ratio=snapshot_cost_ratio,
+    )
     registry = Devices(devices)
     store = MemoryStore() if store is None else store
     if not isinstance(store, Store):
@@ -774,6 +990,7 @@ async def open_engine(
                     cache_frequency=cache_frequency,
                     shutdown_grace=shutdown_grace,
                     slot_timeout=slot_timeout,
+                    limits=limits,
                 )
                 registry.attach(DeviceHost(slot_timeout, engine.get_blob))
                 nursery.start_soon(engine._reaper.run, name="hbtrio idle reaper")

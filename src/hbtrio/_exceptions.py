@@ -4,12 +4,14 @@ from __future__ import annotations
 
 __all__ = [
     "BlobNotFound",
+    "CatchingUp",
     "ComputeError",
     "EngineClosed",
     "HbTrioError",
     "InternalError",
     "InvalidMessage",
     "LeaderDied",
+    "Overloaded",
     "ProcessNotFound",
     "SlotNotScheduled",
     "StoreError",
@@ -115,6 +117,50 @@ class LeaderDied(HbTrioError):
     Requests re-route to a fresh worker on their own; a caller sees this only
     when the same request loses its worker several times in a row.
     """
+
+
+class Overloaded(HbTrioError):
+    """A request over one of the engine's bounds, refused at once instead of queued.
+
+    Attributes:
+        bound: which bound: ``"max_waiters"``, ``"max_waiters_per_worker"``,
+            ``"max_cold_starts"``, ``"max_workers"`` or ``"max_memory"``
+            (`CatchingUp`: ``"max_replay"``).
+        retry_after: seconds after which trying again is worthwhile.
+
+    Nothing was changed by the refused request. Over HTTP: 503 with
+    ``Retry-After``.
+    """
+
+    def __init__(self, message: str, *, bound: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.bound = bound
+        self.retry_after = retry_after
+
+
+class CatchingUp(Overloaded):
+    """A slot that more than ``max_replay`` slots of computing separate from where it can be had.
+
+    The process's worker computes toward it in the background (it was asked
+    to); stored slots keep being answered at once. Ask again later.
+
+    Attributes:
+        pid: the process.
+        slot: the slot asked for.
+        position: the slot computation toward it starts from (the worker's,
+            or the nearest snapshot's).
+
+    Over HTTP: 202 with ``Retry-After``.
+    """
+
+    def __init__(self, pid: str, slot: int, position: int, *, retry_after: float = 1.0) -> None:
+        super().__init__(
+            f"slot {slot} of process {pid} is {slot - position} slots of computing away "
+            f"(from slot {position}); it is being computed in the background",
+            bound="max_replay",
+            retry_after=retry_after,
+        )
+        self.pid, self.slot, self.position = pid, slot, position
 
 
 class EngineClosed(HbTrioError):

@@ -15,6 +15,12 @@ bounded by the number of workers, and every check is O(log n).
 A worker that is busy again (a request started its task) when its entry comes
 due is simply dropped from the heap; it asks to be watched again the next
 time it goes idle.
+
+The same heap gives the least recently used idle worker (`pop_least_recent`,
+for the engine's worker and memory bounds): the entry on top whose
+``last_request`` is still the one it was pushed with is the oldest of all
+(every other entry's real ``last_request`` is at least its own); an entry
+on top that was used since is pushed back with its new time first.
 """
 
 from __future__ import annotations
@@ -46,10 +52,34 @@ class IdleReaper:
         if worker.watched:
             return
         worker.watched = True
+        worker.watched_since = worker.last_request
         worker.reap_at = deadline = worker.last_request + self.max_idle
         heapq.heappush(self._heap, worker)
         if self._scope is not None and deadline < self._scope.deadline:
             self._scope.deadline = deadline
+
+    def pop_least_recent(self) -> GroupWorker | None:
+        """Take the idle worker with the oldest request out of the heap (``None``: none).
+
+        Entries of workers that are busy or stopping are dropped on the way.
+        Never blocks; O(log n) per entry looked at.
+        """
+        heap = self._heap
+        while heap:
+            worker = heap[0]
+            if not worker.idle or worker.stop_requested:
+                heapq.heappop(heap)
+                worker.watched = False
+                continue
+            if worker.last_request != worker.watched_since:  # used since it was pushed
+                worker.watched_since = worker.last_request
+                worker.reap_at = worker.last_request + self.max_idle
+                heapq.heapreplace(heap, worker)
+                continue
+            heapq.heappop(heap)
+            worker.watched = False
+            return worker
+        return None
 
     async def run(self) -> None:
         """The reaper's task, for the engine's lifetime (cancelled when it closes)."""

@@ -158,6 +158,15 @@ class Store(abc.ABC):
 
     # optional hooks -----------------------------------------------------------------------------
 
+    async def latest_snapshot_slot(self, pid: str, at_most: int) -> int | None:
+        """The slot of `latest_snapshot` (``None`` without one), for deciding without reading it.
+
+        Optional: the default reads the snapshot. A store that can tell the
+        slot more cheaply (from memory, say) overrides it.
+        """
+        found = await self.latest_snapshot(pid, at_most)
+        return None if found is None else found[0]
+
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Acquire resources (threads, files). Called by the engine on entry; idempotent."""
 

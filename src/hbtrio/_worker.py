@@ -64,6 +64,7 @@ import attrs
 import trio
 
 from ._broadcast import SlotBroadcaster, _Waiter
+from ._budget import Limits
 from ._devices import Devices
 from ._driver import Driver, Reroute, copy_error
 from ._exceptions import ComputeError, HbTrioError, LeaderDied, StoreError
@@ -97,6 +98,8 @@ class WorkerHost(Protocol):
     shutdown_grace: float
     #: The engine's clock (``trio.current_time`` without its lookups).
     now: Callable[[], float]
+    #: The engine's bounds (its snapshot policy is the worker's).
+    limits: Limits
 
     def start_soon(self, fn: Callable[[], Any], name: str) -> None:
         """Run ``fn()`` as a task of the engine's root nursery."""
@@ -106,6 +109,12 @@ class WorkerHost(Protocol):
 
     def finished(self, worker: GroupWorker, *, crashed: bool) -> None:
         """The worker has stopped: take it out of the registry and count it."""
+
+    def booted(self, worker: GroupWorker) -> None:
+        """The worker's boot has ended (done or failed): it is no longer a cold start."""
+
+    def memory_changed(self, worker: GroupWorker, delta: int) -> None:
+        """The worker's `memory_bytes` changed by ``delta`` (the engine may evict others)."""
 
 
 @attrs.frozen
@@ -124,6 +133,8 @@ class WorkerInfo:
     computed: int
     #: Wall-clock time (``time.time()``) when the worker started.
     started_at: float
+    #: The estimate of the memory it holds, in bytes (see `Engine.statistics`).
+    memory_bytes: int = 0
 
 
 @attrs.define(eq=False, repr=False, kw_only=True)
@@ -142,14 +153,25 @@ class GroupWorker(Driver):
     #: The engine's clock when it last answered a request, or went idle.
     last_request: float = 0.0
     started_at: float = 0.0
-    # The idle reaper's entry: True while it holds this worker; its deadline then.
+    # The idle reaper's entry: True while it holds this worker; its deadline then, and
+    # the ``last_request`` it was pushed with (its place in the heap).
     watched: bool = False
     reap_at: float = 0.0
+    watched_since: float = 0.0
+    #: The estimate of the memory it holds (`ProcessCore.memory_estimate`), measured
+    #: when it boots and when it goes idle; 0 before its boot.
+    memory_bytes: int = 0
+    #: Counted among the engine's booting workers until its boot ends (`WorkerHost.booted`).
+    cold_start: bool = False
+    #: Retired by the engine to stay within its bounds (no longer counted).
+    evicted: bool = False
     _now: Callable[[], float] = attrs.field(init=False, alias="_now")
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._now = self.host.now  # the request path reads it
+        if self.host.limits.times_snapshots:
+            self.policy = self.host.limits
 
     # making one ----------------------------------------------------------------------------------
 
@@ -199,11 +221,12 @@ class GroupWorker(Driver):
         )
         store.pin(pid)
         host.watch_idle(worker)
+        worker._measure()
         return worker
 
     def __lt__(self, other: GroupWorker) -> bool:
-        """The idle reaper's heap order: the earlier ``reap_at`` first."""
-        return self.reap_at < other.reap_at
+        """The idle reaper's heap order: the older request first (so the earlier ``reap_at``)."""
+        return self.watched_since < other.watched_since
 
     def __repr__(self) -> str:
         return f"<GroupWorker {self.pid} {self.phase.value} target={self.target}>"
@@ -223,6 +246,11 @@ class GroupWorker(Driver):
     def aims_at(self, slot: int) -> bool:
         """Whether this worker was ever asked for ``slot`` or beyond (so it is scheduled)."""
         return slot <= self.target
+
+    def position(self) -> int | None:
+        """The slot its process stands at (``None`` while it boots). Never blocks."""
+        core = self.core
+        return None if core is None else core.slot
 
     def busy_toward(self, slot: int) -> bool:
         """Whether this worker is at work toward ``slot`` or beyond (starting or running).
@@ -246,6 +274,7 @@ class GroupWorker(Driver):
             idle_seconds=max(0.0, now - self.last_request) if self.phase is _IDLE else 0.0,
             computed=self.computed,
             started_at=self.started_at,
+            memory_bytes=self.memory(),
         )
 
     @property
@@ -276,35 +305,40 @@ class GroupWorker(Driver):
         else:
             # `apply_nowait` + `_commit` for one slot, inlined; nobody waits on an
             # idle worker, so there is nobody to wake.
-            fast = self.fast
             if not core.inline or self.store.backlogged:
                 return None
+            fast, pid = self.fast, core.pid
             try:
-                assignment = fast.pending_assignment_nowait(core.pid, slot)
+                assignment = fast.pending_assignment_nowait(pid, slot)
             except trio.WouldBlock:
                 return None
             if assignment is None:  # unscheduled, or stored ahead (`advance` jumps there)
                 return None
             before = core.result
-            if core.instance is None:  # a state device: `ProcessCore.step`, inlined
+            if core.instance is None:
+                # A state device: `ProcessCore.step` inlined, each state its own
+                # snapshot, stored before the core moves to it.
                 try:
                     state = core._compute_one(before, assignment)  # type: ignore[arg-type]
                 except BaseException as exc:  # whatever the device raised: see is_device_failure
                     raise core.failure(slot, exc) from exc
+                try:
+                    fast.put_state_nowait(pid, slot, state, slot % core.cache_frequency == 0)
+                except StoreError as exc:
+                    self._undo(at, before, exc)
                 core.slot, core.result = slot, state
                 core.computed += 1
-            else:
-                try:
-                    state = core.step(assignment)
-                except ComputeError:
-                    self._close_discarded_nowait()  # a live instance it threw away
-                    raise
+                self.target = slot
+                self.last_request = self._now()
+                return state
             try:
-                if core.instance is None:  # a state device: each state its own snapshot
-                    fast.put_state_nowait(core.pid, slot, state, slot % core.cache_frequency == 0)
-                else:
-                    snapshot = core.snapshot_now() if core.is_snapshot(slot) else None
-                    self.store.put_results_nowait(core.pid, [(slot, state, snapshot)])
+                state = core.step(assignment)
+            except ComputeError:
+                self._close_discarded_nowait()  # a live instance it threw away
+                raise
+            try:
+                snapshot = core.snapshot_now() if core.is_snapshot(slot) else None
+                self.store.put_results_nowait(pid, [(slot, state, snapshot)])
             except (StoreError, ComputeError) as exc:
                 self._undo(at, before, exc)
             self.target = slot
@@ -378,7 +412,13 @@ class GroupWorker(Driver):
             if self.phase is Phase.STARTING:
                 self.started_at = time.time()  # wall clock, for people reading it
                 try:
-                    await self._start()
+                    try:
+                        await self._start()
+                    finally:
+                        if self.cold_start:
+                            self.cold_start = False
+                            self.host.booted(self)
+                    self._measure()
                 except HbTrioError as exc:
                     # The process cannot run (unknown, bad device, failing init or
                     # restore, store down): each waiter gets the reason; none re-routes.
@@ -407,6 +447,7 @@ class GroupWorker(Driver):
                 # Idle from now: requests that waited on the work did not stamp it.
                 self.last_request = self.host.now()
                 self.host.watch_idle(self)
+                self._measure()
             else:
                 await self._finish(snapshot=ending == "stop", crashed=ending == "crash")
 
@@ -419,6 +460,24 @@ class GroupWorker(Driver):
         # The snapshot and the assignments after it (toward the target) in one store read.
         await self.boot(max(lowest, 0), self.target + 1)
         self._jumped()
+
+    def memory(self) -> int:
+        """The estimate of the memory it holds: `memory_bytes` when the engine bounds
+        memory (then measured at boot and idle), else measured now. Never blocks."""
+        if self.host.limits.max_memory is not None or self.core is None:
+            return self.memory_bytes
+        return self.core.memory_estimate()
+
+    def _measure(self) -> None:
+        """Measure `memory_bytes` again and tell the host what changed, when the engine
+        bounds memory (else `memory` measures on demand). Never blocks."""
+        core = self.core
+        if core is None or self.evicted or self.host.limits.max_memory is None:
+            return
+        size = core.memory_estimate()
+        delta, self.memory_bytes = size - self.memory_bytes, size
+        if delta:
+            self.host.memory_changed(self, delta)
 
     # stopping ------------------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 from .. import _jsonwire
 from .._exceptions import InvalidMessage
 from ._errors import EXIT_PENDING, EXIT_USAGE, CliError, require
-from ._output import format_message, format_table
+from ._output import format_message, format_result, format_table, is_process_result
 
 if TYPE_CHECKING:
     import httpx
@@ -236,7 +236,13 @@ def _show_state(args: argparse.Namespace, response: httpx.Response) -> int:
             )
         return EXIT_PENDING
     if not args.json:
-        print(format_message(body))
+        if is_process_result(body):  # a WASM or Lua process: its output, plainly
+            text, notes = format_result(body)
+            print(text)
+            for note in notes:
+                print(note, file=sys.stderr)
+        else:
+            print(format_message(body))
     return 0
 
 

@@ -8,7 +8,7 @@ functions returning text (the caller prints it): callable from anywhere.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 from .. import _jsonwire
 
@@ -29,6 +29,35 @@ def format_message(message: Mapping[str, Any], first: Sequence[str] = ("at-slot"
         return "(empty)"
     width = max(len(k) for k in keys)
     return "\n".join(f"{k:<{width}}  {_value_text(message[k])}" for k in keys)
+
+
+#: The keys of a process result in the JSON interface's form (WASM and Lua processes).
+RESULT_KEYS: Final = frozenset({"output", "messages"})
+
+
+def is_process_result(message: Mapping[str, Any]) -> bool:
+    """Whether ``message`` is a slot's result in the JSON interface's form (docs/wasm.md)."""
+    return message.keys() >= RESULT_KEYS
+
+
+def format_result(message: Mapping[str, Any]) -> tuple[str, list[str]]:
+    """A process result as its output data, plainly, and notes for stderr.
+
+    The output is printed as it is when it is text, else as JSON; the notes
+    say the error the process reported (or the failure recorded for the
+    slot) and how many outbox messages, spawns and assignments it made.
+    """
+    output = message.get("output")
+    text = output if isinstance(output, str) else _jsonwire.dumps(output).decode()
+    notes = []
+    if message.get("error") is not None:
+        kind = message.get("error-kind")
+        notes.append(f"error{f' ({kind})' if kind else ''}: {message['error']}")
+    for key in ("messages", "spawns", "assignments"):
+        items = message.get(key)
+        if items:
+            notes.append(f"{len(items)} {key[:-1] if len(items) == 1 else key} (--json shows them)")
+    return text, notes
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -39,6 +39,25 @@ def _positive_int(text: str) -> int:
     return value
 
 
+_UNITS: Final = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def _byte_size(text: str) -> int:
+    """A size in bytes, ``1048576`` or with a binary unit: ``512K``, ``64M``, ``2G``."""
+    digits, unit = text.strip(), ""
+    if digits[-1:].upper() in _UNITS:
+        digits, unit = digits[:-1], digits[-1:].upper()
+    try:
+        value = int(digits) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size in bytes (use 1048576, 512K, 64M or 2G)"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1 byte")
+    return value
+
+
 def _slot(text: str) -> int:
     if not (text.isascii() and text.isdigit()):
         raise argparse.ArgumentTypeError(f"{text!r} is not a slot (a non-negative integer)")
@@ -213,6 +232,51 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds one call of an async or threaded device may take before its slot "
         "fails (default: no limit)",
+    )
+    bounds = serve.add_argument_group(
+        "bounds", 'limits on what the engine holds (docs/api.md, "Bounds"); off by default'
+    )
+    bounds.add_argument(
+        "--max-workers",
+        type=_positive_int,
+        metavar="N",
+        help="most live workers; the least recently used idle one retires to make room",
+    )
+    bounds.add_argument(
+        "--max-memory",
+        type=_byte_size,
+        metavar="BYTES",
+        help="most memory of live workers (their estimates; 512M, 2G, ...)",
+    )
+    bounds.add_argument(
+        "--max-waiters", type=_positive_int, metavar="N", help="most requests parked at once"
+    )
+    bounds.add_argument(
+        "--max-waiters-per-worker",
+        type=_positive_int,
+        metavar="N",
+        help="most requests parked on one process",
+    )
+    bounds.add_argument(
+        "--max-cold-starts", type=_positive_int, metavar="N", help="most processes booting at once"
+    )
+    bounds.add_argument(
+        "--max-replay",
+        type=_positive_int,
+        metavar="SLOTS",
+        help="most slots a request waits to have computed; further ones are answered 202",
+    )
+    bounds.add_argument(
+        "--snapshot-seconds",
+        type=_positive_float,
+        metavar="S",
+        help="also snapshot after this many seconds of device calls",
+    )
+    bounds.add_argument(
+        "--snapshot-cost-ratio",
+        type=_positive_float,
+        metavar="R",
+        help="also snapshot once device calls took R times what the last snapshot took",
     )
     serve.add_argument(
         "--shutdown-grace",

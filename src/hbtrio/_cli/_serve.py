@@ -37,6 +37,18 @@ import trio
 
 from ._errors import EXIT_USAGE, CliError, require
 
+#: `hbtrio.open_engine` keywords of the bounds, as `hbtrio serve` options.
+BOUNDS: Final = (
+    "max_workers",
+    "max_memory",
+    "max_waiters",
+    "max_waiters_per_worker",
+    "max_cold_starts",
+    "max_replay",
+    "snapshot_seconds",
+    "snapshot_cost_ratio",
+)
+
 #: Seconds a thread holds the GIL while another wants it, in ``hbtrio serve``.
 SWITCH_INTERVAL: Final = 0.001
 
@@ -102,6 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_connections=args.max_connections,
                     keep_alive=args.keep_alive,
                     write_timeout=args.write_timeout,
+                    bounds={name: getattr(args, name) for name in BOUNDS},
                 )
             )
             for url in urls:

@@ -59,7 +59,7 @@ from typing import Any, Final
 import attrs
 import trio
 
-from .._exceptions import HbTrioError, InvalidMessage
+from .._exceptions import CatchingUp, HbTrioError, InvalidMessage
 from .._message import Message, check_ints, validate_blob_id, validate_pid
 from ._auth import check_bearer, check_token
 from ._defaults import (
@@ -477,6 +477,18 @@ class HttpApp:
                     nursery.cancel_scope.cancel()
             finally:
                 self._waits.discard(scope)
+        if isinstance(error, CatchingUp):
+            # Too far to wait for: the same 202 as a wait that ran out, with its reason.
+            body = {
+                "process": pid,
+                "requested-slot": error.slot,
+                "computed-slot": self._reached(pid),
+                "status": "computing",
+                "reason": "catching-up",
+                "message": str(error),
+            }
+            retry = ((b"retry-after", str(max(1, math.ceil(error.retry_after))).encode()),)
+            return self._ok(body, media, 202, retry)
         if error is not None:
             raise error
         if state is not None:

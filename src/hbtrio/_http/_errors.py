@@ -16,17 +16,20 @@ the log lines `error_response` writes), callable from any task.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Final
 
 from .. import _jsonwire
 from .._exceptions import (
     BlobNotFound,
+    CatchingUp,
     ComputeError,
     EngineClosed,
     HbTrioError,
     InvalidMessage,
     LeaderDied,
+    Overloaded,
     ProcessNotFound,
     SlotNotScheduled,
     StoreError,
@@ -72,6 +75,10 @@ def json_error(status: int, code: str, message: str) -> bytes:
     return _jsonwire.dumps({"error": code, "status": status, "message": text})
 
 
+def _retry_after(seconds: float) -> tuple[tuple[bytes, bytes], ...]:
+    return ((b"retry-after", str(max(1, math.ceil(seconds))).encode()),)
+
+
 def error_response(exc: Exception) -> Response:
     """The response for an exception raised by the engine or by request handling.
 
@@ -90,6 +97,19 @@ def error_response(exc: Exception) -> Response:
                 "requested-slot": exc.requested_slot,
                 "latest-slot": exc.latest,
             },
+        ).response()
+    if isinstance(exc, CatchingUp):
+        # Accepted: the slot is being computed; come back for it.
+        return HttpError(
+            202,
+            "catching-up",
+            str(exc),
+            {"process": exc.pid, "slot": exc.slot, "position": exc.position},
+            headers=_retry_after(exc.retry_after),
+        ).response()
+    if isinstance(exc, Overloaded):
+        return HttpError(
+            503, "overloaded", str(exc), {"bound": exc.bound}, headers=_retry_after(exc.retry_after)
         ).response()
     if isinstance(exc, StoreError) or (
         isinstance(exc, ComputeError) and isinstance(exc.__cause__, StoreError)

@@ -47,6 +47,8 @@ _COUNTERS: Final = frozenset(
         "requests",
         "executions",
         "blobs_stored",
+        "evictions",
+        "refused",
     }
 )
 _DOCS: Final = {
@@ -61,6 +63,10 @@ _DOCS: Final = {
     "blobs_stored": "Blobs stored (put_blob calls).",
     "live_workers": "Process workers alive now.",
     "waiters": "Requests waiting on live workers now.",
+    "memory_bytes": "Memory held by live workers (their estimates), in bytes.",
+    "evictions": "Idle workers retired to stay within max_workers or max_memory.",
+    "refused": "Requests refused over a bound (Overloaded, CatchingUp).",
+    "cold_starts": "Workers booting now.",
 }
 
 

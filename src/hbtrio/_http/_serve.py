@@ -227,6 +227,7 @@ async def serve(
     keep_alive: float = DEFAULT_KEEP_ALIVE,
     write_timeout: float = DEFAULT_WRITE_TIMEOUT,
     max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
+    bounds: Mapping[str, float | int | None] | None = None,
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -240,7 +241,10 @@ async def serve(
     URLs once the node accepts requests. ``slot_timeout`` and
     ``shutdown_grace`` go to `hbtrio.open_engine`; ``read_timeout``,
     ``body_timeout`` and ``max_blob_bytes`` to `make_app`; ``max_connections``, ``keep_alive`` and
-    ``write_timeout`` to `run_server`.
+    ``write_timeout`` to `run_server`. ``bounds`` are more keywords of
+    `hbtrio.open_engine` (``max_workers``, ``max_memory``, ``max_waiters``,
+    ``max_waiters_per_worker``, ``max_cold_starts``, ``max_replay``,
+    ``snapshot_seconds``, ``snapshot_cost_ratio``).
     """
     check_bind(host, token)
     if port != 0:
@@ -255,6 +259,7 @@ async def serve(
         cache_frequency=cache_frequency,
         slot_timeout=slot_timeout,
         shutdown_grace=shutdown_grace,
+        **dict(bounds or {}),  # type: ignore[arg-type]
     ) as engine:
         app = make_app(
             engine,

@@ -1,0 +1,148 @@
+"""What a store keeps in memory about processes, within its bounds.
+
+Theory of operation
+-------------------
+Reads cost a round trip to the I/O thread each, so the store keeps, per
+process it has looked up, a `Proc`: the definition, the latest assignment
+slot, the highest result slot, the results and snapshots written behind
+(until their commit lands) and the assignments not computed yet. The request
+path and the workers answer from it without a round trip (the store's fast
+path); what it lacks is read from the file.
+
+Two bounds keep that memory in check (`ProcessCache`). Processes: at most
+``max_procs`` entries, least recently looked up evicted first; an entry
+that is pinned (a live worker: `pin`), has results waiting to be written, or
+a call in flight that will update it (``busy``) stays beyond the bound.
+Assignments not computed yet: at most ``max_cached`` of them and
+``max_cached_bytes`` of their CBOR, for all processes together, oldest
+evicted first (a deque in arrival order: evicting costs nothing per
+assignment that already left). A process's assignments are evicted in slot
+order, so what is left of them is always a contiguous run ending at its
+latest slot (``appended_from``).
+
+Blobs are never kept here: each read of one goes to the file.
+
+Everything here runs on the event-loop thread only, and nothing blocks.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import attrs
+
+from .._message import Message
+
+__all__ = ["Proc", "ProcessCache", "pending_snapshot"]
+
+
+@attrs.define(eq=False)
+class Proc:
+    """What the store keeps in memory about one process (event-loop thread only)."""
+
+    rowid: int
+    definition: Message
+    latest: int  # highest durable assignment slot
+    result_high: int  # highest slot with a result, durable or pending
+    # Invariant: every slot from appended_from to latest without a stored result
+    # is in ``assignments``. It starts as the first slot appended through this
+    # store (latest + 1 when loaded from the file) and moves up as the cache
+    # evicts: a process's entries are evicted in slot order.
+    appended_from: int
+    # Assignments without a stored result yet (a bounded cache shared by all
+    # processes, see `ProcessCache.keep`): those appended through this store, and
+    # the latest one when the process is loaded (the scheduler reads it next).
+    # Each stays until its slot's result is stored or the cache evicts it.
+    assignments: dict[int, Message] = attrs.field(factory=dict)
+    # Results and snapshots written behind, until their commit lands.
+    pending: dict[int, Message] = attrs.field(factory=dict)
+    pending_snapshots: dict[int, Message] = attrs.field(factory=dict)
+    # Calls in flight that update this entry once their job returns: while any
+    # is, the entry is not evicted (the update would go to an orphan).
+    busy: int = 0
+
+
+def pending_snapshot(proc: Proc, at_most: int) -> tuple[int, Message] | None:
+    """The latest snapshot at or below ``at_most`` still waiting to be written (event loop)."""
+    best = max((s for s in proc.pending_snapshots if s <= at_most), default=-1)
+    return None if best < 0 else (best, proc.pending_snapshots[best])
+
+
+class ProcessCache:
+    """The loaded processes and the assignments kept for them, within the bounds.
+
+    Never blocks; event-loop thread only.
+    """
+
+    def __init__(self, max_procs: int, max_cached: int, max_cached_bytes: int) -> None:
+        # Loaded processes, least recently looked up first.
+        self.procs: collections.OrderedDict[str, Proc] = collections.OrderedDict()
+        self.max_procs = max_procs
+        self._pins: dict[str, int] = {}
+        # The assignment cache's order: (process, slot, CBOR size) as they came in,
+        # oldest first. Entries whose slot has since left the process's dict (its
+        # result was stored) stay until they reach the front; the bounds count
+        # them, so the cache itself is within them too.
+        self._order: collections.deque[tuple[Proc, int, int]] = collections.deque()
+        self._bytes = 0
+        self._max_cached = max_cached
+        self._max_cached_bytes = max_cached_bytes
+
+    def clear(self) -> None:
+        """Forget everything (the store closed)."""
+        self.procs.clear()
+        self._pins.clear()
+        self._order.clear()
+        self._bytes = 0
+
+    def adopt(self, pid: str, proc: Proc) -> Proc:
+        """Keep a newly loaded process, evicting others beyond the bound."""
+        self.procs[pid] = proc
+        if len(self.procs) > self.max_procs:
+            self.trim()
+        return proc
+
+    def _evictable(self, pid: str, proc: Proc) -> bool:
+        return not (proc.pending or proc.pending_snapshots or proc.busy or pid in self._pins)
+
+    def trim(self) -> None:
+        """Evict the least recently looked-up processes that can go, down to the bound.
+
+        Looks at a few more entries than it must evict: those that cannot go
+        (pinned, results waiting, a call in flight) move to the back.
+        """
+        procs = self.procs
+        excess = len(procs) - self.max_procs
+        for _ in range(min(len(procs), excess + 16)):
+            if excess <= 0:
+                return
+            pid, proc = next(iter(procs.items()))
+            if self._evictable(pid, proc):
+                del procs[pid]
+                # Its cached assignments go; entries in the cache's order become stale.
+                proc.assignments.clear()
+                excess -= 1
+            else:
+                procs.move_to_end(pid)
+
+    def keep(self, proc: Proc, slot: int, assignment: Message, size: int) -> None:
+        """Keep an assignment in memory until its result is stored, within the bounds."""
+        proc.assignments[slot] = assignment
+        self._order.append((proc, slot, size))
+        self._bytes += size
+        order = self._order
+        while order and (len(order) > self._max_cached or self._bytes > self._max_cached_bytes):
+            old, old_slot, old_size = order.popleft()
+            self._bytes -= old_size
+            if old.assignments.pop(old_slot, None) is not None and old_slot >= old.appended_from:
+                old.appended_from = old_slot + 1  # the slots below it went before it
+
+    def pin(self, pid: str) -> None:
+        self._pins[pid] = self._pins.get(pid, 0) + 1
+
+    def unpin(self, pid: str) -> None:
+        left = self._pins.pop(pid, 0) - 1
+        if left > 0:
+            self._pins[pid] = left
+        elif len(self.procs) > self.max_procs:
+            self.trim()
