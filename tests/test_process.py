@@ -20,6 +20,7 @@ from hbtrio import (
     SlotNotScheduled,
     Store,
     UnknownDevice,
+    _lua,
     _wasm,
     compute_slot,
     freeze,
@@ -557,7 +558,8 @@ def test_devices_registry() -> None:
     assert "counter@1.0" in devices
     assert "count@1.0" in devices
     wasm = list(_wasm.builtin_devices())  # wasm-64@1.0 and stack@1.0 with the wasm extra
-    assert devices.names() == sorted(["count@1.0", "counter@1.0", *wasm])
+    lua = list(_lua.builtin_devices())  # lua@5.3 with the lua extra
+    assert devices.names() == sorted(["count@1.0", "counter@1.0", *wasm, *lua])
     for name in ("missing@1.0", None, ["unhashable"]):
         with pytest.raises(UnknownDevice):
             devices.get(name)

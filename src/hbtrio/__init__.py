@@ -30,6 +30,15 @@ from ._exceptions import ProcessNotFound as ProcessNotFound
 from ._exceptions import SlotNotScheduled as SlotNotScheduled
 from ._exceptions import StoreError as StoreError
 from ._exceptions import UnknownDevice as UnknownDevice
+from ._lua import LuaDevice as LuaDevice
+from ._lua import LuaError as LuaError
+from ._lua import LuaMemoryError as LuaMemoryError
+from ._lua import LuaModuleError as LuaModuleError
+from ._lua import LuaResultError as LuaResultError
+from ._lua import LuaScriptError as LuaScriptError
+from ._lua import LuaSnapshotError as LuaSnapshotError
+from ._lua import LuaStats as LuaStats
+from ._lua import LuaTimeout as LuaTimeout
 from ._message import FrozenList as FrozenList
 from ._message import Message as Message
 from ._message import freeze as freeze
@@ -67,6 +76,15 @@ __all__ = [
     "InternalError",
     "InvalidMessage",
     "LeaderDied",
+    "LuaDevice",
+    "LuaError",
+    "LuaMemoryError",
+    "LuaModuleError",
+    "LuaResultError",
+    "LuaScriptError",
+    "LuaSnapshotError",
+    "LuaStats",
+    "LuaTimeout",
     "MemoryStore",
     "Message",
     "Overloaded",

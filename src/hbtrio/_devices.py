@@ -18,7 +18,7 @@ from typing import Any, Final
 import attrs
 import trio
 
-from . import _wasm
+from . import _lua, _wasm
 from ._exceptions import ComputeError, InvalidMessage, UnknownDevice
 from ._message import MAX_INT, MIN_INT, Message
 
@@ -229,7 +229,8 @@ class Devices:
         self._devices: dict[str, DeviceInfo] = {
             "counter@1.0": DeviceInfo.of("counter@1.0", Counter())
         }
-        for name, builtin in _wasm.builtin_devices().items():
+        builtins = {**_wasm.builtin_devices(), **_lua.builtin_devices()}
+        for name, builtin in builtins.items():
             if name not in (extra or {}):
                 self._devices[name] = DeviceInfo.of(name, builtin)
         for name, obj in (extra or {}).items():
@@ -260,7 +261,13 @@ class Devices:
         try:
             return self._devices[name]  # type: ignore[index]
         except (KeyError, TypeError):
-            why = _wasm.MISSING if name in _wasm.NAMES else None
+            why = (
+                _wasm.MISSING
+                if name in _wasm.NAMES
+                else _lua.MISSING
+                if name in _lua.NAMES
+                else None
+            )
             raise UnknownDevice(name, why) from None
 
     def names(self) -> list[str]:

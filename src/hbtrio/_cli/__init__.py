@@ -10,6 +10,7 @@
     hbtrio now "$PID"; hbtrio workers; hbtrio stats
     hbtrio put-blob module.wasm      # -> the file's blob ID
     hbtrio spawn --image module.wasm # a wasm-64@1.0 process naming that blob
+    hbtrio spawn --module ledger.lua # a lua@5.3 process naming that module's blob
     hbtrio bench --quick             # the benchmark suite (from a source checkout)
 
 Exit status: 0 success, 1 an error (the node's answer or no node), 2 bad

@@ -4,7 +4,8 @@
 Each command makes one request to a node over HTTP with httpx's blocking
 client, in the calling thread and without an event loop, and prints the
 answer (``--json``: the node's JSON as it came); ``spawn --image FILE``
-makes two, the upload of the file as a blob and then the spawn. A message
+makes two, the upload of the file as a blob and then the spawn (``--module
+FILE``: one upload per module). A message
 is built from ``--body`` (JSON, ``@FILE`` or ``-`` for stdin) and
 ``KEY=TEXT`` / ``KEY:=JSON`` arguments. A transport failure or an error status is a
 `CliError` carrying the node's error code and message; a 202 (the result
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 
 #: The execution device of a process spawned with ``--image`` whose definition names none.
 IMAGE_DEVICE: Final = "wasm-64@1.0"
+#: The execution device of a process spawned with ``--module``, whose definition names none.
+MODULE_DEVICE: Final = "lua@5.3"
 #: The execution device of any other process whose definition names none.
 DEFAULT_DEVICE: Final = "counter@1.0"
 
@@ -184,11 +187,20 @@ def cmd_put_blob(args: argparse.Namespace) -> int:
 def cmd_spawn(args: argparse.Namespace) -> int:
     device = args.execution_device
     if device is None:
-        device = DEFAULT_DEVICE if args.image is None else IMAGE_DEVICE
+        device = (
+            IMAGE_DEVICE
+            if args.image is not None
+            else MODULE_DEVICE
+            if args.module
+            else DEFAULT_DEVICE
+        )
     base = {"device": "process@1.0", "execution-device": device}
     definition = _message_from_args(args, base)  # bad usage is found before any upload
+    modules = [_read_file(path) for path in args.module or ()]
     if args.image is not None:
         definition["image"] = _decoded(_put_blob(args, _read_file(args.image)))["id"]
+    if modules:
+        definition["module"] = [_decoded(_put_blob(args, data))["id"] for data in modules]
     response = _client_call(args, "POST", "/processes", body=definition)
     if args.json:
         _print_json(response)

@@ -374,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
             '{"device": "process@1.0", "execution-device": DEVICE} plus the given fields; '
             "spawning the same definition again returns the same ID. With --image FILE, "
             'the file is stored on the node as a blob first and the definition gets "image": '
-            "its blob ID."
+            "its blob ID; with --module FILE (Lua source, repeatable) the same, as "
+            '"module": a list of blob IDs, for a lua@5.3 process.'
         ),
     )
     spawn.add_argument("fields", nargs="*", metavar="FIELD", help=FIELDS_HELP)
@@ -382,12 +383,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--execution-device",
         default=None,
         metavar="DEVICE",
-        help="execution device of the process (default: counter@1.0, or wasm-64@1.0 with --image)",
+        help="execution device of the process (default: counter@1.0, or wasm-64@1.0 with "
+        "--image, lua@5.3 with --module)",
     )
     spawn.add_argument(
         "--image",
         metavar="FILE",
         help='store FILE on the node as a blob and name it in the definition ("image": ID)',
+    )
+    spawn.add_argument(
+        "--module",
+        metavar="FILE",
+        action="append",
+        help="store the Lua module FILE on the node as a blob and add it to the definition's "
+        '"module" list (repeat it for several, loaded in order)',
     )
     put_blob = commands.add_parser(
         "put-blob",
