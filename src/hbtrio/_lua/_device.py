@@ -303,6 +303,24 @@ class LiveLua:
             self.compute_sync, assignment, limiter=self._device._limiter, abandon_on_cancel=True
         )
 
+    async def compute_many(
+        self, assignments: list[Mapping[str, Any]], out: list[dict[str, Any]]
+    ) -> None:
+        """`compute` for consecutive messages in one thread hop, appending each result to
+        ``out``; raises at the first that fails (the results before it are in ``out``)."""
+        await trio.to_thread.run_sync(
+            self._compute_all,
+            assignments,
+            out,
+            limiter=self._device._limiter,
+            abandon_on_cancel=True,
+        )
+
+    def _compute_all(self, assignments: list[Mapping[str, Any]], out: list[dict[str, Any]]) -> None:
+        compute = self.compute_sync
+        for assignment in assignments:
+            out.append(compute(assignment))  # noqa: PERF401 - one by one: a failure keeps those before
+
     def compute_sync(self, assignment: Mapping[str, Any]) -> dict[str, Any]:
         """`compute` in the calling thread. Blocks while the script runs."""
         vm, process = self.vm, self.process
