@@ -176,6 +176,12 @@ class _Host:
     shutdown_grace: float
     now: Callable[[], float]
     limits: Limits
+    snapshot_policy: Limits | None = attrs.field(init=False)
+    measures_memory: bool = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.snapshot_policy = self.limits if self.limits.times_snapshots else None
+        self.measures_memory = self.limits.max_memory is not None
 
     def start_soon(self, fn: Callable[[], Any], name: str) -> None:
         self.engine._nursery.start_soon(fn, name=name)
@@ -245,6 +251,7 @@ class Engine:
         #: Some bound applies to requests that wait: they all take `_wait_for`.
         self._bounded = self._counts_waiters or limits.max_replay is not None
         self._recomputing: set[tuple[str, int]] = set()
+        self._bounds_workers = limits.bounds_workers
         self._store = store
         self._devices = devices
         self._nursery = nursery
@@ -588,7 +595,7 @@ class Engine:
         idle worker can be evicted to make room; evicts as needed otherwise.
         """
         limits, budget = self._limits, self._budget
-        if limits.bounds_workers:
+        if self._bounds_workers:
             if limits.max_cold_starts is not None and budget.cold_starts >= limits.max_cold_starts:
                 raise budget.refuse(
                     f"{budget.cold_starts} processes are booting already (max_cold_starts)",

@@ -98,8 +98,12 @@ class WorkerHost(Protocol):
     shutdown_grace: float
     #: The engine's clock (``trio.current_time`` without its lookups).
     now: Callable[[], float]
-    #: The engine's bounds (its snapshot policy is the worker's).
+    #: The engine's bounds.
     limits: Limits
+    #: ``limits`` when it has a snapshot policy (the worker's then), else ``None``.
+    snapshot_policy: Limits | None
+    #: Whether workers measure their memory at boot and idle (``max_memory`` is set).
+    measures_memory: bool
 
     def start_soon(self, fn: Callable[[], Any], name: str) -> None:
         """Run ``fn()`` as a task of the engine's root nursery."""
@@ -170,8 +174,7 @@ class GroupWorker(Driver):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._now = self.host.now  # the request path reads it
-        if self.host.limits.times_snapshots:
-            self.policy = self.host.limits
+        self.policy = self.host.snapshot_policy
 
     # making one ----------------------------------------------------------------------------------
 
@@ -464,7 +467,7 @@ class GroupWorker(Driver):
     def memory(self) -> int:
         """The estimate of the memory it holds: `memory_bytes` when the engine bounds
         memory (then measured at boot and idle), else measured now. Never blocks."""
-        if self.host.limits.max_memory is not None or self.core is None:
+        if self.host.measures_memory or self.core is None:
             return self.memory_bytes
         return self.core.memory_estimate()
 
@@ -472,7 +475,7 @@ class GroupWorker(Driver):
         """Measure `memory_bytes` again and tell the host what changed, when the engine
         bounds memory (else `memory` measures on demand). Never blocks."""
         core = self.core
-        if core is None or self.evicted or self.host.limits.max_memory is None:
+        if core is None or self.evicted or not self.host.measures_memory:
             return
         size = core.memory_estimate()
         delta, self.memory_bytes = size - self.memory_bytes, size
