@@ -230,3 +230,21 @@ async def test_bad_failure_policies_are_refused() -> None:
             await engine.spawn({**definition("tally@1.0"), "on-failure": "retry"})
         with pytest.raises(hbtrio.InvalidMessage, match="needs a live device"):
             await engine.spawn({**definition("counter@1.0"), "on-failure": "record"})
+
+
+async def test_the_engine_can_choose_for_every_live_device() -> None:
+    tally = Tally()  # records by its own choice
+    tally.fail_at = {2}
+    async with hbtrio.testing.open_test_engine(
+        devices={"tally@1.0": tally}, on_failure="stop"
+    ) as engine:
+        stopping = await engine.spawn(definition("tally@1.0"))
+        recording = await engine.spawn({**definition("tally@1.0"), "on-failure": "record"})
+        for pid in (stopping, recording):
+            await engine.schedule_many(pid, [{"n": 1}, {"n": 2}, {"n": 3}])
+        with pytest.raises(hbtrio.ComputeError):
+            await engine.compute(stopping, 3)
+        assert (await engine.compute(recording, 3))["total"] == 4  # the definition wins
+    with pytest.raises(ValueError, match="on_failure"):
+        async with hbtrio.open_engine(on_failure="retry"):
+            pass

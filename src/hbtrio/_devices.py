@@ -225,7 +225,13 @@ class DeviceHost:
 class Devices:
     """Name -> device: the built-in devices, then the extras (which may replace a built-in)."""
 
-    def __init__(self, extra: Mapping[str, object] | None = None) -> None:
+    def __init__(
+        self, extra: Mapping[str, object] | None = None, *, on_failure: str | None = None
+    ) -> None:
+        """``on_failure`` (``"stop"`` or ``"record"``), when given, replaces every live
+        device's own `DeviceInfo.failures`; a definition's ``"on-failure"`` still wins."""
+        if on_failure is not None and on_failure not in FAILURE_POLICIES:
+            raise ValueError(f"on_failure must be 'stop', 'record' or None, not {on_failure!r}")
         self._devices: dict[str, DeviceInfo] = {
             "counter@1.0": DeviceInfo.of("counter@1.0", Counter())
         }
@@ -239,6 +245,10 @@ class Devices:
             if name == PROCESS_DEVICE:
                 raise ValueError(f"{PROCESS_DEVICE!r} is the engine's own device")
             self._devices[name] = DeviceInfo.of(name, obj)
+        if on_failure is not None:
+            for name, info in self._devices.items():
+                if info.live:
+                    self._devices[name] = attrs.evolve(info, failures=on_failure)
 
     def __contains__(self, name: object) -> bool:
         return name in self._devices

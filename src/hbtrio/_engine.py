@@ -911,6 +911,7 @@ async def open_engine(
     max_replay: int | None = None,
     snapshot_seconds: float | None = None,
     snapshot_cost_ratio: float | None = None,
+    on_failure: str | None = None,
 ) -> AsyncIterator[Engine]:
     """Run an engine for the duration of an ``async with`` block.
 
@@ -948,6 +949,10 @@ async def open_engine(
             snapshot once the device calls since the last one took this many
             times what taking the last snapshot took.
 
+        on_failure: ``"stop"`` or ``"record"``: what a failed slot of every live
+            device does, instead of each device's own choice (its ``failures``);
+            a definition's ``"on-failure"`` still decides for its process.
+
         The bounds and the snapshot policy are off (``None``) by default; see
         docs/api.md. Every refusal changes nothing and is counted in
         `statistics` (``refused``), every eviction too (``evictions``).
@@ -973,7 +978,7 @@ async def open_engine(
         snapshot_seconds=snapshot_seconds,
         snapshot_cost_ratio=snapshot_cost_ratio,
     )
-    registry = Devices(devices)
+    registry = Devices(devices, on_failure=on_failure)
     store = MemoryStore() if store is None else store
     if not isinstance(store, Store):
         raise TypeError(f"store must be an hbtrio Store, not {type(store).__name__}")

@@ -279,6 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also snapshot once device calls took R times what the last snapshot took",
     )
     serve.add_argument(
+        "--on-failure",
+        choices=["stop", "record"],
+        default=None,
+        help="what a failed slot of a WASM or Lua process (any live device) does: stop the "
+        "process there, or record the failure as the slot's result and go on (default: the "
+        "device's own choice, record for WASM and Lua); a definition's on-failure still wins",
+    )
+    serve.add_argument(
         "--shutdown-grace",
         type=_positive_float,
         default=30.0,

@@ -114,7 +114,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_connections=args.max_connections,
                     keep_alive=args.keep_alive,
                     write_timeout=args.write_timeout,
-                    bounds={name: getattr(args, name) for name in BOUNDS},
+                    bounds={
+                        **{name: getattr(args, name) for name in BOUNDS},
+                        "on_failure": args.on_failure,
+                    },
                 )
             )
             for url in urls:
