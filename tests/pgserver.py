@@ -82,9 +82,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 class PgServer:
     """One server in a temporary directory; `start`, `create_database`, `stop`."""
 
-    def __init__(self, bindir: Path, *, listen: tuple[str, ...] = ("127.0.0.1",)) -> None:
+    def __init__(
+        self, bindir: Path, *, listen: tuple[str, ...] = ("127.0.0.1",), fsync: bool = False
+    ) -> None:
         self.bindir = bindir
         self.listen = listen
+        self.fsync = fsync
         self.port = 0
         self.root = Path(tempfile.mkdtemp(prefix="hbtrio-pg-"))
         self.data = self.root / "data"
@@ -125,8 +128,8 @@ class PgServer:
                     f"-p {self.port}",
                     f"-c listen_addresses={','.join(self.listen)}",
                     f"-c unix_socket_directories={self.root}",
-                    "-c fsync=off",
-                    "-c full_page_writes=off",
+                    f"-c fsync={'on' if self.fsync else 'off'}",
+                    f"-c full_page_writes={'on' if self.fsync else 'off'}",
                     "-c track_commit_timestamp=on",
                     "-c max_connections=300",
                     "-c shared_buffers=32MB",
@@ -158,12 +161,20 @@ class PgServer:
     def dsn(self, dbname: str, host: str = "127.0.0.1") -> str:
         return f"host={host} port={self.port} user=hbtrio dbname={dbname} connect_timeout=5"
 
-    def create_database(self) -> str:
-        """A fresh, empty database; its DSN."""
+    def uri(self, dbname: str, host: str = "127.0.0.1") -> str:
+        """The database's URI (what ``hbtrio serve --store`` takes)."""
+        return f"postgresql://hbtrio@{host}:{self.port}/{dbname}"
+
+    def new_database(self) -> str:
+        """A fresh, empty database; its name."""
         assert self.admin is not None
         name = f"t{os.getpid()}_{next(_counter)}"
         self.admin.execute(f'CREATE DATABASE "{name}"')
-        return self.dsn(name)
+        return name
+
+    def create_database(self) -> str:
+        """A fresh, empty database; its DSN."""
+        return self.dsn(self.new_database())
 
     def stop(self) -> None:
         if self.admin is not None:

@@ -158,6 +158,12 @@ class ControlThread:
         self.takeovers = 0
         #: Test hook: heartbeats are not sent while this is set.
         self.paused = threading.Event()
+        # The watchdog: wakes at the end of the lease (or when it is renewed or the
+        # thread stops), so a lost lease is reported on time even while the control
+        # connection hangs on a network that went away.
+        self._watchdog: threading.Thread | None = None
+        self._renewed = threading.Event()
+        self._stopping = False
 
     @property
     def running(self) -> bool:
@@ -198,6 +204,11 @@ class ControlThread:
                 raise error
             raise StoreError(f"cannot register with {self.where}: {error}") from error
         self._thread = thread
+        self._stopping = False
+        self._watchdog = threading.Thread(
+            target=self._watch, name=f"hbtrio-pg-lease:{self.where}", daemon=True
+        )
+        self._watchdog.start()
         return self.node
 
     async def stop(self) -> None:
@@ -207,8 +218,23 @@ class ControlThread:
             return
         self._queue.put(_STOP)
         self._thread = None
+        self._stopping = True
+        self._renewed.set()
+        watchdog, self._watchdog = self._watchdog, None
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(thread.join)
+            if watchdog is not None:
+                await trio.to_thread.run_sync(watchdog.join)
+
+    def _watch(self) -> None:
+        """The watchdog thread: report the lease lost the moment it runs out."""
+        while not self._stopping:
+            left = self.lease.until - time.monotonic()
+            if left > 0 or self._lease_reported or self.trust_ownership:
+                self._renewed.wait(left if left > 0 else None)
+                self._renewed.clear()
+                continue
+            self._report_lease_lost()
 
     async def _run(self, fn: Callable[[Conn], Any]) -> Any:
         """Run ``fn(conn)`` on the control thread. Checkpoints. Cancellation-safe: a job
@@ -266,9 +292,8 @@ class ControlThread:
         next_beat = time.monotonic() + self.interval
         try:
             while True:
-                wake = next_beat if self._lease_reported else min(next_beat, self.lease.until)
                 try:
-                    job = self._queue.get(timeout=max(0.0, wake - time.monotonic()))
+                    job = self._queue.get(timeout=max(0.0, next_beat - time.monotonic()))
                 except queue.Empty:
                     job = None
                 if job is _STOP:
@@ -279,8 +304,6 @@ class ControlThread:
                     next_beat = time.monotonic() + self.interval
                     if not self.paused.is_set():
                         self._heartbeat()
-                if not self.lease.valid(time.monotonic()) and not self.trust_ownership:
-                    self._report_lease_lost()  # once, until a heartbeat renews it
         finally:
             if self._conn is not None:
                 self._conn.close()
@@ -346,6 +369,7 @@ class ControlThread:
                 self.lease.renewed(sent)
                 self.heartbeats += 1
                 self._lease_reported = False
+                self._renewed.set()
                 self._check_lost(conn)
             elif not self.trust_ownership:  # retired (a newer incarnation of our URL)
                 self.lease.expire()
@@ -355,6 +379,8 @@ class ControlThread:
                 self._conn = None
 
     def _report_lease_lost(self) -> None:
+        """Hand the loss of the lease to the event loop, once until it is renewed (any
+        thread: the flag is set before the report, and only a heartbeat clears it)."""
         if not self._lease_reported:
             self._lease_reported = True
             self._call_soon(self._lease_lost)

@@ -118,8 +118,10 @@ class PostgresStore(Store):
             lose the last commits if the server crashes).
         max_pending, max_cached_processes, max_cached_assignments,
             max_cached_bytes: as for `SQLiteStore`.
-        connect_timeout: seconds to connect, and for a dead connection to be
-            noticed (TCP user timeout).
+        connect_timeout: seconds to connect, and for a dead data connection
+            to be noticed (its TCP user timeout); by default twice the lease,
+            between 2 and 5 s. The control connection (heartbeats, claims)
+            notices within half a lease.
         trust_ownership: a test hook: never give up held processes on its own
             (an expired lease, a heartbeat finding them elsewhere); only the
             fence, refusing a write, takes them away.
@@ -140,7 +142,7 @@ class PostgresStore(Store):
         max_cached_processes: int = 10_000,
         max_cached_assignments: int = 100_000,
         max_cached_bytes: int = 64 * 1024 * 1024,
-        connect_timeout: float = 5.0,
+        connect_timeout: float | None = None,
         trust_ownership: bool = False,
     ) -> None:
         if not isinstance(dsn, str) or not dsn:
@@ -163,6 +165,8 @@ class PostgresStore(Store):
         self.node_url = node_url
         self.lease = float(lease)
         name = node_name or f"{socket.gethostname()}:{os.getpid()}"
+        if connect_timeout is None:
+            connect_timeout = min(5.0, max(2.0, 2 * self.lease))
         settings = partial(
             connect,
             dsn,
@@ -175,7 +179,11 @@ class PostgresStore(Store):
         self._io = DataThread(self.where, self, partial(self._connect_data, settings, name))
         self._control = ControlThread(
             self.where,
-            partial(settings, application_name=f"hbtrio control {name}"[:63]),
+            partial(
+                settings,
+                application_name=f"hbtrio control {name}"[:63],
+                user_timeout=self.lease / 2,
+            ),
             lease=self.lease,
             url=node_url,
             name=name,

@@ -159,17 +159,19 @@ def connect(
     connect_timeout: float,
     idle_in_transaction: float,
     synchronous_commit: str,
+    user_timeout: float | None = None,
 ) -> psycopg.Connection[Any]:
     """A connection in autocommit mode (transactions are explicit) with the store's settings.
 
     ``idle_in_transaction`` (seconds) makes PostgreSQL end this session if it
     ever sits in an open transaction that long: a node paused or cut off in
     the middle of a write then cannot hold the lock a takeover waits for.
-    TCP keepalives and a user timeout make a dead peer an error within about
-    ``connect_timeout`` instead of the system's minutes. Blocks; raises
-    `psycopg.Error`.
+    TCP keepalives and a user timeout (``user_timeout`` seconds, by default
+    ``connect_timeout``) make a dead peer an error within about that long
+    instead of the system's minutes. Blocks; raises `psycopg.Error`.
     """
-    timeout = max(1, round(connect_timeout))
+    timeout = max(2, round(connect_timeout))  # (libpq takes whole seconds, at least 2)
+    unacked = connect_timeout if user_timeout is None else user_timeout
     conn = psycopg.connect(
         dsn,
         autocommit=True,
@@ -179,7 +181,7 @@ def connect(
         keepalives_idle=max(1, timeout // 2),
         keepalives_interval=1,
         keepalives_count=max(1, timeout),
-        tcp_user_timeout=timeout * 1000,
+        tcp_user_timeout=max(100, round(unacked * 1000)),
     )
     try:
         conn.execute(
