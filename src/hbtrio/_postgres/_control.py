@@ -117,6 +117,8 @@ class _Job:
 class ControlThread:
     """The node's registration, heartbeats, claims and release, on a thread of its own.
 
+    ``tick`` is called on the event loop after every acknowledged heartbeat (the
+    store retries writes that failed, once the server answers again);
     ``held`` returns a copy of what the store holds (``pid -> (row ID, epoch)``);
     ``lost`` is called on the event loop with ``[(pid, epoch, owner URL)]`` for
     processes found owned elsewhere; ``lease_lost`` on the event loop when the
@@ -135,6 +137,7 @@ class ControlThread:
         held: Callable[[], dict[str, tuple[int, int]]],
         lost: Callable[[list[tuple[str, int, str | None]]], None],
         lease_lost: Callable[[], None],
+        tick: Callable[[], None] | None = None,
         trust_ownership: bool = False,
     ) -> None:
         self.where = where
@@ -145,6 +148,7 @@ class ControlThread:
         self._held = held
         self._lost = lost
         self._lease_lost = lease_lost
+        self._tick = tick
         self.trust_ownership = trust_ownership
         self.node = 0
         self._lock = threading.Lock()
@@ -371,6 +375,8 @@ class ControlThread:
                 self._lease_reported = False
                 self._renewed.set()
                 self._check_lost(conn)
+                if self._tick is not None:
+                    self._call_soon(self._tick)
             elif not self.trust_ownership:  # retired (a newer incarnation of our URL)
                 self.lease.expire()
                 self._report_lease_lost()

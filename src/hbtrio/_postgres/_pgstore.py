@@ -190,6 +190,7 @@ class PostgresStore(Store):
             held=self._held_copy,
             lost=self._heartbeat_lost,
             lease_lost=self._lease_lost,
+            tick=self._tick,
             trust_ownership=trust_ownership,
         )
         self.trust_ownership = trust_ownership
@@ -332,6 +333,12 @@ class PostgresStore(Store):
     def _heartbeat_lost(self, lost: list[tuple[str, int, str | None]]) -> None:
         for pid, epoch, owner in lost:
             self._lose(pid, epoch, owner, "another node took it over")
+
+    def _tick(self) -> None:
+        """After each heartbeat: results whose write failed (the server was away) are
+        tried again, even if nothing new was written since."""
+        if self._io.running:
+            self._behind.kick()
 
     def _lease_lost(self) -> None:
         if self.trust_ownership:
