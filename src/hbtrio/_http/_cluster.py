@@ -11,7 +11,8 @@ request on:
 1. *Held here* (`PostgresStore.holds`: no I/O): the engine answers.
 2. Otherwise a *claim* (one trip to the database) takes the process over if
    it is free or its owner expired (then the engine answers here), or names
-   the owner's URL.
+   the owner's URL (remembered for a quarter of a lease, and forgotten as
+   soon as that owner does not answer).
 3. Owned elsewhere: a compute of a slot whose result is stored is answered
    here, from the database. Anything else is *forwarded* to the owner (the
    default: the same method, path, query, body, ``Authorization``,
@@ -42,6 +43,7 @@ that is cancelled is abandoned; the owner may still answer it).
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
@@ -69,6 +71,8 @@ OWNER_HEADER: Final = "x-hbtrio-owner"
 MAX_HOPS: Final = 3
 #: Seconds between two attempts to route a request whose owner cannot be reached.
 RETRY_EVERY: Final = 0.1
+#: Most owners elsewhere remembered (see `Cluster.owner_of`).
+_OWNERS_KEPT: Final = 10_000
 #: Request headers sent on with a forwarded request.
 _FORWARDED: Final = ("authorization", "accept", "content-type")
 #: Answer headers relayed back from the owner.
@@ -93,6 +97,12 @@ class Cluster:
     rerouted: int = 0
     unreachable: int = 0
     _client: httpx.AsyncClient | None = attrs.field(default=None, init=False, alias="_client")
+    #: Owners elsewhere seen lately: pid -> (URL, until when, Trio time). Forgotten after
+    #: a quarter of a lease, or as soon as the owner does not answer: a stale entry costs
+    #: a hop (the old owner sends the request on), never a wrong answer.
+    _owners: collections.OrderedDict[str, tuple[str, float]] = attrs.field(
+        factory=collections.OrderedDict, init=False, alias="_owners"
+    )
 
     @property
     def lease(self) -> float:
@@ -105,6 +115,10 @@ class Cluster:
         if self.store.holds(pid):
             await trio.lowlevel.checkpoint()
             return None
+        seen = self._owners.get(pid)
+        if seen is not None and seen[1] > trio.current_time():
+            await trio.lowlevel.checkpoint()
+            return seen[0]
         try:
             claim = await self.store.claim(pid)
         except StoreError as exc:
@@ -120,7 +134,16 @@ class Cluster:
                 f"process {pid} is owned by node {claim.node}, which has no URL to send it to",
                 headers=RETRY,
             )
+        owners = self._owners
+        owners[pid] = (claim.url, trio.current_time() + self.lease / 4)
+        owners.move_to_end(pid)
+        if len(owners) > _OWNERS_KEPT:
+            owners.popitem(last=False)
         return claim.url
+
+    def forget(self, pid: str) -> None:
+        """Ask the database who owns ``pid`` next time (its owner did not answer)."""
+        self._owners.pop(pid, None)
 
     def redirect_to(self, owner: str, request: Request) -> Response:
         """307 to the same path and query at ``owner``."""
@@ -160,10 +183,12 @@ class Cluster:
             )
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             self.unreachable += 1  # never sent: safe to route again
+            self.forget(_pid_of(request))
             logger.info("the owner %s cannot be reached (%s); routing again", owner, exc)
             return None
         except httpx.HTTPError as exc:
             self.unreachable += 1
+            self.forget(_pid_of(request))
             if request.method == "GET":  # reads are safe to ask again
                 logger.info("the owner %s did not answer (%s); routing again", owner, exc)
                 return None
@@ -177,6 +202,7 @@ class Cluster:
                 headers=RETRY,
             ) from exc
         if answer.status_code == 503 and _code(answer.content) in ("shutting-down", "not-owner"):
+            self.forget(_pid_of(request))
             return None  # it is handing the process over: ask who owns it now
         self.forwarded += 1
         relayed = [
@@ -230,6 +256,10 @@ class Cluster:
             "owners": owners,
             "owners-truncated": view["owners-truncated"],
         }
+
+
+def _pid_of(request: Request) -> str:
+    return request.path.split("/")[1]
 
 
 def _target(owner: str, request: Request) -> str:
