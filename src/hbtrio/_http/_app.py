@@ -59,7 +59,7 @@ from typing import Any, Final
 import attrs
 import trio
 
-from .._exceptions import CatchingUp, HbTrioError, InvalidMessage, StoreFenced
+from .._exceptions import CatchingUp, HbTrioError, InvalidMessage, StoreError, StoreFenced
 from .._message import Message, check_ints, validate_blob_id, validate_pid
 from ._auth import check_bearer, check_token
 from ._cluster import RETRY_EVERY, Cluster
@@ -446,8 +446,8 @@ class HttpApp:
                     await trio.sleep(cluster.lease / 2)
                     try:
                         moved = await cluster.owner_of(pid) != owner
-                    except HttpError:
-                        continue  # being taken over: look again
+                    except (HttpError, StoreError):
+                        continue  # being taken over, or the database away: look again
                     if moved:
                         cluster.rerouted += 1
                         nursery.cancel_scope.cancel()

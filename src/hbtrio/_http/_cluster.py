@@ -51,7 +51,6 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import trio
 
-from .._exceptions import StoreError
 from ._errors import RETRY, HttpError
 from ._request import Request
 from ._types import JSON, Response
@@ -119,9 +118,11 @@ class Cluster:
         if seen is not None and seen[1] > trio.current_time():
             await trio.lowlevel.checkpoint()
             return seen[0]
+        from .._postgres._control import OwnershipBusy  # (psycopg: only for a cluster)
+
         try:
             claim = await self.store.claim(pid)
-        except StoreError as exc:
+        except OwnershipBusy as exc:  # (other store errors are the store's: 503 store-error)
             raise HttpError(
                 503, "not-owner", f"the owner of {pid} is changing: {exc}", headers=RETRY
             ) from exc

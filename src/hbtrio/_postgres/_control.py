@@ -51,7 +51,7 @@ from .._exceptions import StoreError
 from ._ownership import ELSEWHERE, MINE, MISSING, Lease, OwnerRow, decide
 from ._rows import Loaded, load_process
 
-__all__ = ["Claim", "ControlThread"]
+__all__ = ["Claim", "ControlThread", "OwnershipBusy"]
 
 Conn = psycopg.Connection[Any]
 
@@ -81,6 +81,11 @@ _LOST: Final = (
     " JOIN owners AS o ON o.proc = h.proc LEFT JOIN nodes AS n ON n.id = o.node"
     " WHERE o.node IS DISTINCT FROM %s OR o.epoch <> h.epoch"
 )
+
+
+class OwnershipBusy(StoreError):
+    """A claim could not settle who owns a process now: its previous owner's writers
+    hold the row past the wait, or other nodes keep moving it. Ask again shortly."""
 
 
 @attrs.frozen
@@ -420,7 +425,7 @@ class ControlThread:
             taken = self._take(conn, pid, row)
             if taken is not None:
                 return taken
-        raise StoreError(f"process {pid}: its ownership keeps changing; ask again")
+        raise OwnershipBusy(f"process {pid}: its ownership keeps changing; ask again")
 
     def _take(self, conn: Conn, pid: str, row: OwnerRow) -> Claim | None:
         wait = f"{max(1, round(self.lease.seconds * 200))}ms"  # a fifth of the lease
@@ -442,7 +447,7 @@ class ControlThread:
                 )
                 loaded = load_process(conn, pid, row.proc)
         except psycopg.errors.LockNotAvailable:
-            raise StoreError(
+            raise OwnershipBusy(
                 f"process {pid} is being written by its previous owner; ask again"
             ) from None
         self.takeovers += 1
