@@ -59,6 +59,7 @@ async def run(requests: int, fsync: bool) -> None:
     try:
         name = server.new_database()
         logs = Path(tempfile.mkdtemp(prefix="hbtrio-cluster-bench-"))
+        print(f"(the nodes' logs: {logs})")
         nodes = [pgcluster.Node(i, server.uri(name), logs) for i in range(2)]
         for node in nodes:
             await node.start()
