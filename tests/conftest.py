@@ -18,13 +18,14 @@ to explore there too.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
 
 import hbtrio
+from pgserver import PgServer, start_or_skip
 
 settings.register_profile("ci", derandomize=True)
 settings.load_profile(
@@ -32,16 +33,28 @@ settings.load_profile(
 )
 
 STORE_KINDS = ("memory", "sqlite")
+#: Options of `SQLiteStore` a `PostgresStore` takes too.
+_SHARED_OPTIONS = (
+    "max_pending",
+    "max_cached_processes",
+    "max_cached_assignments",
+    "max_cached_bytes",
+)
 
 
 class StoreFactory:
-    """Makes stores of one kind that all share the same data (file or object)."""
+    """Makes stores of one kind that all share the same data (file, object or database).
 
-    def __init__(self, kind: str, path: Path) -> None:
-        if kind not in STORE_KINDS:
+    ``postgres`` (a `PostgresStore` on ``dsn``, lease 1 s) is made by the
+    PostgreSQL conformance tests (``test_pg_conformance.py``).
+    """
+
+    def __init__(self, kind: str, path: Path, dsn: str | None = None) -> None:
+        if kind not in (*STORE_KINDS, "postgres"):
             raise ValueError(f"unknown store kind {kind!r}")
         self.kind = kind
         self.path = path
+        self.dsn = dsn
         self._memory: hbtrio.MemoryStore | None = None
         self._opened: list[hbtrio.Store] = []
 
@@ -50,8 +63,8 @@ class StoreFactory:
 
     @property
     def durable(self) -> bool:
-        """True when a reopened store is a new object reading the same file."""
-        return self.kind == "sqlite"
+        """True when a reopened store is a new object reading the same file (or database)."""
+        return self.kind != "memory"
 
     def new(self, **options: object) -> hbtrio.Store:
         """A store over this factory's data, not opened yet.
@@ -62,6 +75,10 @@ class StoreFactory:
             if self._memory is None:
                 self._memory = hbtrio.MemoryStore()
             return self._memory
+        if self.kind == "postgres":
+            assert self.dsn is not None
+            shared = {k: v for k, v in options.items() if k in _SHARED_OPTIONS}
+            return hbtrio.PostgresStore(self.dsn, lease=1.0, **shared)  # type: ignore[arg-type]
         return hbtrio.SQLiteStore(self.path, **options)  # type: ignore[arg-type]
 
     async def open(self, **options: object) -> hbtrio.Store:
@@ -108,3 +125,22 @@ async def sqlite_factory(tmp_path: Path) -> AsyncIterator[StoreFactory]:
 async def store(store_factory: StoreFactory) -> hbtrio.Store:
     """An open store, once per kind (``MemoryStore`` and ``SQLiteStore(tmp_path / "s.sqlite")``)."""
     return await store_factory.open()
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """A PostgreSQL server for the whole session (started on first use, see ``pgserver``)."""
+    server = start_or_skip()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_dsn(pg_server: PgServer) -> str:
+    """The DSN of a fresh, empty database on the session's server."""
+    return pg_server.create_database()

@@ -6,6 +6,8 @@ structured concurrency makes sure nothing leaks, hangs or gets corrupted when
 callers cancel, time out or crash. See ``docs/`` and the README.
 """
 
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
 from ._codec import decode as decode
 from ._codec import encode as encode
 from ._dedup import ExecutionInfo as ExecutionInfo
@@ -29,6 +31,7 @@ from ._exceptions import Overloaded as Overloaded
 from ._exceptions import ProcessNotFound as ProcessNotFound
 from ._exceptions import SlotNotScheduled as SlotNotScheduled
 from ._exceptions import StoreError as StoreError
+from ._exceptions import StoreFenced as StoreFenced
 from ._exceptions import UnknownDevice as UnknownDevice
 from ._lua import LuaDevice as LuaDevice
 from ._lua import LuaError as LuaError
@@ -60,6 +63,9 @@ from ._wasm import WasmTimeout as WasmTimeout
 from ._wasm import WasmTrap as WasmTrap
 from ._worker import WorkerInfo as WorkerInfo
 
+if _TYPE_CHECKING:
+    from ._postgres import PostgresStore as PostgresStore
+
 __all__ = [
     "BlobNotFound",
     "CatchingUp",
@@ -88,6 +94,7 @@ __all__ = [
     "MemoryStore",
     "Message",
     "Overloaded",
+    "PostgresStore",
     "ProcessNotFound",
     "ProcessRuntime",
     "SQLiteStore",
@@ -96,6 +103,7 @@ __all__ = [
     "SlotResult",
     "Store",
     "StoreError",
+    "StoreFenced",
     "StoreStatistics",
     "UnknownDevice",
     "WasmDevice",
@@ -127,3 +135,29 @@ for _name, _obj in list(globals().items()):
         except (AttributeError, TypeError):  # pragma: no cover - builtins
             pass
 del _name, _obj
+
+#: Public names whose modules need an optional dependency: imported on first use.
+_OPTIONAL = {"PostgresStore": ("._postgres", "psycopg", "postgres")}
+
+
+def __getattr__(name: str) -> object:
+    try:
+        module, needs, extra = _OPTIONAL[name]
+    except KeyError:
+        raise AttributeError(f"module 'hbtrio' has no attribute {name!r}") from None
+    import importlib
+
+    try:
+        obj = getattr(importlib.import_module(module, __name__), name)
+    except ImportError as exc:
+        raise ImportError(
+            f"hbtrio.{name} needs {needs}, which is not installed: "
+            f"pip install 'hbtrio[{extra}]' ({exc})"
+        ) from exc
+    obj.__module__ = "hbtrio"
+    globals()[name] = obj
+    return obj
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_OPTIONAL})

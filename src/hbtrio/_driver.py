@@ -50,6 +50,7 @@ from ._exceptions import (
     ProcessNotFound,
     SlotNotScheduled,
     StoreError,
+    StoreFenced,
 )
 from ._message import Message, hand_out, validate_slot
 from ._store import FastPath, Store, fast_path
@@ -75,6 +76,8 @@ class Reroute(Exception):
 
 
 def _store_error(exc: StoreError) -> StoreError:
+    if isinstance(exc, StoreFenced):  # its waiters go to the new owner: keep what it says
+        return copy_error(exc)  # type: ignore[return-value]
     fresh = StoreError(str(exc))
     fresh.__cause__ = exc.__cause__ or exc
     return fresh

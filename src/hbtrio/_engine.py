@@ -45,6 +45,7 @@ from ._exceptions import (
     LeaderDied,
     SlotNotScheduled,
     StoreError,
+    StoreFenced,
 )
 from ._idle import IdleReaper
 from ._message import (
@@ -709,6 +710,17 @@ class Engine:
             return
         await self._stop_worker(worker)
 
+    def _lost(self, pid: str, exc: StoreFenced) -> None:
+        """The store lost ``pid`` to another owner (`Store.on_lost`). Never blocks.
+
+        Its schedule's tail is read again before the next schedule here, and its
+        worker ends like a lost one (`GroupWorker.lose`): its waiters get ``exc``.
+        """
+        self._scheduler.forget(pid)
+        worker = self._workers.get(pid)
+        if worker is not None:
+            worker.lose(exc)
+
     async def _stop_worker(self, worker: GroupWorker) -> None:
         worker.request_stop()
         await worker.wait_stopped()
@@ -1005,6 +1017,7 @@ async def open_engine(
                     limits=limits,
                 )
                 registry.attach(DeviceHost(slot_timeout, engine.get_blob))
+                store.on_lost = engine._lost
                 nursery.start_soon(engine._reaper.run, name="hbtrio idle reaper")
                 try:
                     yield engine
@@ -1025,6 +1038,7 @@ async def open_engine(
                 _reraise_alone(leaf)
             raise
     finally:
+        store.on_lost = None
         try:
             with trio.CancelScope(shield=True), trio.move_on_after(shutdown_grace):
                 await store.close()

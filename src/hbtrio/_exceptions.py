@@ -15,6 +15,7 @@ __all__ = [
     "ProcessNotFound",
     "SlotNotScheduled",
     "StoreError",
+    "StoreFenced",
     "UnknownDevice",
 ]
 
@@ -173,6 +174,32 @@ class StoreError(HbTrioError):
     The store's own exception is ``__cause__``. Nothing the failed call was
     asked to make durable was made durable.
     """
+
+
+class StoreFenced(StoreError):
+    """The store refused a write for a process that another holder owns now (fencing).
+
+    A store shared by several nodes (`hbtrio.PostgresStore`) gives each
+    process one owner at a time, with an epoch that grows at every takeover;
+    a write made under an epoch that is no longer the process's is refused,
+    whole. The engine handles it like a lost worker: the process's worker
+    ends without storing anything more, and every request waiting on it gets
+    this error, to be sent on to the owner (the node forwards it there).
+
+    Attributes:
+        pid: the process.
+        epoch: the epoch the refused write was made under (``None`` if this
+            store never held the process).
+        owner: the URL of the node that owns the process now, when known.
+    """
+
+    def __init__(
+        self, pid: str, message: str, *, epoch: int | None = None, owner: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.epoch = epoch
+        self.owner = owner
 
 
 class InternalError(HbTrioError):

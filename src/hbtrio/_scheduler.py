@@ -31,7 +31,7 @@ import attrs
 import trio
 
 from ._codec import is_large
-from ._exceptions import InvalidMessage, ProcessNotFound
+from ._exceptions import InvalidMessage, ProcessNotFound, StoreFenced
 from ._message import Message, _Frozen, freeze, message_digest, message_id
 from ._store import Store
 
@@ -149,6 +149,17 @@ class Scheduler:
             self._add(pid, _Tail(0, chain))
         return pid, created
 
+    def forget(self, pid: str) -> None:
+        """Read ``pid``'s tail from the store again before its next schedule. Never blocks.
+
+        For a store shared with other nodes, when another one took the process
+        over: it may have appended since. A schedule holding the tail's lock now
+        fails anyway (the store refuses it); the next one reads the tail again.
+        """
+        tail = self._tails.get(pid)
+        if tail is not None:
+            tail.latest, tail.chain = -1, b""
+
     def latest_nowait(self, pid: str) -> int:
         """The latest slot of ``pid`` if known without I/O; `trio.WouldBlock` otherwise."""
         tail = self._tails.get(pid)
@@ -232,7 +243,11 @@ class Scheduler:
                 assignment, chain = make_assignment(pid, slot, body, chain, mid=mid)
                 batch.append(assignment)
             if batch:
-                await self._store.append_assignments(pid, batch)
+                try:
+                    await self._store.append_assignments(pid, batch)
+                except StoreFenced:
+                    tail.latest, tail.chain = -1, b""  # another node owns it: read it again
+                    raise
             # Only now, once durable, does the tail move.
             first = tail.latest + 1
             tail.latest, tail.chain = slot, chain

@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import abc
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import attrs
 import trio
 
-from ._exceptions import StoreError
+from ._exceptions import StoreError, StoreFenced
 from ._message import Message
 
 __all__ = [
@@ -95,6 +95,13 @@ class Store(abc.ABC):
     #: The optional fast path (see the module): an object answering from memory,
     #: or ``None``. The engine reads it once, when it opens.
     fast: FastPath | None = None
+
+    #: Set by the engine while it has the store open (``None`` otherwise). A store
+    #: shared with other nodes (`hbtrio.PostgresStore`) calls it, on the event loop and
+    #: without blocking, when a process it held was taken over elsewhere, with the
+    #: `StoreFenced` its writes for that process now get; the engine then ends that
+    #: process's worker like a lost one (`GroupWorker.lose`). Other stores never call it.
+    on_lost: Callable[[str, StoreFenced], None] | None = None
 
     #: True while more results wait to be written than the store accepts
     #: (`wait_writable` would block). Read on the request path before a request

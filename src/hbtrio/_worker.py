@@ -67,7 +67,7 @@ from ._broadcast import SlotBroadcaster, _Waiter
 from ._budget import Limits
 from ._devices import Devices
 from ._driver import Driver, Reroute, copy_error
-from ._exceptions import ComputeError, HbTrioError, LeaderDied, StoreError
+from ._exceptions import ComputeError, HbTrioError, LeaderDied, StoreError, StoreFenced
 from ._message import Message
 from ._store import Store
 
@@ -169,6 +169,9 @@ class GroupWorker(Driver):
     cold_start: bool = False
     #: Retired by the engine to stay within its bounds (no longer counted).
     evicted: bool = False
+    #: Set by `lose`: the store can no longer write for this process (another node owns
+    #: it); the worker stores nothing more and its waiters get copies of this error.
+    lost: StoreFenced | None = None
     _now: Callable[[], float] = attrs.field(init=False, alias="_now")
 
     def __attrs_post_init__(self) -> None:
@@ -502,6 +505,21 @@ class GroupWorker(Driver):
         if self.phase is _IDLE:
             self.host.start_soon(self.retire, name=f"hbtrio retire {self.pid}")
 
+    def lose(self, exc: StoreFenced) -> None:
+        """The store lost this process to another owner: end like a lost worker. Never blocks.
+
+        Every waiter gets a copy of ``exc`` now (the node sends them to the new
+        owner), and the worker stops without storing a snapshot (the store would
+        refuse it); it leaves the registry once its task, if any, has stopped,
+        and requests that reach it meanwhile get ``exc`` too. Idempotent.
+        """
+        if self.phase is Phase.STOPPED or self.lost is not None:
+            return
+        self.lost = exc
+        if self.board is not None:
+            self.board.fail_all(lambda _s: copy_error(exc))
+        self.request_stop()
+
     async def wait_stopped(self) -> None:
         """Return once the worker has stopped; at once if it already has. Checkpoints.
 
@@ -520,7 +538,7 @@ class GroupWorker(Driver):
         self.phase = Phase.STOPPING
         try:
             with trio.CancelScope(shield=True), trio.move_on_after(self.host.shutdown_grace):
-                if snapshot and self.core is not None:
+                if snapshot and self.core is not None and self.lost is None:
                     await self.store_snapshot()
                 if self.core is not None:
                     await self.close()
@@ -529,6 +547,10 @@ class GroupWorker(Driver):
             self.store.unpin(self.pid)  # pinned when this worker was made
             self.host.finished(self, crashed=crashed)
             if self.board is not None:
-                self.board.fail_all(lambda _s: LeaderDied(f"the worker of {self.pid} stopped"))
+                lost = self.lost
+                if lost is not None:
+                    self.board.fail_all(lambda _s: copy_error(lost))
+                else:
+                    self.board.fail_all(lambda _s: LeaderDied(f"the worker of {self.pid} stopped"))
             if self.stopped is not None:
                 self.stopped.set()

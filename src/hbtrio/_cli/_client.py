@@ -35,6 +35,8 @@ IMAGE_DEVICE: Final = "wasm-64@1.0"
 MODULE_DEVICE: Final = "lua@5.3"
 #: The execution device of any other process whose definition names none.
 DEFAULT_DEVICE: Final = "counter@1.0"
+#: Most redirects a client command follows (a cluster's node run with ``--redirect``).
+_MAX_REDIRECTS: Final = 5
 
 
 def _message_from_args(args: argparse.Namespace, base: Mapping[str, Any]) -> dict[str, Any]:
@@ -129,15 +131,22 @@ def _client_call(
             print(f"<{len(blob)} bytes>", file=sys.stderr)
         elif content is not None:
             print(content.decode("utf-8"), file=sys.stderr)
+    query = {k: str(v) for k, v in (params or {}).items()}
     try:
         response = httpx.request(
-            method,
-            url,
-            params={k: str(v) for k, v in (params or {}).items()},
-            content=content,
-            headers=headers,
-            timeout=timeout,
+            method, url, params=query, content=content, headers=headers, timeout=timeout
         )
+        # A node of a cluster run with --redirect sends requests for processes owned
+        # elsewhere to their owner: follow, with the same method, body and token (httpx
+        # would drop the token on a redirect to another host).
+        for _ in range(_MAX_REDIRECTS):
+            location = response.headers.get("location")
+            if response.status_code not in (307, 308) or not location:
+                break
+            url = str(response.url.join(location))
+            if getattr(args, "verbose", False):
+                print(f"-> {method} {url}", file=sys.stderr)
+            response = httpx.request(method, url, content=content, headers=headers, timeout=timeout)
     except httpx.HTTPError as exc:
         raise CliError(f"cannot reach the node at {args.url}: {exc}") from None
     if response.status_code >= 400:

@@ -58,6 +58,14 @@ def _byte_size(text: str) -> int:
     return value
 
 
+def _postgres_dsn(text: str) -> str:
+    if not text.startswith(("postgresql://", "postgres://")):
+        raise argparse.ArgumentTypeError(
+            f"{text[:60]!r} is not a PostgreSQL URI (postgresql://user@host:port/database)"
+        )
+    return text
+
+
 def _slot(text: str) -> int:
     if not (text.isascii() and text.isdigit()):
         raise argparse.ArgumentTypeError(f"{text!r} is not a slot (a non-negative integer)")
@@ -108,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve",
-        help="run a node (SQLite store + HTTP API) until Ctrl-C or SIGTERM",
+        help="run a node (SQLite or PostgreSQL store + HTTP API) until Ctrl-C or SIGTERM",
         description=(
             "Run a node: an engine on an SQLite store, served over HTTP by hypercorn on Trio. "
             "Ctrl-C or SIGTERM shuts it down gracefully: it stops accepting connections, "
@@ -118,6 +126,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--db", default="hbtrio.sqlite", help="SQLite file of the store (default: %(default)s)"
+    )
+    cluster = serve.add_argument_group(
+        "cluster",
+        "nodes sharing one PostgreSQL database, one owner per process (docs/cluster.md)",
+    )
+    cluster.add_argument(
+        "--store",
+        metavar="postgresql://...",
+        type=_postgres_dsn,
+        help="a PostgreSQL database shared with the cluster's other nodes (instead of --db)",
+    )
+    cluster.add_argument(
+        "--node-url",
+        metavar="URL",
+        help="where the other nodes reach this one (default: http://HOST:PORT)",
+    )
+    cluster.add_argument(
+        "--lease",
+        type=_positive_float,
+        default=10.0,
+        metavar="S",
+        help="seconds a node keeps its processes without a heartbeat; use the same on every "
+        "node (default: %(default)s)",
+    )
+    cluster.add_argument(
+        "--redirect",
+        action="store_true",
+        help="answer requests for processes owned elsewhere with a redirect to their owner "
+        "(default: forward them there)",
     )
     serve.add_argument(
         "--host",

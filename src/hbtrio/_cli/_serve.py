@@ -88,6 +88,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.access_log:
         logging.getLogger("hbtrio.access").setLevel(logging.INFO)
     db = Path(args.db).resolve()
+    if args.store is not None:
+        require("psycopg", "a node on PostgreSQL (pip install 'hbtrio[postgres]')")
+    # A test hook (docs/cluster.md): the node never gives up its processes on its own.
+    trust = os.environ.get("HBTRIO_TEST_TRUST_OWNERSHIP") == "1"
+    where = _safe_dsn(args.store) if args.store is not None else str(db)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
@@ -118,10 +123,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         **{name: getattr(args, name) for name in BOUNDS},
                         "on_failure": args.on_failure,
                     },
+                    store=args.store,
+                    node_url=args.node_url,
+                    lease=args.lease,
+                    redirect=args.redirect,
+                    trust_ownership=trust,
                 )
             )
             for url in urls:
-                print(f"hbtrio node listening on {url} (store: {db})", flush=True)
+                print(f"hbtrio node listening on {url} (store: {where})", flush=True)
             print("press Ctrl-C to stop", flush=True)
         print("hbtrio node stopped; every worker stored its snapshot", flush=True)
 
@@ -133,8 +143,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CliError(f"cannot serve on {args.host}:{args.port}: {leaf}") from None
         if isinstance(leaf, StoreError):  # the file is in use, not a database, ...
             raise CliError(str(leaf)) from None
+        if isinstance(leaf, ValueError):  # a node of a cluster without --node-url
+            raise CliError(str(leaf), EXIT_USAGE) from None
         raise
     return 0
+
+
+def _safe_dsn(dsn: str) -> str:
+    """A PostgreSQL URI without its password, for printing."""
+    head, at, tail = dsn.rpartition("@")
+    if not at:
+        return dsn
+    scheme, sep, user = head.partition("://")
+    return f"{scheme}{sep}{user.partition(':')[0]}@{tail}"
 
 
 def _only_leaf(exc: BaseException) -> BaseException:

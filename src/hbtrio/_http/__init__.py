@@ -6,7 +6,8 @@ Usage::
         app = make_app(engine)
         await run_server(app, port=8734)  # until SIGINT/SIGTERM
 
-or, all in one, ``await serve("node.sqlite")`` (what ``hbtrio serve`` runs).
+or, all in one, ``await serve("node.sqlite")`` (what ``hbtrio serve`` runs;
+``serve(store="postgresql://...", node_url=...)`` for a node of a cluster).
 The endpoints, the JSON wire format and the status codes are documented in
 ``docs/http.md``; the public names are re-exported by `hbtrio.http`.
 
@@ -22,6 +23,8 @@ The modules, each importing only those above it:
   bodies, large ones in worker threads;
 * ``_metrics``: request and connection counts, Prometheus text;
 * ``_request``: a request's headers, parameters and route (sans-I/O);
+* ``_cluster``: for a node of a cluster, where a request about a process
+  goes (here, or forwarded or redirected to its owner);
 * ``_app``: `HttpApp`, the request order, handlers, waits, 202 and the drain;
 * ``_connections``: the accept loop over hypercorn's per-connection server
   (imported when a server starts: it needs hypercorn);

@@ -59,9 +59,10 @@ from typing import Any, Final
 import attrs
 import trio
 
-from .._exceptions import CatchingUp, HbTrioError, InvalidMessage
+from .._exceptions import CatchingUp, HbTrioError, InvalidMessage, StoreError, StoreFenced
 from .._message import Message, check_ints, validate_blob_id, validate_pid
 from ._auth import check_bearer, check_token
+from ._cluster import RETRY_EVERY, Cluster
 from ._defaults import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_GRACE,
@@ -89,6 +90,9 @@ from ._types import CBOR, JSON, OCTETS, ASGIMessage, EngineLike, Headers, Receiv
 
 access_logger: Final = logging.getLogger("hbtrio.access")
 
+#: Handlers of the requests about one process: a node of a cluster routes them.
+_ROUTED: Final = frozenset({"schedule", "compute", "now", "slot_current"})
+
 
 @attrs.define(eq=False)
 class HttpApp:
@@ -108,6 +112,8 @@ class HttpApp:
     read_timeout: float = DEFAULT_READ_TIMEOUT
     body_timeout: float = DEFAULT_BODY_TIMEOUT
     max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES
+    #: Where requests about processes go, for a node of a cluster (``None``: all here).
+    cluster: Cluster | None = None
     metrics: HttpMetrics = attrs.field(factory=HttpMetrics, init=False)
     #: Set once by `begin_shutdown`; never unset.
     shutting_down: bool = attrs.field(default=False, init=False)
@@ -230,12 +236,88 @@ class HttpApp:
         body = await self._read_body(request, receive)
         if body is None:
             return None
+        if self.cluster is not None and pid is not None and handler_name in _ROUTED:
+            return await self._routed(
+                self.cluster, handler_name, pid, request, body, body_type, media, receive
+            )
+        return await self._local(handler_name, pid, request, body, body_type, media, receive)
+
+    async def _local(
+        self,
+        handler_name: str,
+        pid: str | None,
+        request: Request,
+        body: bytes,
+        body_type: str,
+        media: str,
+        receive: Receive,
+    ) -> Response | None:
+        """Decode the body and answer with this node's engine."""
         message = (
-            await decode_request(body, body_type, self._decoders) if allowed == "POST" else None
+            await decode_request(body, body_type, self._decoders)
+            if request.method == "POST"
+            else None
         )
         handler = getattr(self, "_h_" + handler_name)
         response: Response | None = await handler(pid, request, message, media, receive)
         return response
+
+    async def _routed(
+        self,
+        cluster: Cluster,
+        handler_name: str,
+        pid: str,
+        request: Request,
+        body: bytes,
+        body_type: str,
+        media: str,
+        receive: Receive,
+    ) -> Response | None:
+        """Answer a request about a process of a cluster: here, or at its owner (``_cluster``).
+
+        Routed again when the local engine loses the process (`StoreFenced`) or
+        the owner cannot be reached, until the request's budget runs out: the
+        wait of a compute, else two leases (by then an owner that died has lost
+        its lease, and the process is taken over here).
+        """
+        waits = handler_name in ("compute", "now")
+        budget = self._wait_param(request.params()) if waits else 2 * cluster.lease + 2.0
+        deadline = trio.current_time() + budget
+        while True:
+            owner = await cluster.owner_of(pid)
+            if owner is None:
+                try:
+                    return await self._local(
+                        handler_name, pid, request, body, body_type, media, receive
+                    )
+                except StoreFenced:
+                    cluster.rerouted += 1
+                    if trio.current_time() >= deadline:
+                        raise
+                    continue
+            if handler_name == "compute":
+                state = await cluster.store.stored_result(pid, slot_param(request.params()))
+                if state is not None:
+                    cluster.stored_answers += 1
+                    return self._state(pid, state, media)
+            if cluster.redirect:
+                return cluster.redirect_to(owner, request)
+            left = deadline - trio.current_time()
+            if request.method == "GET":
+                answer = await self._forward_read(cluster, pid, owner, request, left + 10.0)
+            else:
+                answer = await cluster.forward(owner, request, body, left)
+            if answer is not None:
+                return answer
+            if trio.current_time() >= deadline:
+                raise HttpError(
+                    503,
+                    "owner-unreachable",
+                    f"the owner of {pid} ({owner}) cannot be reached, and its lease "
+                    "has not run out yet",
+                    headers=RETRY,
+                )
+            await trio.sleep(RETRY_EVERY)
 
     async def _read_body(self, request: Request, receive: Receive) -> bytes | None:
         """The whole request body, at most ``max_body`` bytes, or ``None`` if the client
@@ -347,6 +429,34 @@ class HttpApp:
 
     # ------------------------------------------------------------------ handlers
 
+    async def _forward_read(
+        self, cluster: Cluster, pid: str, owner: str, request: Request, timeout: float
+    ) -> Response | None:
+        """A read forwarded to ``owner``, given up (``None``: route it again) as soon as the
+        process has another owner (looked up every half lease while it waits)."""
+        answer: list[Response | None] = []
+        async with trio.open_nursery() as nursery:
+
+            async def forward() -> None:
+                answer.append(await cluster.forward(owner, request, b"", timeout))
+                nursery.cancel_scope.cancel()
+
+            async def watch() -> None:
+                while True:
+                    await trio.sleep(cluster.lease / 2)
+                    try:
+                        moved = await cluster.owner_of(pid) != owner
+                    except (HttpError, StoreError):
+                        continue  # being taken over, or the database away: look again
+                    if moved:
+                        cluster.rerouted += 1
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(forward)
+            nursery.start_soon(watch)
+        return answer[0] if answer else None
+
     async def _h_spawn(
         self, pid: None, request: Request, message: Message, media: str, receive: Receive
     ) -> Response:
@@ -407,6 +517,16 @@ class HttpApp:
         await trio.lowlevel.checkpoint()
         stats = self.engine.stats()
         return self._ok({str(k): plain(v) for k, v in stats_fields(stats).items()}, media)
+
+    async def _h_cluster(
+        self, pid: None, request: Request, message: None, media: str, receive: Receive
+    ) -> Response:
+        if self.cluster is None:
+            await trio.lowlevel.checkpoint()
+            raise HttpError(
+                404, "not-clustered", "this node is not part of a cluster (its store is its own)"
+            )
+        return self._ok(await self.cluster.describe(), media)
 
     async def _h_metrics(
         self, pid: None, request: Request, message: None, media: str, receive: Receive
@@ -566,6 +686,7 @@ def make_app(
     read_timeout: float = DEFAULT_READ_TIMEOUT,
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
     max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
+    cluster: Cluster | None = None,
 ) -> HttpApp:
     """The ASGI app serving ``engine`` (see ``docs/http.md`` for the endpoints).
 
@@ -583,6 +704,8 @@ def make_app(
             request's headers (408 after).
         max_blob_bytes: largest blob (``POST /blobs`` body) in bytes; larger
             ones get 413.
+        cluster: for a node of a cluster (a `PostgresStore` shared with other
+            nodes): where requests about processes go (``_cluster.Cluster``).
 
     Synchronous; the app must run on the engine's Trio loop.
     """
@@ -605,4 +728,5 @@ def make_app(
         read_timeout=read_timeout,
         body_timeout=body_timeout,
         max_blob_bytes=max_blob_bytes,
+        cluster=cluster,
     )

@@ -33,6 +33,7 @@ from .._exceptions import (
     ProcessNotFound,
     SlotNotScheduled,
     StoreError,
+    StoreFenced,
     UnknownDevice,
 )
 from ._plain import plain
@@ -110,6 +111,15 @@ def error_response(exc: Exception) -> Response:
     if isinstance(exc, Overloaded):
         return HttpError(
             503, "overloaded", str(exc), {"bound": exc.bound}, headers=_retry_after(exc.retry_after)
+        ).response()
+    if isinstance(exc, StoreFenced):
+        # Another node owns the process now (a node without a cluster router).
+        return HttpError(
+            503,
+            "not-owner",
+            str(exc),
+            {"process": exc.pid, "owner": exc.owner},
+            headers=RETRY,
         ).response()
     if isinstance(exc, StoreError) or (
         isinstance(exc, ComputeError) and isinstance(exc.__cause__, StoreError)

@@ -87,6 +87,7 @@ _FIXED: Final = {
     ("workers",): ("GET", "workers"),
     ("stats",): ("GET", "stats"),
     ("metrics",): ("GET", "metrics"),
+    ("cluster",): ("GET", "cluster"),
 }
 _PROCESS: Final = {
     ("schedule",): ("POST", "schedule"),

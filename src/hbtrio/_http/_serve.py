@@ -45,8 +45,10 @@ from typing import Any, Final
 
 import trio
 
+from .._store import Store
 from ._app import HttpApp, make_app
 from ._auth import check_bind
+from ._cluster import Cluster
 from ._defaults import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_GRACE,
@@ -228,12 +230,24 @@ async def serve(
     write_timeout: float = DEFAULT_WRITE_TIMEOUT,
     max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
     bounds: Mapping[str, float | int | None] | None = None,
+    store: str | None = None,
+    node_url: str | None = None,
+    lease: float = 10.0,
+    redirect: bool = False,
+    trust_ownership: bool = False,
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a node: an engine on the SQLite store at ``db`` behind the HTTP API.
 
-    ``db=None`` uses an in-memory store. Before opening anything it refuses
+    ``db=None`` uses an in-memory store. ``store``, a PostgreSQL connection
+    string, makes the node one of a cluster instead (``db`` is then unused):
+    a `PostgresStore` shared with the other nodes, reached by them at
+    ``node_url`` (default ``http://HOST:PORT``), with ``lease`` seconds per
+    heartbeat (`PostgresStore`); requests for processes owned elsewhere are
+    forwarded to their owner, or redirected there with ``redirect``
+    (docs/cluster.md). ``trust_ownership`` is a test hook (`PostgresStore`).
+    Before opening anything it refuses
     (`ValueError`) to bind a non-loopback ``host`` without ``token``, and
     raises `OSError` if the address cannot be listened on. Runs until
     shutdown (see `run_server`), then leaves the engine's block, which stores
@@ -251,7 +265,71 @@ async def serve(
         _check_address(host, port)  # before the store is created
     import hbtrio
 
-    store = hbtrio.MemoryStore() if db is None else hbtrio.SQLiteStore(db)
+    cluster: Cluster | None = None
+    engine_store: hbtrio.Store
+    if store is not None:
+        if node_url is None:
+            if port == 0 or host in ("0.0.0.0", "::", "[::]"):
+                raise ValueError("a node of a cluster needs --node-url (how other nodes reach it)")
+            node_url = f"http://{host}:{port}"
+        pg = hbtrio.PostgresStore(
+            store, node_url=node_url, lease=lease, trust_ownership=trust_ownership
+        )
+        cluster = Cluster(pg, url=node_url, redirect=redirect)
+        engine_store = pg
+    else:
+        engine_store = hbtrio.MemoryStore() if db is None else hbtrio.SQLiteStore(db)
+    try:
+        await _serve_engine(
+            engine_store,
+            cluster,
+            devices=devices,
+            max_idle=max_idle,
+            cache_frequency=cache_frequency,
+            slot_timeout=slot_timeout,
+            shutdown_grace=shutdown_grace,
+            bounds=bounds,
+            app_options={
+                "token": token,
+                "max_body": max_body,
+                "default_wait": default_wait,
+                "max_wait": max_wait,
+                "access_log": access_log,
+                "read_timeout": read_timeout,
+                "body_timeout": body_timeout,
+                "max_blob_bytes": max_blob_bytes,
+            },
+            server_options={
+                "host": host,
+                "port": port,
+                "grace": grace,
+                "max_connections": max_connections,
+                "keep_alive": keep_alive,
+                "write_timeout": write_timeout,
+                "shutdown_trigger": shutdown_trigger,
+                "task_status": task_status,
+            },
+        )
+    finally:
+        if cluster is not None:
+            await cluster.aclose()
+
+
+async def _serve_engine(
+    store: Store,
+    cluster: Cluster | None,
+    *,
+    devices: Mapping[str, object] | None,
+    max_idle: float,
+    cache_frequency: int,
+    slot_timeout: float | None,
+    shutdown_grace: float,
+    bounds: Mapping[str, float | int | None] | None,
+    app_options: dict[str, Any],
+    server_options: dict[str, Any],
+) -> None:
+    import hbtrio
+
     async with hbtrio.open_engine(
         store,
         devices=devices,
@@ -261,25 +339,5 @@ async def serve(
         shutdown_grace=shutdown_grace,
         **dict(bounds or {}),  # type: ignore[arg-type]
     ) as engine:
-        app = make_app(
-            engine,
-            token=token,
-            max_body=max_body,
-            default_wait=default_wait,
-            max_wait=max_wait,
-            access_log=access_log,
-            read_timeout=read_timeout,
-            body_timeout=body_timeout,
-            max_blob_bytes=max_blob_bytes,
-        )
-        await run_server(
-            app,
-            host=host,
-            port=port,
-            grace=grace,
-            max_connections=max_connections,
-            keep_alive=keep_alive,
-            write_timeout=write_timeout,
-            shutdown_trigger=shutdown_trigger,
-            task_status=task_status,
-        )
+        app = make_app(engine, cluster=cluster, **app_options)
+        await run_server(app, **server_options)

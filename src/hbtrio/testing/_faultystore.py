@@ -27,7 +27,7 @@ from typing import Final, Literal
 import attrs
 import trio
 
-from .._exceptions import StoreError
+from .._exceptions import StoreError, StoreFenced
 from .._message import Message
 from .._store import FastPath, SlotResult, Store, StoreStatistics, fast_path
 from ._options import check_after, check_times
@@ -412,6 +412,15 @@ class FaultyStore(Store):
     @property
     def backlogged(self) -> bool:  # type: ignore[override]
         return self.inner.backlogged
+
+    @property
+    def on_lost(self) -> Callable[[str, StoreFenced], None] | None:
+        """The inner store's (`hbtrio.Store.on_lost`): its losses reach the engine."""
+        return self.inner.on_lost
+
+    @on_lost.setter
+    def on_lost(self, callback: Callable[[str, StoreFenced], None] | None) -> None:
+        self.inner.on_lost = callback
 
     async def wait_writable(self) -> None:
         await self._enter("wait_writable")
