@@ -16,8 +16,9 @@ import pytest
 import trio
 
 import hbtrio
+from hbtrio._aoiface import header_case
 from hbtrio._wasm import _exnref, _instance
-from hbtrio._wasm._iface import Process, header_case, message_json, parse_result
+from hbtrio._wasm._iface import Process, message_json, parse_result
 from hbtrio._wasm._images import ImageCache
 from hbtrio._wasm._instance import MAX_OUTPUT, WasmInstance
 from hbtrio._wasm._runtime import config_key, make_engine

@@ -2,10 +2,12 @@
 
 Modules, by what they hold:
 
-- `_device`: `LuaDevice`, the live device, and `LiveLua`, a process's instance;
+- `_device`: `LuaDevice`, the live device, and `LiveLua`, a process's instance
+  (on `hbtrio._threaded`'s bases, shared with the WASM device);
 - `_vm`: one sandboxed VM (lupa's Lua 5.3) and the calls into it, under deadlines;
 - ``sandbox.lua``: the sandbox itself, deterministic iteration, snapshots of the heap;
-- `_iface`: the message a script gets and the result made of its answer, pure;
+- `_iface`: the message a script gets and the result made of its answer, pure:
+  the forms of `hbtrio._aoiface` as Lua tables;
 - `_values`: Lua values to message values, in a fixed key order;
 - `_modules`: where a definition's code is (blob IDs, module messages, a script);
 - `_errors`: the device's exceptions.

@@ -11,8 +11,9 @@ any failure. Nothing of Lua runs on the event loop:
   (through the hosts the engines attached with ``attach``), then makes the
   VM and loads the modules (a new process) or restores the snapshot, in a
   thread;
-- ``compute`` and ``snapshot`` are async and run in threads; ``close`` is
-  plain and never blocks (`LuaVM.close`).
+- ``compute``, ``compute_many`` and ``snapshot`` are async and run in
+  threads (`hbtrio._threaded`); ``close`` is plain and never blocks
+  (`LuaVM.close`).
 
 Each call into the VM is bounded by a deadline the VM enforces itself
 (`_vm`): the device's ``call_timeout``, else the engine's ``slot_timeout``,
@@ -36,15 +37,15 @@ could be and the messages computed since, which a boot replays (`LiveLua`).
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Awaitable, Mapping, Sequence
-from typing import Any, Final, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
 
 import attrs
 import trio
 
-from .._exceptions import BlobNotFound, EngineClosed
+from .._exceptions import BlobNotFound
 from .._message import id_of_bytes, message_id
+from .._threaded import DEFAULT_CALL_TIMEOUT, ThreadedDevice, ThreadedLive
 from ._errors import LuaModuleError, LuaSnapshotError
 from ._iface import Process, message_fields, parse_result
 from ._modules import ModuleRef, modules_of
@@ -62,18 +63,8 @@ __all__ = [
 
 #: Bytes a VM may allocate, unless the device says otherwise.
 DEFAULT_MAX_MEMORY: Final = 256 << 20
-#: Seconds a call may run when neither the device nor the engine sets a bound.
-DEFAULT_CALL_TIMEOUT: Final = 60.0
 #: The names the engine registers the built-in device under.
 NAMES: Final = ("lua@5.3",)
-
-
-class Host(Protocol):
-    """What a device is attached to (`hbtrio.DeviceHost`): ``slot_timeout`` and blobs."""
-
-    slot_timeout: float | None
-
-    def get_blob(self, blob_id: str) -> Awaitable[bytes]: ...
 
 
 @attrs.frozen
@@ -88,7 +79,7 @@ class LuaStats:
     running: int
 
 
-class LuaDevice:
+class LuaDevice(ThreadedDevice):
     """The Lua execution device (``lua@5.3``).
 
     Example::
@@ -123,42 +114,14 @@ class LuaDevice:
         limiter: trio.CapacityLimiter | None = None,
         hook_interval: int = HOOK_INTERVAL,
     ) -> None:
-        if max_memory <= 0:
-            raise ValueError("max_memory must be positive")
-        if call_timeout is not None and not call_timeout > 0:
-            raise ValueError("call_timeout must be positive")
+        super().__init__(max_memory=max_memory, call_timeout=call_timeout, limiter=limiter)
         if hook_interval <= 0:
             raise ValueError("hook_interval must be positive")
-        self.max_memory = max_memory
-        self.call_timeout = call_timeout
         self.hook_interval = hook_interval
-        self._limiter = limiter
-        self._hosts: list[Host] = []  # newest first; guarded by _lock
-        self._lock = threading.Lock()
         self._booted = self._restored = self._live = self._running = 0  # guarded by _lock
 
     def __repr__(self) -> str:
         return f"<LuaDevice max_memory={self.max_memory >> 20} MiB timeout={self.timeout:g} s>"
-
-    def attach(self, host: Host) -> None:
-        """Called by each engine it is registered with, when it opens: blobs and ``slot_timeout``.
-
-        A device registered with several engines at once looks a module's blob
-        up in each (the latest first); its calls are bounded by the latest
-        engine's ``slot_timeout``.
-        """
-        with self._lock:
-            self._hosts = [host, *(h for h in self._hosts if h is not host)]
-
-    @property
-    def timeout(self) -> float:
-        """Seconds one call may run (see the class)."""
-        if self.call_timeout is not None:
-            return self.call_timeout
-        with self._lock:
-            host = self._hosts[0] if self._hosts else None
-        slot_timeout = getattr(host, "slot_timeout", None)
-        return slot_timeout if slot_timeout else DEFAULT_CALL_TIMEOUT
 
     def statistics(self) -> LuaStats:
         with self._lock:
@@ -200,30 +163,14 @@ class LuaDevice:
     async def _source(self, module: ModuleRef) -> tuple[str, bytes]:
         if module.source is not None:
             return module.name, module.source
-        with self._lock:
-            hosts = list(self._hosts)
-        if not hosts:
-            raise LuaModuleError(
-                f"module {module.id}: this device is attached to no engine that holds blobs"
-            )
-        missing: BaseException | None = None
-        for host in hosts:
-            try:
-                data = await host.get_blob(module.id)
-            except EngineClosed:
-                with self._lock:
-                    self._hosts = [h for h in self._hosts if h is not host]
-            except BlobNotFound as exc:
-                missing = exc
-            else:
-                if id_of_bytes(data) != module.id:  # pragma: no cover - stores check blobs
-                    raise LuaModuleError(f"module {module.id}: the blob's bytes do not match")
-                return module.name, data
-        if missing is not None:
-            raise LuaModuleError(f"module {module.id}: no such blob") from missing
-        raise LuaModuleError(
-            f"module {module.id}: every engine this device was attached to is closed"
-        )
+        what = f"module {module.id}"
+        try:
+            data = await self._get_blob(module.id, what, LuaModuleError)
+        except BlobNotFound as exc:
+            raise LuaModuleError(f"{what}: no such blob") from exc
+        if id_of_bytes(data) != module.id:  # pragma: no cover - stores check blobs
+            raise LuaModuleError(f"{what}: the blob's bytes do not match")
+        return module.name, data
 
     def _boot(
         self,
@@ -274,7 +221,7 @@ def _parts(snapshot: object) -> tuple[bytes | None, list[Mapping[str, Any]]]:
     raise LuaSnapshotError("not a snapshot of hbtrio's Lua device")
 
 
-class LiveLua:
+class LiveLua(ThreadedLive[bytes | dict[str, Any]]):
     """One process's hot VM (the live instance of its worker). One call at a time.
 
     It keeps its last heap snapshot and the messages computed since: a heap
@@ -287,6 +234,7 @@ class LiveLua:
         self, device: LuaDevice, vm: LuaVM, process: Process, heap: bytes | None = None
     ) -> None:
         self._device = device
+        self._limiter = device._limiter
         self.vm = vm
         self.process = process
         self._env = lua_ready(process.env)
@@ -296,30 +244,6 @@ class LiveLua:
 
     def __repr__(self) -> str:
         return f"<LiveLua {self.process.id} {self.vm!r}>"
-
-    async def compute(self, assignment: Mapping[str, Any]) -> dict[str, Any]:
-        """The result of one message (see `_iface`). Runs in a thread; checkpoints."""
-        return await trio.to_thread.run_sync(
-            self.compute_sync, assignment, limiter=self._device._limiter, abandon_on_cancel=True
-        )
-
-    async def compute_many(
-        self, assignments: list[Mapping[str, Any]], out: list[dict[str, Any]]
-    ) -> None:
-        """`compute` for consecutive messages in one thread hop, appending each result to
-        ``out``; raises at the first that fails (the results before it are in ``out``)."""
-        await trio.to_thread.run_sync(
-            self._compute_all,
-            assignments,
-            out,
-            limiter=self._device._limiter,
-            abandon_on_cancel=True,
-        )
-
-    def _compute_all(self, assignments: list[Mapping[str, Any]], out: list[dict[str, Any]]) -> None:
-        compute = self.compute_sync
-        for assignment in assignments:
-            out.append(compute(assignment))  # noqa: PERF401 - one by one: a failure keeps those before
 
     def compute_sync(self, assignment: Mapping[str, Any]) -> dict[str, Any]:
         """`compute` in the calling thread. Blocks while the script runs."""
@@ -342,13 +266,9 @@ class LiveLua:
         self._since.append(assignment)
         return result
 
-    async def snapshot(self) -> bytes | dict[str, Any]:
-        """The VM's heap (``sandbox.lua``), or see the class. Runs in a thread; checkpoints."""
-        return await trio.to_thread.run_sync(self.snapshot_sync, limiter=self._device._limiter,
-                                             abandon_on_cancel=True)  # fmt: skip
-
     def snapshot_sync(self) -> bytes | dict[str, Any]:
-        """`snapshot` in the calling thread: the heap, or the last heap and the messages since."""
+        """`snapshot` in the calling thread: the VM's heap (``sandbox.lua``), or the last heap
+        and the messages since (see the class)."""
         device = self._device
         device._enter(1)
         try:

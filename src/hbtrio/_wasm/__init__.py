@@ -2,8 +2,10 @@
 
 Modules, by what they hold:
 
-- `_device`: `WasmDevice`, the live device, and `LiveWasm`, a process's instance;
-- `_iface`: the JSON interface (messages in, results out), pure;
+- `_device`: `WasmDevice`, the live device, and `LiveWasm`, a process's instance
+  (on `hbtrio._threaded`'s bases, shared with the Lua device);
+- `_iface`: the JSON interface (messages in, results out), pure: the forms of
+  `hbtrio._aoiface` as JSON;
 - `_instance`: one wasmtime instance: imports, calls, snapshots;
 - `_images`: images by ID, checked and compiled once (and cached on disk);
 - `_exnref`: legacy exception handling, translated with binaryen's wasm-opt;

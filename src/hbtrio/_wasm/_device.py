@@ -11,8 +11,8 @@ after any failure. Nothing of it runs WASM on the event loop:
   engine attached with ``attach``, or bytes in the definition itself), then
   compiles (once per image: `_images`), instantiates and restores in a
   thread;
-- ``compute`` and ``snapshot`` are async and run in threads; ``close`` is
-  plain and never blocks.
+- ``compute``, ``compute_many`` and ``snapshot`` are async and run in
+  threads (`hbtrio._threaded`); ``close`` is plain and never blocks.
 
 Each call into the module is bounded by an epoch deadline (`_runtime`): the
 device's ``call_timeout``, else the engine's ``slot_timeout``, else
@@ -41,16 +41,15 @@ module as tags and otherwise ignored.
 from __future__ import annotations
 
 import os
-import threading
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
 
-from .._exceptions import BlobNotFound, EngineClosed
 from .._message import message_id
+from .._threaded import DEFAULT_CALL_TIMEOUT, ThreadedDevice, ThreadedLive
 from ._errors import WasmImageError
 from ._iface import Process, message_json, parse_result
 
@@ -73,22 +72,12 @@ __all__ = [
 
 #: Bytes of linear memory an instance may have, unless the device says otherwise.
 DEFAULT_MAX_MEMORY: Final = 256 << 20
-#: Seconds a call may run when neither the device nor the engine sets a bound.
-DEFAULT_CALL_TIMEOUT: Final = 60.0
 #: The names the engine registers the built-in device under.
 NAMES: Final = ("wasm-64@1.0", "stack@1.0")
 #: The device stack of HyperBEAM's aos processes that ``stack@1.0`` runs (lower case).
 STACK: Final = ("wasi@1.0", "json-iface@1.0", "wasm-64@1.0", "multipass@1.0")
 _OPTIONAL: Final = frozenset({"wasi@1.0", "multipass@1.0"})
 CACHE_ENV: Final = "HBTRIO_WASM_CACHE"
-
-
-class Host(Protocol):
-    """What a device is attached to (`hbtrio.DeviceHost`): ``slot_timeout`` and blobs."""
-
-    slot_timeout: float | None
-
-    def get_blob(self, blob_id: str) -> Awaitable[bytes]: ...
 
 
 def default_cache_dir() -> Path | None:
@@ -142,7 +131,7 @@ def _stack_of(process: Mapping[str, Any]) -> None:
         )
 
 
-class WasmDevice:
+class WasmDevice(ThreadedDevice):
     """The WASM execution device (``wasm-64@1.0``, and HyperBEAM's ``stack@1.0`` shape).
 
     Example::
@@ -183,14 +172,9 @@ class WasmDevice:
         limiter: trio.CapacityLimiter | None = None,
         max_images: int = 32,
     ) -> None:
-        if max_memory <= 0:
-            raise ValueError("max_memory must be positive")
-        if call_timeout is not None and not call_timeout > 0:
-            raise ValueError("call_timeout must be positive")
+        super().__init__(max_memory=max_memory, call_timeout=call_timeout, limiter=limiter)
         if fuel is not None and fuel <= 0:
             raise ValueError("fuel must be positive")
-        self.max_memory = max_memory
-        self.call_timeout = call_timeout
         self.fuel = fuel
         self.cache_dir = (
             default_cache_dir()
@@ -199,10 +183,7 @@ class WasmDevice:
             if cache_dir is None
             else Path(cache_dir)
         )
-        self._limiter = limiter
         self._max_images = max_images
-        self._hosts: list[Host] = []  # newest first; guarded by _lock
-        self._lock = threading.Lock()
         self._runtime: _Runtime | None = None  # made at the first boot; guarded by _lock
         self._booted = 0  # guarded by _lock
         self._live = 0  # guarded by _lock
@@ -212,26 +193,6 @@ class WasmDevice:
             f"<WasmDevice max_memory={self.max_memory >> 20} MiB timeout={self.timeout:g} s"
             f"{f' fuel={self.fuel}' if self.fuel else ''}>"
         )
-
-    def attach(self, host: Host) -> None:
-        """Called by each engine it is registered with, when it opens: blobs and ``slot_timeout``.
-
-        A device registered with several engines at once looks an image's blob
-        up in each (the latest first); its calls are bounded by the latest
-        engine's ``slot_timeout``.
-        """
-        with self._lock:
-            self._hosts = [host, *(h for h in self._hosts if h is not host)]
-
-    @property
-    def timeout(self) -> float:
-        """Seconds one call may run (see the class)."""
-        if self.call_timeout is not None:
-            return self.call_timeout
-        with self._lock:
-            host = self._hosts[0] if self._hosts else None
-        slot_timeout = getattr(host, "slot_timeout", None)
-        return slot_timeout if slot_timeout else DEFAULT_CALL_TIMEOUT
 
     def statistics(self) -> WasmStats:
         with self._lock:
@@ -303,24 +264,7 @@ class WasmDevice:
             rt = self._runtime
         if rt is not None and rt.images.get(ref) is not None:
             return ref, None
-        with self._lock:
-            hosts = list(self._hosts)
-        if not hosts:
-            raise WasmImageError(
-                f"image {ref}: this device is attached to no engine that holds blobs"
-            )
-        missing: BaseException | None = None
-        for host in hosts:
-            try:
-                return ref, await host.get_blob(ref)
-            except EngineClosed:
-                with self._lock:
-                    self._hosts = [h for h in self._hosts if h is not host]
-            except BlobNotFound as exc:
-                missing = exc
-        if missing is not None:
-            raise missing
-        raise WasmImageError(f"image {ref}: every engine this device was attached to is closed")
+        return ref, await self._get_blob(ref, f"image {ref}", WasmImageError)
 
     def _boot(
         self, process: Mapping[str, Any], image_id: str, data: bytes | None, snapshot: Any
@@ -356,41 +300,18 @@ class WasmDevice:
             self._live -= 1
 
 
-class LiveWasm:
+class LiveWasm(ThreadedLive[dict[str, Any]]):
     """One process's hot instance (the live instance of its worker). One call at a time."""
 
     def __init__(self, device: WasmDevice, instance: WasmInstance, process: Process) -> None:
         self._device = device
+        self._limiter = device._limiter
         self.instance = instance
         self.process = process
         self._closed = False
 
     def __repr__(self) -> str:
         return f"<LiveWasm {self.process.id} {self.instance!r}>"
-
-    async def compute(self, assignment: Mapping[str, Any]) -> dict[str, Any]:
-        """The result of one message (see `_iface`). Runs in a thread; checkpoints."""
-        return await trio.to_thread.run_sync(
-            self.compute_sync, assignment, limiter=self._device._limiter, abandon_on_cancel=True
-        )
-
-    async def compute_many(
-        self, assignments: list[Mapping[str, Any]], out: list[dict[str, Any]]
-    ) -> None:
-        """`compute` for consecutive messages in one thread hop, appending each result to
-        ``out``; raises at the first that fails (the results before it are in ``out``)."""
-        await trio.to_thread.run_sync(
-            self._compute_all,
-            assignments,
-            out,
-            limiter=self._device._limiter,
-            abandon_on_cancel=True,
-        )
-
-    def _compute_all(self, assignments: list[Mapping[str, Any]], out: list[dict[str, Any]]) -> None:
-        compute = self.compute_sync
-        for assignment in assignments:
-            out.append(compute(assignment))  # noqa: PERF401 - out must grow one by one: a failure keeps those before it
 
     def compute_sync(self, assignment: Mapping[str, Any]) -> dict[str, Any]:
         """`compute` in the calling thread. Blocks while the module runs."""
@@ -407,11 +328,9 @@ class LiveWasm:
         """Bytes of the instance's linear memory (for the engine's memory bounds). Never blocks."""
         return self.instance.memory_size
 
-    async def snapshot(self) -> dict[str, Any]:
-        """The instance's memory and globals (`_snapshot`). Runs in a thread; checkpoints."""
-        return await trio.to_thread.run_sync(
-            self.instance.snapshot, limiter=self._device._limiter, abandon_on_cancel=True
-        )
+    def snapshot_sync(self) -> dict[str, Any]:
+        """`snapshot` in the calling thread: the instance's memory and globals (`_snapshot`)."""
+        return self.instance.snapshot()
 
     def close(self) -> None:
         """Let the instance go (after a call still running in a thread ends). Idempotent."""

@@ -2,41 +2,25 @@
 
 Theory of operation
 -------------------
-For every message the module is given two JSON documents, in the form
-HyperBEAM's ``json-iface@1.0`` writes:
+For every message the module is given two JSON documents, the forms
+`hbtrio._aoiface` makes (HyperBEAM's ``json-iface@1.0``) encoded as compact
+UTF-8 JSON:
 
-- the message: ``Id`` (the assignment's message ID), ``Owner``, ``From``,
-  ``Target``, ``Anchor``, ``Data``, ``Signature``, ``Tags`` (every other key
-  of the body, as ``{"name": Header-Case-Name, "value": text}``, sorted by
-  name), ``Module`` (the process's image ID), ``Block-Height`` and
-  ``Timestamp`` (the assignment's, Unix milliseconds);
-- the environment, ``{"Process": {...}}``, the process definition in the
-  same form, its ``Id`` the process ID (and its ``Image`` tag the image's
-  ID, also for a definition that holds the module's bytes).
-
-hbtrio verifies no signatures: a body's ``owner`` is what it says, and a
-body that names none is the process owner's (the definition's ``owner``,
-``""`` without one), so that an unsigned message can ``Eval``. ``From`` is a
-``from-process`` key or else the owner. Keys are read case-insensitively
-(``Data`` and ``data`` are the same field). Values become text: strings as
-they are, UTF-8 bytes decoded, ``true``/``false``, numbers in decimal, lists
-and mappings as JSON.
+- the message (`message_json`), its ``Module`` the process's image ID;
+- the environment, ``{"Process": {...}}`` (`Process.of`, once per process),
+  its ``Image`` tag the image's ID, also for a definition that holds the
+  module's bytes.
 
 The module answers ``{"ok": true, "response": {"Output": ..., "Messages":
 [...], "Spawns": [...], "Assignments": [...], "Error": ...}}`` or ``{"ok":
-false, "response": <error>}``. `parse_result` makes the slot's result of it::
-
-    {"output": <Output's "data" (or Output itself when it is not an object)>,
-     "messages": [<outbox message>, ...], "spawns": [...], "assignments": [...],
-     "error": <text, only when the module reported one>}
-
-An outbox message or spawn has its fields' names in lower case with its tags
-merged in (a tag wins over a field of the same name), plus ``from-process``
-(the process ID) and ``from-image``. JSON values become message values:
-integers outside ``-2**64 .. 2**64-1`` become floats, and anything nested
-deeper than `MAX_NESTING` levels, or a document that is not this form, is
-`WasmInterfaceError` (the call failed). Everything here is pure and
-thread-safe.
+false, "response": <error>}``. `parse_result` makes the slot's result of it
+(`hbtrio._aoiface`, the keys read exactly as HyperBEAM does, an ``Output``
+object without ``data`` an empty output), with ``from-image`` in each
+outgoing message; an ``"ok": false`` answer is an empty result with its
+error. JSON values become message values: integers outside ``-2**64 ..
+2**64-1`` become floats, and anything nested deeper than `MAX_NESTING`
+levels, or a document that is not this form, is `WasmInterfaceError` (the
+call failed). Everything here is pure and thread-safe.
 """
 
 from __future__ import annotations
@@ -47,116 +31,14 @@ from typing import Any, Final
 
 import attrs
 
-from .._jsonwire import to_json
+from .._aoiface import Dialect, folded
 from .._message import MAX_INT, MIN_INT
 from ._errors import WasmInterfaceError
 
-__all__ = ["MAX_NESTING", "Process", "header_case", "message_json", "parse_result"]
+__all__ = ["JSON", "MAX_NESTING", "Process", "message_json", "parse_result"]
 
 #: Levels of nesting a value from the module may have (a message nests at most 100).
 MAX_NESTING: Final = 90
-#: Keys of a message that are fields of the JSON form, not tags (as HyperBEAM has it).
-FIELDS: Final = frozenset({"id", "anchor", "owner", "data", "target", "signature", "commitments"})
-
-
-def header_case(key: str) -> str:
-    """``"data-protocol"`` -> ``"Data-Protocol"`` (HTTP header case, as HyperBEAM's tags)."""
-    return "-".join(w[:1].upper() + w[1:] for w in key.lower().split("-") if w)
-
-
-def text(value: object, what: str) -> str:
-    """A message value as the text of a JSON-interface field or tag."""
-    if type(value) is str:
-        return value
-    if isinstance(value, bytes):
-        try:
-            return value.decode()
-        except UnicodeDecodeError:
-            raise WasmInterfaceError(
-                f"{what}: bytes that are not UTF-8 cannot go into the JSON interface"
-            ) from None
-    if value is True or value is False:
-        return "true" if value else "false"
-    if value is None:
-        return ""
-    if isinstance(value, int | float):
-        return json.dumps(value)
-    return json.dumps(to_json(value), separators=(",", ":"), ensure_ascii=False)
-
-
-def _folded(message: Mapping[str, Any]) -> dict[str, Any]:
-    """The message's keys in lower case; an exactly lower-case key wins over its variants."""
-    out: dict[str, Any] = {}
-    for key, value in message.items():
-        low = key.lower()
-        if low not in out or key == low:
-            out[low] = value
-    return out
-
-
-def _tags(folded: Mapping[str, Any], what: str) -> list[dict[str, str]]:
-    return [
-        {"name": header_case(key), "value": text(folded[key], f"{what} {key!r}")}
-        for key in sorted(folded)
-        if key not in FIELDS and header_case(key)
-    ]
-
-
-@attrs.frozen
-class Process:
-    """What every message of a process shares: its IDs, its owner and its environment JSON."""
-
-    id: str
-    image: str
-    owner: str
-    env: bytes
-
-    @classmethod
-    def of(cls, definition: Mapping[str, Any], pid: str, image: str) -> Process:
-        d = _folded(definition)
-        if "image" in d:
-            d["image"] = image  # the ID, also of an image given as bytes
-        owner = text(d.get("owner", ""), "process owner")
-        fields = {
-            "Id": pid,
-            "Owner": owner,
-            "From": text(d.get("from-process", owner), "process from-process"),
-            "Target": text(d.get("target", ""), "process target"),
-            "Anchor": text(d.get("anchor", ""), "process anchor"),
-            "Data": text(d.get("data", ""), "process data"),
-            "Signature": text(d.get("signature", ""), "process signature"),
-            "Tags": _tags(d, "process tag"),
-        }
-        env = json.dumps({"Process": fields}, separators=(",", ":"), ensure_ascii=False)
-        return cls(id=pid, image=image, owner=owner, env=env.encode())
-
-
-def message_json(assignment: Mapping[str, Any], process: Process) -> bytes:
-    """The message document for one assignment (see the module)."""
-    d = _folded(assignment["body"])
-    owner = text(d["owner"], "owner") if "owner" in d else process.owner
-    height = d.get("block-height", 0)
-    fields = {
-        "Id": assignment["message-id"],
-        "Owner": owner,
-        "From": text(d.get("from-process", owner), "from-process"),
-        "Target": text(d.get("target", process.id), "target"),
-        "Anchor": text(d.get("anchor", ""), "anchor"),
-        "Data": text(d.get("data", ""), "data"),
-        "Signature": text(d.get("signature", ""), "signature"),
-        "Tags": _tags(d, "tag"),
-        "Module": process.image,
-        "Block-Height": height if type(height) is int else text(height, "block-height"),
-        "Timestamp": assignment.get("timestamp", 0),
-    }
-    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-# results ----------------------------------------------------------------------------------------
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _value(value: Any, depth: int) -> Any:
@@ -179,36 +61,45 @@ def _value(value: Any, depth: int) -> Any:
     raise WasmInterfaceError(f"the module's result holds a {t.__name__}")  # pragma: no cover
 
 
-def _outgoing(message: Any, process: Process) -> Any:
-    if not isinstance(message, dict):
-        return _value(message, 2)
-    out: dict[str, Any] = {}
-    tags = None
-    for key, value in message.items():
-        if key.lower() == "tags":
-            tags = value
-        else:
-            out[key.lower()] = _value(value, 3)
-    if isinstance(tags, list):
-        for tag in tags:
-            if isinstance(tag, dict) and isinstance(tag.get("name"), str):
-                out[tag["name"].lower()] = _value(tag.get("value"), 3)
-    out["from-process"] = process.id
-    out["from-image"] = process.image
-    return out
+#: The WASM device's reading of the interface.
+JSON: Final = Dialect(
+    error=WasmInterfaceError,
+    not_utf8="bytes that are not UTF-8 cannot go into the JSON interface",
+    answerer="the module's",
+    origin="from-image",
+    value=_value,
+)
 
 
-def _error_text(error: Any) -> str:
-    return error if isinstance(error, str) else json.dumps(error, ensure_ascii=False)
+def _dumps(doc: object) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _list(response: Mapping[str, Any], key: str) -> list[Any]:
-    value = response.get(key)
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise WasmInterfaceError(f"the module's {key} is a {type(value).__name__}, not a list")
-    return value
+@attrs.frozen
+class Process:
+    """What every message of a process shares: its IDs, its owner and its environment JSON."""
+
+    id: str
+    image: str
+    owner: str
+    env: bytes
+
+    @classmethod
+    def of(cls, definition: Mapping[str, Any], pid: str, image: str) -> Process:
+        d = folded(definition)
+        if "image" in d:
+            d["image"] = image  # the ID, also of an image given as bytes
+        fields = JSON.process_fields(d, pid)
+        return cls(id=pid, image=image, owner=fields["Owner"], env=_dumps({"Process": fields}))
+
+
+def message_json(assignment: Mapping[str, Any], process: Process) -> bytes:
+    """The message document for one assignment (see the module)."""
+    return _dumps(JSON.message_fields(assignment, process.id, process.owner, process.image))
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def parse_result(raw: bytes, process: Process) -> dict[str, Any]:
@@ -220,22 +111,10 @@ def parse_result(raw: bytes, process: Process) -> dict[str, Any]:
         raise WasmInterfaceError(f"handle returned invalid JSON ({exc}): {start!r}") from None
     if not isinstance(doc, dict) or "ok" not in doc:
         raise WasmInterfaceError('handle returned JSON without an "ok" key')
-    result: dict[str, Any] = {"output": "", "messages": [], "spawns": [], "assignments": []}
     if doc["ok"] is not True:
         error = doc.get("response", doc.get("error", "the module failed"))
-        result["error"] = _error_text(error)
-        return result
+        return {**JSON.result({}, process.id, process.image), "error": JSON.error_text(error)}
     response = doc.get("response")
     if not isinstance(response, dict):
         raise WasmInterfaceError('handle returned ok without a "response" object')
-    output = response.get("Output")
-    if isinstance(output, dict):
-        output = output.get("data", "")
-    result["output"] = "" if output is None else _value(output, 1)
-    result["messages"] = [_outgoing(m, process) for m in _list(response, "Messages")]
-    result["spawns"] = [_outgoing(m, process) for m in _list(response, "Spawns")]
-    result["assignments"] = [_value(a, 2) for a in _list(response, "Assignments")]
-    error = response.get("Error")
-    if error is not None and error != "":
-        result["error"] = _error_text(error)
-    return result
+    return JSON.result(response, process.id, process.image)
