@@ -124,6 +124,11 @@ class DeviceInfo:
     #: slot's result and the process goes on); a definition's ``"on-failure"``
     #: chooses otherwise.
     failures: str = STOP
+    #: True for a live device (``boot``); False for a state device (``init``/``compute``).
+    live: bool = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "live", self.boot is not None)  # frozen: set once
 
     @classmethod
     def of(cls, name: str, obj: object) -> DeviceInfo:
@@ -171,10 +176,6 @@ class DeviceInfo:
             failures=failures,
         )
 
-    @property
-    def live(self) -> bool:
-        """True for a live device (``boot``); False for a state device (``init``/``compute``)."""
-        return self.boot is not None
 
     def how(self, is_async: bool) -> str:
         """How to call one of its methods: `THREAD`, `AWAIT` or `INLINE`."""

@@ -148,8 +148,7 @@ class Driver:
         slot_timeout: float | None = None,
     ) -> Driver:
         """`load` from memory: raises `trio.WouldBlock` if the store needs I/O."""
-        definition = fast_path(store).get_process_nowait(pid)
-        return cls(_core(pid, definition, devices, cache_frequency), store, slot_timeout)
+        return cls(core_nowait(pid, store, devices, cache_frequency), store, slot_timeout)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.core!r} target={self.target}>"
@@ -812,6 +811,15 @@ def _close_quietly(call: Call) -> None:
         call[1](*call[2])
     except Exception as exc:
         log.warning("closing an instance failed: %r", exc)
+
+
+def core_nowait(pid: str, store: Store, devices: Devices, cache_frequency: int) -> ProcessCore:
+    """A core for ``pid``, not booted, from what the store holds in memory.
+
+    Raises `trio.WouldBlock` if the store needs I/O, `ProcessNotFound` or
+    `UnknownDevice`. Never blocks.
+    """
+    return _core(pid, fast_path(store).get_process_nowait(pid), devices, cache_frequency)
 
 
 def _first_failing(exc: HbTrioError, start: int) -> int:

@@ -66,7 +66,7 @@ import trio
 from ._broadcast import SlotBroadcaster, _Waiter
 from ._budget import Limits
 from ._devices import Devices
-from ._driver import Driver, Reroute, copy_error
+from ._driver import Driver, Reroute, copy_error, core_nowait
 from ._exceptions import ComputeError, HbTrioError, LeaderDied, StoreError, StoreFenced
 from ._message import Message
 from ._store import Store
@@ -208,23 +208,21 @@ class GroupWorker(Driver):
         """
         store = host.store
         try:
-            driver = Driver.load_nowait(pid, store, host.devices, host.cache_frequency)
+            core = core_nowait(pid, store, host.devices, host.cache_frequency)
         except trio.WouldBlock:
             return None
-        if not driver.boot_nowait(slot):
-            return None
-        core = driver.core
         worker = cls(
             core=core,
             store=store,
             slot_timeout=host.slot_timeout,
-            target=core.slot,
             pid=pid,
             host=host,
             phase=Phase.IDLE,
-            started_at=time.time(),
-            last_request=host.now(),
         )
+        if not worker.boot_nowait(slot):
+            return None
+        worker.target = core.slot
+        worker.started_at, worker.last_request = time.time(), host.now()
         store.pin(pid)
         host.watch_idle(worker)
         worker._measure()
