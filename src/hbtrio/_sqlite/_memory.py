@@ -28,6 +28,7 @@ Everything here runs on the event-loop thread only, and nothing blocks.
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 
 import attrs
 
@@ -130,6 +131,22 @@ class ProcessCache:
         proc.assignments[slot] = assignment
         self._order.append((proc, slot, size))
         self._bytes += size
+        self._bound()
+
+    def keep_run(self, proc: Proc, assignments: Sequence[Message], sizes: list[int]) -> None:
+        """`keep` for a run read from the file, skipping slots held already (one pass)."""
+        held, order, total = proc.assignments, self._order, 0
+        for assignment, size in zip(assignments, sizes, strict=True):
+            slot = assignment["slot"]
+            if slot not in held:
+                held[slot] = assignment
+                order.append((proc, slot, size))
+                total += size
+        self._bytes += total
+        self._bound()
+
+    def _bound(self) -> None:
+        """Drop the oldest cached assignments while over ``max_cached`` or ``max_cached_bytes``."""
         order = self._order
         while order and (len(order) > self._max_cached or self._bytes > self._max_cached_bytes):
             old, old_slot, old_size = order.popleft()

@@ -258,8 +258,7 @@ class SQLiteStore(Store):
             proc.busy -= 1
         self._assignments_written += len(assignments)
         proc.latest = max(proc.latest, assignments[-1]["slot"])
-        for a, size in zip(assignments, sizes, strict=True):
-            self._memory.keep(proc, a["slot"], a, size)
+        self._memory.keep_run(proc, assignments, sizes)
 
     async def latest_slot(self, pid: str) -> int:
         proc = await self._proc(pid)
@@ -433,9 +432,7 @@ class SQLiteStore(Store):
         self._reads += 1
         found, ahead, sizes = await self._run(read, write=False)
         if ahead and self._procs.get(pid) is proc:
-            for assignment, size in zip(ahead, sizes, strict=True):
-                if assignment["slot"] not in proc.assignments:
-                    self._memory.keep(proc, assignment["slot"], assignment, size)
+            self._memory.keep_run(proc, ahead, sizes)
         return pending if found is None else found
 
     def latest_snapshot_nowait(self, pid: str, at_most: int) -> tuple[int, Message] | None:
