@@ -218,7 +218,14 @@ class WriteBehind:
                 self._drained = None
 
         io.submit(
-            Job(write, True, tuple(sorted(fence)), prepare, refuse_whole=False, callback=done)
+            Job(
+                write,
+                True,
+                fence=tuple(sorted(fence)),
+                prepare=prepare,
+                refuse_whole=False,
+                callback=done,
+            )
         )
 
     def _count(self, entry: Entry) -> int:
