@@ -135,7 +135,7 @@ class RoundThread(Generic[C]):
 
     `start`-like methods of subclasses (via `_launch`) and `stop` run on the
     event loop (one Trio run at a time); jobs are submitted from the
-    event-loop thread (`submit`, `_wait`) and their outcomes delivered there.
+    event-loop thread (`submit`, `run`) and their outcomes delivered there.
     ``where`` names the database, ``owner`` the store, in errors.
 
     A subclass provides `_run_writes` (a batch of write jobs, sharing one
@@ -366,3 +366,12 @@ class RoundThread(Generic[C]):
             return trio.lowlevel.Abort.FAILED
 
         return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def run(self, fn: Callable[..., Any], *, write: bool) -> Any:
+        """Run ``fn(conn)`` on the thread and return its result. Always checkpoints.
+
+        Cancellation-safe: a job that has not started is withdrawn (and
+        `trio.Cancelled` raised); one that started completes, and its result
+        is returned.
+        """
+        return await self._wait(Job(fn, write, task=trio.lowlevel.current_task()))

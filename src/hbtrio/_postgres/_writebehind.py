@@ -2,12 +2,13 @@
 
 Theory of operation
 -------------------
-As in the SQLite store (``hbtrio._sqlite._writebehind``): `PostgresStore`'s
-``put_results_nowait`` records results in the process's pending tables
-(readable at once) and in the outbox, and one flush job at a time takes the
-outbox to the data thread in pieces of `FLUSH_ROWS` rows, stopping after a
-piece once another job waits; backpressure holds producers back while more
-than ``max_pending`` wait.
+As in the SQLite store, with the same machinery (``hbtrio._writebehind``):
+`PostgresStore`'s ``put_results_nowait`` records results in the process's
+pending tables (readable at once) and in the outbox, and one flush job at a
+time takes the outbox to the data thread in pieces of `FLUSH_ROWS` rows,
+stopping after a piece once another job waits; backpressure holds producers
+back while more than ``max_pending`` wait. This module holds the flush job
+and what its commit means.
 
 What is new is the fence. Every entry belongs to a ``PgProc``, the store's
 memory of one process *under one epoch*; a flush job names the ``(row ID,
@@ -31,12 +32,13 @@ from typing import Any, Final
 import attrs
 import outcome
 import psycopg
-import trio
 
 from .._codec import encode_plain
-from .._exceptions import InvalidMessage, StoreError
+from .._exceptions import InvalidMessage
 from .._sqlite._memory import Proc, ProcessCache
 from .._store import Store
+from .._writebehind import FLUSH_ROWS, Entry
+from .._writebehind import WriteBehind as _WriteBehind
 from ._iothread import DataThread, Job
 from ._rows import write_results
 
@@ -44,9 +46,7 @@ __all__ = ["FLUSH_ROWS", "PgProc", "WriteBehind"]
 
 log = logging.getLogger("hbtrio")
 
-#: Rows one piece of a flush job writes before it looks whether another job waits.
-FLUSH_ROWS: Final = 4096
-#: Most pieces in one flush job.
+#: Most pieces of `FLUSH_ROWS` rows in one flush job.
 _FLUSH_PIECES: Final = 16
 
 
@@ -58,9 +58,6 @@ class PgProc(Proc):
     epoch: int = 0
 
 
-# (proc, slot, state, snapshot, is_snapshot) for one slot, or (proc, first, states,
-# snapshot_every) for a run of states that are their own snapshots.
-Entry = tuple[Any, ...]
 _Result = tuple[int, int, bytes, bool, int]
 _Rows = tuple[list[_Result], list[tuple[int, int]], list[tuple[int, int, bytes, int]]]
 
@@ -112,12 +109,15 @@ def _pair(entry: Entry) -> tuple[int, int]:
     return proc.rowid, proc.epoch
 
 
-class WriteBehind:
+class WriteBehind(_WriteBehind):
     """The results a store has taken and not made durable yet, and their way to the server.
 
     ``refused(pid, epoch, owner URL)`` is called (event loop) for each process
     whose rows the fence refused. ``owner``'s ``backlogged`` is kept up to date.
     """
+
+    FLUSH_PIECES = _FLUSH_PIECES
+    _io: DataThread
 
     def __init__(
         self,
@@ -127,55 +127,12 @@ class WriteBehind:
         max_pending: int,
         refused: Callable[[str, int, str | None], None],
     ) -> None:
-        self._owner = owner
-        self._io = io
-        self._memory = memory
-        self._max_pending = max_pending
+        super().__init__(owner, io, memory, max_pending)
         self._refused = refused
-        self.outbox: list[Entry] = []
-        self._flushing = False
-        self.pending_count = 0
-        self._drained: trio.Event | None = None
-        self._write_error: BaseException | None = None
-        self.results_written = 0
         #: Rows the fence refused (never written).
         self.fenced_rows = 0
 
-    def added(self, n: int) -> None:
-        self.pending_count += n
-        self.results_written += n
-        if self.pending_count > self._max_pending:
-            self._owner.backlogged = True
-        self.kick()
-
-    def _take_batch(self) -> list[Entry]:
-        outbox, rows, i = self.outbox, 0, 0
-        while i < len(outbox) and rows < FLUSH_ROWS:
-            entry = outbox[i]
-            if len(entry) == 4:
-                proc, first, states, every = entry
-                room = FLUSH_ROWS - rows
-                if len(states) > room:
-                    outbox[i] = (proc, first, states[:room], every)
-                    outbox.insert(i + 1, (proc, first + room, states[room:], every))
-                    rows += room
-                else:
-                    rows += len(states)
-            else:
-                rows += 1
-            i += 1
-        batch = outbox[:i]
-        del outbox[:i]
-        return batch
-
-    def kick(self) -> None:
-        """Queue one flush job for the outbox unless one is on its way. Never blocks."""
-        if self._flushing or not self.outbox or not self._io.running:
-            return
-        pieces: list[list[Entry]] = []
-        while self.outbox and len(pieces) < _FLUSH_PIECES:
-            pieces.append(self._take_batch())
-        self._flushing = True
+    def _job(self, pieces: list[list[Entry]], done: Callable[[outcome.Outcome[Any]], None]) -> Job:
         io = self._io
         encoded: list[_Rows] = []
         fence = {
@@ -197,36 +154,21 @@ class WriteBehind:
                 written += 1
             return written, refused
 
-        def done(result: outcome.Outcome[Any]) -> None:
-            self._flushing = False
-            if isinstance(result, outcome.Error):
-                # Keep everything pending (still readable) and retry on the next kick or flush.
-                self._write_error = result.error
-                self.outbox[:0] = [e for piece in pieces for e in piece]
-            else:
-                self._write_error = None
-                written, refused = result.unwrap()
-                self.outbox[:0] = [e for piece in pieces[written:] for e in piece]
-                done_entries = [e for piece in pieces[:written] for e in piece]
-                self._committed([e for e in done_entries if _pair(e) not in refused])
-                self._drop([e for e in done_entries if _pair(e) in refused], refused)
-                self.kick()
-            if self._drained is not None and (
-                self.pending_count <= self._max_pending // 2 or self._write_error is not None
-            ):
-                self._drained.set()
-                self._drained = None
-
-        io.submit(
-            Job(
-                write,
-                True,
-                fence=tuple(sorted(fence)),
-                prepare=prepare,
-                refuse_whole=False,
-                callback=done,
-            )
+        return Job(
+            write,
+            True,
+            fence=tuple(sorted(fence)),
+            prepare=prepare,
+            refuse_whole=False,
+            callback=done,
         )
+
+    def _landed(self, pieces: list[list[Entry]], value: Any) -> None:
+        written, refused = value
+        self.outbox[:0] = [e for piece in pieces[written:] for e in piece]
+        done_entries = [e for piece in pieces[:written] for e in piece]
+        self._committed([e for e in done_entries if _pair(e) not in refused])
+        self._drop([e for e in done_entries if _pair(e) in refused], refused)
 
     def _count(self, entry: Entry) -> int:
         return len(entry[2]) if len(entry) == 4 else int(entry[2] is not None)
@@ -251,63 +193,3 @@ class WriteBehind:
                 told.add(pair)
                 self._refused(proc.pid, proc.epoch, owners.get(pair))
         self._owner.backlogged = self.pending_count > self._max_pending
-
-    def _committed(self, batch: list[Entry]) -> None:
-        for entry in batch:
-            if len(entry) == 4:
-                run_proc, first, states, every = entry
-                self.pending_count -= len(states)
-                pending, snaps = run_proc.pending, run_proc.pending_snapshots
-                for slot, run_state in enumerate(states, first):
-                    if pending.get(slot) is run_state:
-                        del pending[slot]
-                        if slot % every == 0 and snaps.get(slot) is run_state:
-                            del snaps[slot]
-                continue
-            proc, slot, state, _snapshot, is_snap = entry
-            if state is not None:
-                self.pending_count -= 1
-                if proc.pending.get(slot) is state:
-                    del proc.pending[slot]
-            if is_snap:
-                proc.pending_snapshots.pop(slot, None)
-        self._owner.backlogged = self.pending_count > self._max_pending
-        memory = self._memory
-        if len(memory.procs) > memory.max_procs:
-            memory.trim()
-
-    async def wait_writable(self) -> None:
-        """Block while more than ``max_pending`` results wait (see the SQLite store's)."""
-        while self.pending_count > self._max_pending:
-            if self._drained is None:
-                self._drained = trio.Event()
-            drained = self._drained
-            self.kick()
-            await drained.wait()
-            if self._write_error is not None:
-                raise StoreError(
-                    f"writing results to {self._io.where} failed: {self._write_error}"
-                ) from self._write_error
-
-    async def flush(self) -> None:
-        """Return once every result taken so far is durable (or refused). Checkpoints."""
-        io = self._io
-        if not io.running:
-            await trio.lowlevel.checkpoint()
-            return
-        self.kick()
-        while True:
-            await io.run(_nothing, write=True)
-            if not self._flushing and not self.outbox:
-                break
-            if self._write_error is not None and not self._flushing:
-                self.kick()
-                await io.run(_nothing, write=True)
-                if self._write_error is not None:
-                    raise StoreError(
-                        f"writing to {io.where} failed: {self._write_error}"
-                    ) from self._write_error
-
-
-def _nothing(conn: object, refused: object) -> None:
-    return None

@@ -46,7 +46,6 @@ from collections.abc import Callable
 from typing import Any
 
 import outcome
-import trio
 
 from .._exceptions import StoreError
 from .._filelock import FileLock
@@ -169,14 +168,3 @@ class IOThread(RoundThread[sqlite3.Connection]):
                 err = StoreError(f"{self.path}: the transaction was rolled back: {cause}")
                 err.__cause__ = cause.__cause__ if isinstance(cause, StoreError) else cause
                 w.result = outcome.Error(err)
-
-    # submitting jobs (event loop) ---------------------------------------------------------------
-
-    async def run(self, fn: Callable[[sqlite3.Connection], Any], *, write: bool) -> Any:
-        """Run ``fn(conn)`` on the thread and return its result. Always checkpoints.
-
-        Cancellation-safe: a job that has not started is withdrawn (and
-        `trio.Cancelled` raised); one that started completes, and its result
-        is returned.
-        """
-        return await self._wait(Job(fn, write, task=trio.lowlevel.current_task()))
