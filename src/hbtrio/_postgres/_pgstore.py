@@ -5,7 +5,8 @@ Theory of operation
 The store answers the `Store` operations like the SQLite store does: from
 what it keeps in memory about the processes it *holds* (``PgProc``: the
 definition, the latest slots, results written behind, assignments not
-computed yet; bounded like SQLite's, ``hbtrio._sqlite._memory``), and
+computed yet; bounded like SQLite's, ``hbtrio._sqlite._memory``; the fast
+path over it is SQLite's too, ``hbtrio._cachedstore``), and
 everything else on its data thread (``_iothread``): reads, and writes in
 group-committed transactions behind the fence. Assignments, definitions and
 blobs are written through; results and snapshots behind (``_writebehind``).
@@ -49,12 +50,13 @@ import attrs
 import psycopg
 import trio
 
+from .._cachedstore import CachedStore
 from .._exceptions import InvalidMessage, StoreError, StoreFenced
 from .._message import Message
 from .._message import decode_trusted as decode
 from .._sqlite._memory import ProcessCache, pending_snapshot
 from .._sqlite._writes import encode_large
-from .._store import FastPath, SlotResult, Store, StoreStatistics
+from .._store import FastPath
 from ._control import Claim, ControlThread
 from ._iothread import DataThread
 from ._rows import (
@@ -102,7 +104,7 @@ def _where(dsn: str) -> str:
     return f"postgresql://{host}:{port}/{db or ''}"
 
 
-class PostgresStore(Store):
+class PostgresStore(CachedStore):
     """A store in a PostgreSQL database that several nodes share, one owner per process.
 
     Args:
@@ -129,6 +131,9 @@ class PostgresStore(Store):
     The engine opens and closes the store; a closed store can be opened again
     (as a new incarnation). Every method runs on the event-loop thread.
     """
+
+    _io: DataThread
+    _behind: WriteBehind
 
     def __init__(
         self,
@@ -365,12 +370,6 @@ class PostgresStore(Store):
         proc, _claim = await self._lookup(pid)
         return proc
 
-    def pin(self, pid: str) -> None:
-        self._memory.pin(pid)
-
-    def unpin(self, pid: str) -> None:
-        self._memory.unpin(pid)
-
     def _fenced_here(self, pid: str, claim: Claim | None) -> StoreFenced:
         owner = None if claim is None else claim.url
         return StoreFenced(
@@ -448,13 +447,6 @@ class PostgresStore(Store):
             return None if row is None else decode(row[0])
 
         return await self._read(read)  # type: ignore[no-any-return]
-
-    def get_process_nowait(self, pid: str) -> Message | None:
-        proc = self._procs.get(pid)
-        if proc is None:
-            raise trio.WouldBlock
-        self._procs.move_to_end(pid)
-        return proc.definition
 
     # assignments --------------------------------------------------------------------------------
 
@@ -540,81 +532,15 @@ class PostgresStore(Store):
             lambda conn: read_assignments(conn, rowid, pid, start, stop)
         )
 
-    def get_assignments_nowait(self, pid: str, start: int, stop: int) -> list[Message]:
-        proc = self._procs.get(pid)
-        if proc is None:
-            raise trio.WouldBlock
-        if start > proc.latest:
-            return []
-        cache = proc.assignments
-        out: list[Message] = []
-        for slot in range(max(start, 0), min(stop, proc.latest + 1)):
-            found = cache.get(slot)
-            if found is None:
-                if not out:
-                    raise trio.WouldBlock
-                break
-            out.append(found)
-        return out
-
     # results and snapshots ------------------------------------------------------------------------
 
-    def _held_proc(self, pid: str) -> PgProc:
+    def _writable(self, pid: str) -> PgProc:
         proc = self._procs.get(pid)
         if proc is None:
             if pid in self._held:
                 raise StoreError(f"process {pid} is not loaded in {self!r}")
             raise self._fenced_here(pid, None)
         return proc
-
-    def put_results_nowait(self, pid: str, results: Sequence[SlotResult]) -> None:
-        proc = self._held_proc(pid)
-        pending, snaps, cache, outbox = (
-            proc.pending,
-            proc.pending_snapshots,
-            proc.assignments,
-            self._behind.outbox,
-        )
-        high = proc.result_high
-        for slot, state, snapshot in results:
-            if slot > high:
-                high = slot
-            pending[slot] = state
-            cache.pop(slot, None)
-            if snapshot is not None:
-                snaps[slot] = snapshot
-                outbox.append((proc, slot, state, None if snapshot is state else snapshot, True))
-            else:
-                outbox.append((proc, slot, state, None, False))
-        proc.result_high = high
-        self._behind.added(len(results))
-
-    def put_states_nowait(
-        self, pid: str, first: int, states: Sequence[Message], snapshot_every: int
-    ) -> None:
-        proc = self._held_proc(pid)
-        n = len(states)
-        last = first + n - 1
-        slots = range(first, last + 1)
-        proc.pending.update(zip(slots, states, strict=True))
-        cache = proc.assignments
-        if cache:
-            for slot in slots:
-                cache.pop(slot, None)
-        start = (-first) % snapshot_every
-        proc.pending_snapshots.update(
-            zip(
-                range(first + start, last + 1, snapshot_every),
-                states[start::snapshot_every],
-                strict=True,
-            )
-        )
-        proc.result_high = max(proc.result_high, last)
-        self._behind.outbox.append((proc, first, states, snapshot_every))
-        self._behind.added(n)
-
-    def put_state_nowait(self, pid: str, slot: int, state: Message, snapshot: bool) -> None:
-        self.put_results_nowait(pid, [(slot, state, state if snapshot else None)])
 
     async def wait_writable(self) -> None:
         """Block while more than ``max_pending`` results wait for the server."""
@@ -624,23 +550,6 @@ class PostgresStore(Store):
         """Return once every result and snapshot stored so far is durable (or was refused,
         for a process lost meanwhile). Checkpoints."""
         await self._behind.flush()
-
-    def get_result_nowait(self, pid: str, slot: int) -> Message | None:
-        proc = self._procs.get(pid)
-        if proc is None:
-            raise trio.WouldBlock
-        found = proc.pending.get(slot)
-        if found is not None:
-            return found
-        if slot > proc.result_high:
-            return None
-        raise trio.WouldBlock
-
-    def pending_assignment_nowait(self, pid: str, slot: int) -> Message | None:
-        if self.get_result_nowait(pid, slot) is not None:
-            return None
-        found = self.get_assignments_nowait(pid, slot, slot + 1)
-        return found[0] if found else None
 
     async def get_result(self, pid: str, slot: int) -> Message | None:
         proc, claim = await self._lookup(pid)
@@ -698,9 +607,6 @@ class PostgresStore(Store):
                     self._memory.keep(proc, assignment["slot"], assignment, size)
         return pending if found is None else found
 
-    def latest_snapshot_nowait(self, pid: str, at_most: int) -> tuple[int, Message] | None:
-        raise trio.WouldBlock  # a snapshot may be on the server only
-
     # blobs ----------------------------------------------------------------------------------------
 
     async def put_blob(self, blob_id: str, data: bytes) -> None:
@@ -720,15 +626,6 @@ class PostgresStore(Store):
         return await self._read(partial(read_blob, where=self.where, blob_id=blob_id))  # type: ignore[no-any-return]
 
     # statistics -----------------------------------------------------------------------------------
-
-    def statistics(self) -> StoreStatistics:
-        return StoreStatistics(
-            commits=self._io.commits,
-            pending_results=self._behind.pending_count,
-            results_written=self._behind.results_written,
-            assignments_written=self._assignments_written,
-            reads=self._reads,
-        )
 
     def cluster_statistics(self) -> ClusterStatistics:
         """This node's part in the cluster (see `ClusterStatistics`). Never blocks."""

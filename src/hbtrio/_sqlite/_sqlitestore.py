@@ -4,8 +4,10 @@ Theory of operation
 -------------------
 The store answers the `Store` operations on the event loop from what it
 keeps in memory (``_memory``: the processes looked up, the assignments not
-computed yet, the results written behind), and sends everything else to its
-I/O thread (``_iothread``), the one place that touches the file: the reads
+computed yet, the results written behind; the fast path over it is shared
+with the PostgreSQL store, ``hbtrio._cachedstore``), and sends everything
+else to its I/O thread (``_iothread``), the one place that touches the
+file: the reads
 (``_reads``, checked against their IDs by ``_checks``) and the writes
 (``_writes``). Assignments, definitions and blobs are written through: the
 call returns once its commit landed, shared with every other write of that
@@ -32,6 +34,7 @@ one that started completes and its caller gets the result.
 
 from __future__ import annotations
 
+import collections
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -40,10 +43,11 @@ from typing import Any, Final
 
 import trio
 
+from .._cachedstore import CachedStore
 from .._exceptions import InvalidMessage, StoreError
 from .._message import Message
 from .._message import decode_trusted as decode
-from .._store import FastPath, SlotResult, Store, StoreStatistics
+from .._store import FastPath
 from ._iothread import IOThread, Job
 from ._memory import Proc, ProcessCache, pending_snapshot
 from ._reads import load_process, read_assignments, read_blob, read_snapshot
@@ -57,7 +61,7 @@ __all__ = ["READ_AHEAD", "SQLiteStore"]
 READ_AHEAD: Final = 4096
 
 
-class SQLiteStore(Store):
+class SQLiteStore(CachedStore):
     """The embedded store: one SQLite file, WAL mode, a dedicated I/O thread.
 
     Args:
@@ -82,6 +86,10 @@ class SQLiteStore(Store):
     Concurrency: every method runs on the event-loop thread; only the I/O
     thread touches the file.
     """
+
+    _io: IOThread
+    _behind: WriteBehind
+    _procs: collections.OrderedDict[str, Proc]
 
     def __init__(
         self,
@@ -171,13 +179,7 @@ class SQLiteStore(Store):
                 self._memory.keep(proc, latest, tail, size)
         return proc
 
-    def pin(self, pid: str) -> None:
-        self._memory.pin(pid)
-
-    def unpin(self, pid: str) -> None:
-        self._memory.unpin(pid)
-
-    def _loaded(self, pid: str) -> Proc:
+    def _writable(self, pid: str) -> Proc:
         proc = self._procs.get(pid)
         if proc is None:
             raise StoreError(f"process {pid} is not loaded in {self!r}")
@@ -216,13 +218,6 @@ class SQLiteStore(Store):
     async def get_process(self, pid: str) -> Message | None:
         proc = await self._proc(pid)
         return None if proc is None else proc.definition
-
-    def get_process_nowait(self, pid: str) -> Message | None:
-        proc = self._procs.get(pid)
-        if proc is None:
-            raise trio.WouldBlock
-        self._procs.move_to_end(pid)
-        return proc.definition
 
     # assignments --------------------------------------------------------------------------------
 
@@ -284,70 +279,7 @@ class SQLiteStore(Store):
             lambda conn: read_assignments(conn, rowid, pid, start, stop), write=False
         )
 
-    def get_assignments_nowait(self, pid: str, start: int, stop: int) -> list[Message]:
-        proc = self._procs.get(pid)
-        if proc is None:
-            raise trio.WouldBlock
-        if start > proc.latest:
-            return []
-        cache = proc.assignments
-        out: list[Message] = []
-        for slot in range(max(start, 0), min(stop, proc.latest + 1)):
-            found = cache.get(slot)
-            if found is None:
-                if not out:
-                    raise trio.WouldBlock
-                break
-            out.append(found)
-        return out
-
     # results and snapshots ------------------------------------------------------------------------
-
-    def put_results_nowait(self, pid: str, results: Sequence[SlotResult]) -> None:
-        proc = self._loaded(pid)
-        pending, snaps, cache, outbox = (
-            proc.pending,
-            proc.pending_snapshots,
-            proc.assignments,
-            self._behind.outbox,
-        )
-        high = proc.result_high
-        for slot, state, snapshot in results:
-            if slot > high:
-                high = slot
-            pending[slot] = state
-            cache.pop(slot, None)
-            if snapshot is not None:
-                snaps[slot] = snapshot
-                outbox.append((proc, slot, state, None if snapshot is state else snapshot, True))
-            else:
-                outbox.append((proc, slot, state, None, False))
-        proc.result_high = high
-        self._behind.added(len(results))
-
-    def put_states_nowait(
-        self, pid: str, first: int, states: Sequence[Message], snapshot_every: int
-    ) -> None:
-        proc = self._loaded(pid)
-        n = len(states)
-        last = first + n - 1
-        slots = range(first, last + 1)
-        proc.pending.update(zip(slots, states, strict=True))
-        cache = proc.assignments
-        if cache:
-            for slot in slots:
-                cache.pop(slot, None)
-        start = (-first) % snapshot_every
-        proc.pending_snapshots.update(
-            zip(
-                range(first + start, last + 1, snapshot_every),
-                states[start::snapshot_every],
-                strict=True,
-            )
-        )
-        proc.result_high = max(proc.result_high, last)
-        self._behind.outbox.append((proc, first, states, snapshot_every))
-        self._behind.added(n)
 
     async def wait_writable(self) -> None:
         """Block while more than ``max_pending`` results wait for the disk.
@@ -361,17 +293,6 @@ class SQLiteStore(Store):
     async def flush(self) -> None:
         """Return once every result and snapshot stored so far is durable. Checkpoints."""
         await self._behind.flush()
-
-    def get_result_nowait(self, pid: str, slot: int) -> Message | None:
-        proc = self._procs.get(pid)
-        if proc is None:
-            raise trio.WouldBlock
-        found = proc.pending.get(slot)
-        if found is not None:
-            return found
-        if slot > proc.result_high:
-            return None
-        raise trio.WouldBlock
 
     async def get_result(self, pid: str, slot: int) -> Message | None:
         proc = await self._proc(pid)
@@ -435,18 +356,6 @@ class SQLiteStore(Store):
             self._memory.keep_run(proc, ahead, sizes)
         return pending if found is None else found
 
-    def latest_snapshot_nowait(self, pid: str, at_most: int) -> tuple[int, Message] | None:
-        raise trio.WouldBlock  # a snapshot may be on disk only
-
-    def pending_assignment_nowait(self, pid: str, slot: int) -> Message | None:
-        if self.get_result_nowait(pid, slot) is not None:
-            return None
-        found = self.get_assignments_nowait(pid, slot, slot + 1)
-        return found[0] if found else None
-
-    def put_state_nowait(self, pid: str, slot: int, state: Message, snapshot: bool) -> None:
-        self.put_results_nowait(pid, [(slot, state, state if snapshot else None)])
-
     # blobs ----------------------------------------------------------------------------------------
 
     async def put_blob(self, blob_id: str, data: bytes) -> None:
@@ -471,12 +380,3 @@ class SQLiteStore(Store):
         self._reads += 1
         read = partial(read_blob, path=self.path, blob_id=blob_id)
         return await self._run(read, write=False)  # type: ignore[no-any-return]
-
-    def statistics(self) -> StoreStatistics:
-        return StoreStatistics(
-            commits=self._io.commits,
-            pending_results=self._behind.pending_count,
-            results_written=self._behind.results_written,
-            assignments_written=self._assignments_written,
-            reads=self._reads,
-        )
