@@ -30,7 +30,10 @@ Cancellation: a job that has not started is withdrawn (the call raises
 and its caller gets the result (trio then raises the cancellation at the
 caller's next checkpoint). Either way the store matches what the caller was
 told. Starting and stopping the thread are shielded: a thread that started
-is always either adopted or joined.
+is always either adopted or joined. The start (`launch`) and the withdrawable
+wait (`wait_withdrawable`) serve the PostgreSQL store's control thread too
+(``hbtrio._postgres._control``), which runs one job at a time between its
+heartbeats rather than in rounds.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, ClassVar, Final, Generic, TypeVar
 
 import attrs
@@ -48,7 +52,7 @@ import trio
 
 from ._exceptions import StoreError
 
-__all__ = ["READS_PER_BATCH", "Job", "RoundThread"]
+__all__ = ["READS_PER_BATCH", "Job", "RoundThread", "launch", "wait_withdrawable"]
 
 _PENDING, _RUNNING, _WITHDRAWN = 0, 1, 2
 
@@ -93,6 +97,60 @@ _STOP: Final = object()
 def _deliver_all(jobs: Sequence[Job]) -> None:
     for j in jobs:
         j.deliver()
+
+
+async def launch(
+    serve: Callable[[Callable[[BaseException | None], None]], None], *, name: str, failure: str
+) -> threading.Thread:
+    """Start a daemon thread named ``name`` running ``serve(report)``, and return it once
+    it serves.
+
+    ``serve`` calls ``report(None)`` once it serves, or ``report(error)`` and
+    returns if it cannot; the thread is joined then and `StoreError` raised
+    (``error`` itself if it is one, else one reading ``failure: error``). Not
+    cancellable: a thread that started is always either adopted or joined.
+    """
+    token, ready, failed = trio.lowlevel.current_trio_token(), trio.Event(), []
+
+    def report(error: BaseException | None) -> None:  # called once, on the thread
+        if error is not None:
+            failed.append(error)
+        token.run_sync_soon(ready.set)
+
+    thread = threading.Thread(target=serve, args=(report,), name=name, daemon=True)
+    thread.start()
+    # Shielded: a thread that started is always either adopted or joined.
+    with trio.CancelScope(shield=True):
+        await ready.wait()
+    if failed:
+        await trio.to_thread.run_sync(thread.join)
+        error = failed[0]
+        if isinstance(error, StoreError):
+            raise error
+        raise StoreError(f"{failure}: {error}") from error
+    return thread
+
+
+async def wait_withdrawable(job: Any, lock: threading.Lock, submit: Callable[[Any], None]) -> Any:
+    """Hand ``job`` (its ``task`` the current one) to a thread with ``submit`` and wait
+    for the thread to reschedule the task with the job's outcome.
+
+    Always checkpoints. Cancellation-safe: a job still ``_PENDING`` is
+    withdrawn (its ``state`` set to ``_WITHDRAWN`` under ``lock``: the thread
+    skips it) and `trio.Cancelled` raised; one the thread marked running
+    completes, and its result is returned.
+    """
+    await trio.lowlevel.checkpoint_if_cancelled()
+    submit(job)
+
+    def abort(_: object) -> trio.lowlevel.Abort:
+        with lock:
+            if job.state == _PENDING:
+                job.state = _WITHDRAWN
+                return trio.lowlevel.Abort.SUCCEEDED
+        return trio.lowlevel.Abort.FAILED
+
+    return await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 class _GILHandoff(trio.abc.Instrument):
@@ -184,27 +242,12 @@ class RoundThread(Generic[C]):
             return
         self._token = trio.lowlevel.current_trio_token()
         self._queue = queue.SimpleQueue()
-        token, ready, failed = self._token, trio.Event(), []
-
-        def report(error: BaseException | None) -> None:  # called once, on the thread
-            if error is not None:
-                failed.append(error)
-            token.run_sync_soon(ready.set)
-
-        thread = threading.Thread(target=self._serve, args=(open_, report), name=name, daemon=True)
-        thread.start()
         trio.lowlevel.add_instrument(self.handoff)
-        # Shielded: a thread that started is always either adopted or joined.
-        with trio.CancelScope(shield=True):
-            await ready.wait()
-        if failed:
+        try:
+            self._thread = await launch(partial(self._serve, open_), name=name, failure=failure)
+        except BaseException:
             self._remove_handoff()
-            await trio.to_thread.run_sync(thread.join)
-            error = failed[0]
-            if isinstance(error, StoreError):
-                raise error
-            raise StoreError(f"{failure}: {error}") from error
-        self._thread = thread
+            raise
 
     async def stop(self) -> None:
         """Let the thread finish the jobs queued, then join it (shielded: the
@@ -351,21 +394,9 @@ class RoundThread(Generic[C]):
     async def _wait(self, job: Job) -> Any:
         """Submit ``job`` (made for the current task) and return its result.
 
-        Always checkpoints. Cancellation-safe: a job that has not started is
-        withdrawn (and `trio.Cancelled` raised); one that started completes,
-        and its result is returned.
+        Always checkpoints. Cancellation-safe (see `wait_withdrawable`).
         """
-        await trio.lowlevel.checkpoint_if_cancelled()
-        self.submit(job)
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            with self._lock:
-                if job.state == _PENDING:
-                    job.state = _WITHDRAWN
-                    return trio.lowlevel.Abort.SUCCEEDED
-            return trio.lowlevel.Abort.FAILED
-
-        return await trio.lowlevel.wait_task_rescheduled(abort)
+        return await wait_withdrawable(job, self._lock, self.submit)
 
     async def run(self, fn: Callable[..., Any], *, write: bool) -> Any:
         """Run ``fn(conn)`` on the thread and return its result. Always checkpoints.

@@ -48,6 +48,7 @@ import psycopg
 import trio
 
 from .._exceptions import StoreError
+from .._iothread import _PENDING, _RUNNING, launch, wait_withdrawable
 from ._ownership import ELSEWHERE, MINE, MISSING, Lease, OwnerRow, decide
 from ._rows import Loaded, load_process
 
@@ -105,9 +106,6 @@ class Claim:
 
 
 _STOP: Final = object()
-
-
-_PENDING, _RUNNING, _WITHDRAWN = 0, 1, 2
 
 
 @attrs.define(eq=False)
@@ -193,26 +191,11 @@ class ControlThread:
             return self.node
         self._token = trio.lowlevel.current_trio_token()
         self._queue = queue.SimpleQueue()
-        token, ready, failed = self._token, trio.Event(), []
-
-        def report(error: BaseException | None) -> None:
-            if error is not None:
-                failed.append(error)
-            token.run_sync_soon(ready.set)
-
-        thread = threading.Thread(
-            target=self._serve, args=(report,), name=f"hbtrio-pg-control:{self.where}", daemon=True
+        self._thread = await launch(
+            self._serve,
+            name=f"hbtrio-pg-control:{self.where}",
+            failure=f"cannot register with {self.where}",
         )
-        thread.start()
-        with trio.CancelScope(shield=True):
-            await ready.wait()
-        if failed:
-            await trio.to_thread.run_sync(thread.join)
-            error = failed[0]
-            if isinstance(error, StoreError):
-                raise error
-            raise StoreError(f"cannot register with {self.where}: {error}") from error
-        self._thread = thread
         self._stopping = False
         self._watchdog = threading.Thread(
             target=self._watch, name=f"hbtrio-pg-lease:{self.where}", daemon=True
@@ -251,18 +234,9 @@ class ControlThread:
         caller gets the result (a takeover is never left half-known)."""
         if self._thread is None:
             raise StoreError(f"the cluster connection to {self.where} is not open")
-        await trio.lowlevel.checkpoint_if_cancelled()
-        job = _Job(fn, trio.lowlevel.current_task())
-        self._queue.put(job)
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            with self._lock:
-                if job.state == _PENDING:
-                    job.state = _WITHDRAWN
-                    return trio.lowlevel.Abort.SUCCEEDED
-            return trio.lowlevel.Abort.FAILED
-
-        return await trio.lowlevel.wait_task_rescheduled(abort)
+        return await wait_withdrawable(
+            _Job(fn, trio.lowlevel.current_task()), self._lock, self._queue.put
+        )
 
     async def claim(self, pid: str) -> Claim | None:
         """Who owns ``pid``, taking it over if it is free or its owner expired (see the
