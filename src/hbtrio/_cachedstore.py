@@ -32,7 +32,22 @@ from ._sqlite._memory import Proc, ProcessCache
 from ._store import SlotResult, Store, StoreStatistics
 from ._writebehind import WriteBehind
 
-__all__ = ["CachedStore"]
+__all__ = ["CachedStore", "check_bounds"]
+
+
+def check_bounds(
+    max_pending: int, max_cached_processes: int, max_cached_assignments: int, max_cached_bytes: int
+) -> None:
+    """Raise `ValueError` unless the store's bounds are ones it can keep."""
+    if max_pending < 1:
+        raise ValueError("max_pending must be >= 1")
+    for name, bound in (
+        ("max_cached_processes", max_cached_processes),
+        ("max_cached_assignments", max_cached_assignments),
+        ("max_cached_bytes", max_cached_bytes),
+    ):
+        if type(bound) is not int or bound < 0:
+            raise ValueError(f"{name} must be an int >= 0, not {bound!r}")
 
 
 class CachedStore(Store):

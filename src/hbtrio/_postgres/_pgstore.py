@@ -50,7 +50,7 @@ import attrs
 import psycopg
 import trio
 
-from .._cachedstore import CachedStore
+from .._cachedstore import CachedStore, check_bounds
 from .._exceptions import InvalidMessage, StoreError, StoreFenced
 from .._message import Message
 from .._message import decode_trusted as decode
@@ -156,15 +156,7 @@ class PostgresStore(CachedStore):
             raise ValueError(f"lease must be a positive number of seconds, not {lease!r}")
         if synchronous_commit not in ("on", "off", "local", "remote_write", "remote_apply"):
             raise ValueError(f"synchronous_commit: not a setting: {synchronous_commit!r}")
-        if max_pending < 1:
-            raise ValueError("max_pending must be >= 1")
-        for name, bound in (
-            ("max_cached_processes", max_cached_processes),
-            ("max_cached_assignments", max_cached_assignments),
-            ("max_cached_bytes", max_cached_bytes),
-        ):
-            if type(bound) is not int or bound < 0:
-                raise ValueError(f"{name} must be an int >= 0, not {bound!r}")
+        check_bounds(max_pending, max_cached_processes, max_cached_assignments, max_cached_bytes)
         self.dsn = dsn
         self.where = _where(dsn)
         self.node_url = node_url

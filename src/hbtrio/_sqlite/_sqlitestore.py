@@ -43,7 +43,7 @@ from typing import Any, Final
 
 import trio
 
-from .._cachedstore import CachedStore
+from .._cachedstore import CachedStore, check_bounds
 from .._exceptions import InvalidMessage, StoreError
 from .._message import Message
 from .._message import decode_trusted as decode
@@ -103,15 +103,7 @@ class SQLiteStore(CachedStore):
     ) -> None:
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA", "OFF"):
             raise ValueError(f"synchronous must be FULL, NORMAL, EXTRA or OFF, not {synchronous!r}")
-        if max_pending < 1:
-            raise ValueError("max_pending must be >= 1")
-        for name, bound in (
-            ("max_cached_processes", max_cached_processes),
-            ("max_cached_assignments", max_cached_assignments),
-            ("max_cached_bytes", max_cached_bytes),
-        ):
-            if type(bound) is not int or bound < 0:
-                raise ValueError(f"{name} must be an int >= 0, not {bound!r}")
+        check_bounds(max_pending, max_cached_processes, max_cached_assignments, max_cached_bytes)
         self.path = os.fspath(path)
         self._synchronous = synchronous.upper()
         self._io = IOThread(self.path, self)
