@@ -176,7 +176,6 @@ class DeviceInfo:
             failures=failures,
         )
 
-
     def how(self, is_async: bool) -> str:
         """How to call one of its methods: `THREAD`, `AWAIT` or `INLINE`."""
         return THREAD if self.threaded else AWAIT if is_async else INLINE
