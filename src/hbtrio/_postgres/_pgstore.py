@@ -478,8 +478,7 @@ class PostgresStore(CachedStore):
             proc.busy -= 1
         self._assignments_written += len(assignments)
         proc.latest = max(proc.latest, assignments[-1]["slot"])
-        for a, row in zip(assignments, rows, strict=True):
-            self._memory.keep(proc, a["slot"], a, len(row))
+        self._memory.keep_run(proc, assignments, [len(row) for row in rows])
 
     async def latest_slot(self, pid: str) -> int:
         proc, claim = await self._lookup(pid)
@@ -594,9 +593,7 @@ class PostgresStore(CachedStore):
 
         found, ahead, sizes = await self._read(read)
         if ahead and self._procs.get(pid) is proc:
-            for assignment, size in zip(ahead, sizes, strict=True):
-                if assignment["slot"] not in proc.assignments:
-                    self._memory.keep(proc, assignment["slot"], assignment, size)
+            self._memory.keep_run(proc, ahead, sizes)
         return pending if found is None else found
 
     # blobs ----------------------------------------------------------------------------------------
