@@ -231,13 +231,7 @@ class Driver:
 
     async def _boot_at(self, found: tuple[int, Message] | None) -> None:
         core = self.core
-        slot, call = core.boot_plan(found)
-        what = "restore" if found is not None else "boot" if core.device.live else "init"
-        try:
-            value = None if call is None else await self.call(call)
-            initial = core.booted(slot, value, found[1] if found is not None else None)
-        except BaseException as exc:
-            raise core.failure(slot, exc, what) from exc
+        initial = await self._booted(found)
         if initial is not None:  # a new process: slot 0 is stored with its snapshot
             snapshot = await self._snapshot_value()
             await self.store.wait_writable()
@@ -425,17 +419,11 @@ class Driver:
             self._give_up(failure, slot)
             raise failure from exc
         snapshot = None
-        due = core.is_snapshot(slot)
         if timed:
-            now = trio.current_time()
-            self.computing += now - started
-            due = due or self._snapshot_due()
-        if due:
-            started = trio.current_time() if timed else 0.0
+            self.computing += trio.current_time() - started
+        if core.is_snapshot(slot) or (timed and self._snapshot_due()):
             try:
-                snapshot = await self._snapshot_value()
-                if timed:
-                    self.computing, self.snapshot_cost = 0.0, trio.current_time() - started
+                snapshot = await self._timed_snapshot(timed)
             except ComputeError as failure:
                 core.slot, core.result = slot - 1, before  # not stored: back to before it
                 await self._close_discarded()
@@ -497,11 +485,8 @@ class Driver:
         last = core.slot
         snapshot = None
         if core.is_snapshot(last) or (timed and self._snapshot_due()):
-            snapped = trio.current_time() if timed else 0.0
             try:
-                snapshot = await self._snapshot_value()
-                if timed:
-                    self.computing, self.snapshot_cost = 0.0, trio.current_time() - snapped
+                snapshot = await self._timed_snapshot(timed)
             except ComputeError as failure:
                 # The slots are fine but the last one's snapshot is not: keep those before it.
                 core.slot, core.result = last - 1, results[-2] if len(results) > 1 else before
@@ -512,6 +497,15 @@ class Driver:
                 raise
         self._commit(first, results, None if snapshot is None else {last: snapshot}, before)
         return len(results)
+
+    async def _timed_snapshot(self, timed: bool) -> Message | None:
+        """`_snapshot_value`; when ``timed``, its cost is what the policy learns and the
+        computing since the last snapshot starts again from 0."""
+        started = trio.current_time() if timed else 0.0
+        snapshot = await self._snapshot_value()
+        if timed:
+            self.computing, self.snapshot_cost = 0.0, trio.current_time() - started
+        return snapshot
 
     def _snapshot_due(self) -> bool:
         """Whether the snapshot policy (`Limits`) wants a snapshot at the slot just computed.
@@ -684,16 +678,7 @@ class Driver:
         await self._boot_at(found)
         while core.slot < slot:
             for assignment in await self.assignments(core.slot + 1, slot + 1):
-                s = core.slot + 1
-                try:
-                    if core.inline:
-                        core.step(assignment)
-                    else:
-                        core.computed_value(await self.call(core.compute_call(assignment)))
-                except ComputeError:
-                    raise
-                except BaseException as exc:
-                    raise core.failure(s, exc) from exc
+                await self._replay_one(assignment)
         core.result = result
 
     async def replay(
@@ -707,7 +692,7 @@ class Driver:
         assignment's. Raises `ComputeError`. Blocks on the device.
         """
         core = self.core
-        await self._replay_boot(found)
+        await self._booted(found)
         results: list[Message | None] = [core.result]
         applied: list[Message] = []  # since the boot, without the failed (recorded) slots
         for assignment in assignments:
@@ -720,7 +705,7 @@ class Driver:
                 # As `_record` does, without a store: boot again and replay the
                 # slots applied since, then stand at the failed slot.
                 await self._close_discarded()
-                await self._replay_boot(found)
+                await self._booted(found)
                 for again in applied:
                     core.slot = again["slot"] - 1  # past the failed slots between
                     await self._replay_one(again)
@@ -728,17 +713,24 @@ class Driver:
                 results.append(core.result)
         return results
 
-    async def _replay_boot(self, found: tuple[int, Message] | None) -> None:
+    async def _booted(self, found: tuple[int, Message] | None) -> Message | None:
+        """Boot the core at ``found`` (slot 0 without one), storing nothing.
+
+        Returns a new process's slot-0 result (for the caller to store), else
+        ``None``. Raises `ComputeError` (the device failed). Blocks on the device.
+        """
         core = self.core
         slot, call = core.boot_plan(found)
         what = "restore" if found is not None else "boot" if core.device.live else "init"
         try:
             value = None if call is None else await self.call(call)
-            core.booted(slot, value, found[1] if found is not None else None)
+            return core.booted(slot, value, found[1] if found is not None else None)
         except BaseException as exc:
             raise core.failure(slot, exc, what) from exc
 
     async def _replay_one(self, assignment: Message) -> Message:
+        """Compute the next slot, storing nothing (a rebuild's or a replay's). Raises
+        `ComputeError`. Blocks on the device unless its calls are inline."""
         core = self.core
         s = core.slot + 1
         try:
