@@ -524,3 +524,31 @@ async def test_a_compute_many_that_returns_too_few_results_fails_the_missing_slo
             await engine.compute(pid, 4)
         assert isinstance(info.value.__cause__, hbtrio.InvalidMessage)
         assert "compute_many returned" in str(info.value.__cause__)
+
+
+async def test_a_compute_many_that_raises_after_its_last_result_fails_its_last_slot() -> None:
+    class RaisesLate(Batched):
+        def boot(self, process: hbtrio.Message, snapshot: Any) -> BatchedInstance:
+            instance = super().boot(process, snapshot)
+            many = instance.compute_many
+
+            def compute_many(assignments: list[hbtrio.Message], out: list[Any]) -> None:
+                many(assignments, out)
+                if self.fail_at:
+                    raise RuntimeError("failed after appending every result")
+
+            instance.compute_many = compute_many  # type: ignore[method-assign]
+            return instance
+
+    batched = RaisesLate()
+    batched.fail_at = {4}
+    devices = {"ledger@1.0": hbtrio.run_in_thread(batched)}
+    async with hbtrio.testing.open_test_engine(devices=devices, cache_frequency=100) as engine:
+        pid = await engine.spawn(definition("ledger@1.0"))
+        await engine.schedule_many(pid, [{"n": 1}] * 3)
+        with pytest.raises(hbtrio.ComputeError) as info:
+            await engine.compute(pid, 3)
+        assert info.value.attempted_slot == 3  # in the batch, not the unscheduled slot 4
+        assert (await engine.compute(pid, 2))["total"] == 2
+        batched.fail_at = set()
+        assert (await engine.compute(pid, 3))["total"] == 3

@@ -458,7 +458,10 @@ class Driver:
                 core.failure(first + len(out), exc)  # raises our cancellation (instance gone)
             error = exc
         results: list[Message] = []
-        for value in out[: len(batch)]:
+        # A call that failed failed at a slot of its batch: one that appended a result
+        # for every slot and then raised is taken to have failed at its last.
+        usable = len(batch) if error is None else min(len(out), len(batch) - 1)
+        for value in out[:usable]:
             try:
                 results.append(core.computed_value(value))
             except InvalidMessage as exc:
