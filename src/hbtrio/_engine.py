@@ -747,7 +747,7 @@ class Engine:
         if execution is not None:
             self._deduplicated += 1
             return await _wait_task_rescheduled(execution.join())
-        fast = _fast_key(base, request)  # of the messages as given: a frozen one has none
+        given = base, request  # a fast key is of the messages as given: a frozen one has none
         base = freeze(base, what="base")
         request = freeze(request, what="request")
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -772,6 +772,7 @@ class Engine:
             group = message_id({"base": base_id, "request": request_id})
             execution = Execution(key, group, self._host, device.name, path)  # type: ignore[arg-type]
             self._executions[key] = execution
+            fast = _fast_key(*given)
             if fast is not None:
                 execution.fast_key = fast
                 self._fast_executions[fast] = execution
