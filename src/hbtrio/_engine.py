@@ -537,9 +537,8 @@ class Engine:
             if worker is None:
                 if limits.max_replay is not None and not replay_checked:
                     # Where a new worker would start computing: the nearest snapshot.
-                    found = await store.latest_snapshot_slot(pid, slot)
-                    start = 0 if found is None else found
-                    if slot - start > limits.max_replay:
+                    start = await self._too_far(pid, slot, limits.max_replay)
+                    if start is not None:
                         if pid not in self._workers:  # (one may have started meanwhile)
                             self._new_worker(pid, slot, inline=False)
                         raise self._catching_up(pid, slot, start)
@@ -566,9 +565,8 @@ class Engine:
                 # The worker is past this slot and its stored result is missing:
                 # recompute it from the nearest earlier snapshot, with a core of its own.
                 if limits.max_replay is not None:
-                    found = await store.latest_snapshot_slot(pid, slot)
-                    start = 0 if found is None else found
-                    if slot - start > limits.max_replay:
+                    start = await self._too_far(pid, slot, limits.max_replay)
+                    if start is not None:
                         self._recompute_soon(pid, slot)
                         raise self._catching_up(pid, slot, start) from None
                 return await compute_slot(
@@ -651,6 +649,13 @@ class Engine:
         budget = self._budget
         while budget.over() and self._evict_one(keep):
             pass
+
+    async def _too_far(self, pid: str, slot: int, max_replay: int) -> int | None:
+        """The nearest snapshot's slot at or below ``slot`` when computing from it would
+        take more than ``max_replay`` slots, else ``None``. Reads the store."""
+        found = await self._store.latest_snapshot_slot(pid, slot)
+        start = 0 if found is None else found
+        return start if slot - start > max_replay else None
 
     def _catching_up(self, pid: str, slot: int, position: int) -> CatchingUp:
         self._budget.refused += 1
