@@ -36,9 +36,10 @@ blocks.
 
 from __future__ import annotations
 
+import itertools
 import sys
-from collections.abc import Mapping
-from typing import Any, Final
+from collections.abc import Iterable, Mapping
+from typing import Final
 
 import attrs
 
@@ -125,27 +126,18 @@ def estimate_bytes(value: object, _depth: int = 0) -> int:
     size = sys.getsizeof(value)
     if type(value) in _ATOMS or _depth >= 32:
         return size
-    items: Any
+    pairs: Iterable[tuple[object, object]]
     if isinstance(value, Mapping):
-        items = value.items()
-        n = len(value)
-        seen = total = 0
-        for key, item in items:
-            total += sys.getsizeof(key) + estimate_bytes(item, _depth + 1)
-            seen += 1
-            if seen >= _ESTIMATE_ENTRIES:
-                break
-        return size + (total if seen == n or not seen else total * n // seen)
-    if isinstance(value, list | tuple):
-        n = len(value)
-        seen = total = 0
-        for item in value:
-            total += estimate_bytes(item, _depth + 1)
-            seen += 1
-            if seen >= _ESTIMATE_ENTRIES:
-                break
-        return size + (total if seen == n or not seen else total * n // seen)
-    return size
+        pairs = value.items()
+    elif isinstance(value, list | tuple):
+        pairs = ((None, item) for item in value)  # no keys: getsizeof(None) is not counted
+    else:
+        return size
+    n, seen, total = len(value), 0, 0
+    for key, item in itertools.islice(pairs, _ESTIMATE_ENTRIES):
+        total += (0 if key is None else sys.getsizeof(key)) + estimate_bytes(item, _depth + 1)
+        seen += 1
+    return size + (total if seen == n or not seen else total * n // seen)
 
 
 @attrs.define(eq=False)
