@@ -34,6 +34,7 @@ from typing import Any
 import trio
 
 import hbtrio
+from hbtrio._cli._parser import byte_size
 
 MiB = 1 << 20
 
@@ -153,18 +154,11 @@ async def run(args: argparse.Namespace, bounded: bool, path: Path) -> dict[str, 
     }
 
 
-def _size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    if text[-1:].upper() in units:
-        return int(text[:-1]) * units[text[-1:].upper()]
-    return int(text)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(prog="python benchmarks/budget_soak.py", description=__doc__)
     p.add_argument("--processes", type=int, default=400)
     p.add_argument("--fit", type=int, default=40, help="workers the memory budget holds")
-    p.add_argument("--size", type=_size, default=MiB, help="bytes each live worker holds")
+    p.add_argument("--size", type=byte_size, default=MiB, help="bytes each live worker holds")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--only", choices=["bounded", "unbounded"])

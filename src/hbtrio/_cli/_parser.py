@@ -42,7 +42,7 @@ def _positive_int(text: str) -> int:
 _UNITS: Final = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
-def _byte_size(text: str) -> int:
+def byte_size(text: str) -> int:
     """A size in bytes, ``1048576`` or with a binary unit: ``512K``, ``64M``, ``2G``."""
     digits, unit = text.strip(), ""
     if digits[-1:].upper() in _UNITS:
@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bounds.add_argument(
         "--max-memory",
-        type=_byte_size,
+        type=byte_size,
         metavar="BYTES",
         help="most memory of live workers (their estimates; 512M, 2G, ...)",
     )
