@@ -3,9 +3,10 @@
 Theory of operation
 -------------------
 A worker that goes idle asks to be *watched*: the reaper keeps a heap of
-workers ordered by ``reap_at = last_request + max_idle`` (set when the entry
-is pushed; the workers themselves are the entries, so watching allocates
-nothing) and sleeps in a cancel scope whose deadline is the earliest one. Requests do not touch
+workers ordered by ``watched_since``, their ``last_request`` when the entry
+is pushed (so by their deadlines, ``watched_since + max_idle``; the workers
+themselves are the entries, so watching allocates nothing) and sleeps in a
+cancel scope whose deadline is the earliest one. Requests do not touch
 the heap (they only update ``last_request``), so the request path stays cheap;
 when an entry comes due, the reaper compares the worker's real deadline with
 the clock and either retires the worker or pushes the entry back with its new
@@ -43,7 +44,7 @@ class IdleReaper:
     def __init__(self, max_idle: float) -> None:
         self.max_idle = max_idle
         # Invariant: each worker whose ``watched`` is True, and no other, ordered
-        # by ``reap_at`` (which does not change while the worker is in here).
+        # by ``watched_since`` (which does not change while the worker is in here).
         self._heap: list[GroupWorker] = []
         self._scope: trio.CancelScope | None = None
 
@@ -53,7 +54,7 @@ class IdleReaper:
             return
         worker.watched = True
         worker.watched_since = worker.last_request
-        worker.reap_at = deadline = worker.last_request + self.max_idle
+        deadline = worker.last_request + self.max_idle
         heapq.heappush(self._heap, worker)
         if self._scope is not None and deadline < self._scope.deadline:
             self._scope.deadline = deadline
@@ -73,7 +74,6 @@ class IdleReaper:
                 continue
             if worker.last_request != worker.watched_since:  # used since it was pushed
                 worker.watched_since = worker.last_request
-                worker.reap_at = worker.last_request + self.max_idle
                 heapq.heapreplace(heap, worker)
                 continue
             heapq.heappop(heap)
@@ -83,19 +83,19 @@ class IdleReaper:
 
     async def run(self) -> None:
         """The reaper's task, for the engine's lifetime (cancelled when it closes)."""
-        heap = self._heap
+        heap, max_idle = self._heap, self.max_idle
         while True:
             now = trio.current_time()
-            while heap and heap[0].reap_at <= now:
+            while heap and heap[0].watched_since + max_idle <= now:
                 worker = heapq.heappop(heap)
                 worker.watched = False
                 if not worker.idle:
                     continue
-                if worker.last_request + self.max_idle > now:
+                if worker.last_request + max_idle > now:
                     self.watch(worker)
                 else:
                     await worker.retire()
-            with trio.move_on_at(heap[0].reap_at if heap else math.inf) as scope:
+            with trio.move_on_at(heap[0].watched_since + max_idle if heap else math.inf) as scope:
                 self._scope = scope
                 await trio.sleep_forever()
             self._scope = None

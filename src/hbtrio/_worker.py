@@ -157,10 +157,9 @@ class GroupWorker(Driver):
     #: The engine's clock when it last answered a request, or went idle.
     last_request: float = 0.0
     started_at: float = 0.0
-    # The idle reaper's entry: True while it holds this worker; its deadline then, and
-    # the ``last_request`` it was pushed with (its place in the heap).
+    # The idle reaper's entry: True while it holds this worker, and the ``last_request``
+    # it was pushed with (its place in the heap; its deadline is that plus ``max_idle``).
     watched: bool = False
-    reap_at: float = 0.0
     watched_since: float = 0.0
     #: The estimate of the memory it holds (`ProcessCore.memory_estimate`), measured
     #: when it boots and when it goes idle; 0 before its boot.
@@ -229,7 +228,7 @@ class GroupWorker(Driver):
         return worker
 
     def __lt__(self, other: GroupWorker) -> bool:
-        """The idle reaper's heap order: the older request first (so the earlier ``reap_at``)."""
+        """The idle reaper's heap order: the older request first (so the earlier deadline)."""
         return self.watched_since < other.watched_since
 
     def __repr__(self) -> str:
