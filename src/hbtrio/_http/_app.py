@@ -72,7 +72,7 @@ from ._defaults import (
     DEFAULT_READ_TIMEOUT,
     DEFAULT_WAIT,
 )
-from ._errors import RETRY, HttpError, error_response, unwrap
+from ._errors import RETRY, HttpError, error_response, retry_after, unwrap
 from ._metrics import PROMETHEUS, HttpMetrics
 from ._negotiation import (
     blob_media,
@@ -607,8 +607,7 @@ class HttpApp:
                 "reason": "catching-up",
                 "message": str(error),
             }
-            retry = ((b"retry-after", str(max(1, math.ceil(error.retry_after))).encode()),)
-            return self._ok(body, media, 202, retry)
+            return self._ok(body, media, 202, retry_after(error.retry_after))
         if error is not None:
             raise error
         if state is not None:

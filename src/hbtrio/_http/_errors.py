@@ -76,7 +76,8 @@ def json_error(status: int, code: str, message: str) -> bytes:
     return _jsonwire.dumps({"error": code, "status": status, "message": text})
 
 
-def _retry_after(seconds: float) -> tuple[tuple[bytes, bytes], ...]:
+def retry_after(seconds: float) -> tuple[tuple[bytes, bytes], ...]:
+    """The ``Retry-After`` header for ``seconds`` (whole seconds, at least 1)."""
     return ((b"retry-after", str(max(1, math.ceil(seconds))).encode()),)
 
 
@@ -106,11 +107,11 @@ def error_response(exc: Exception) -> Response:
             "catching-up",
             str(exc),
             {"process": exc.pid, "slot": exc.slot, "position": exc.position},
-            headers=_retry_after(exc.retry_after),
+            headers=retry_after(exc.retry_after),
         ).response()
     if isinstance(exc, Overloaded):
         return HttpError(
-            503, "overloaded", str(exc), {"bound": exc.bound}, headers=_retry_after(exc.retry_after)
+            503, "overloaded", str(exc), {"bound": exc.bound}, headers=retry_after(exc.retry_after)
         ).response()
     if isinstance(exc, StoreFenced):
         # Another node owns the process now (a node without a cluster router).
