@@ -119,3 +119,15 @@ async def reap(proc: trio.Process) -> None:
         await proc.wait()
     if proc.stdout is not None:
         await proc.stdout.aclose()
+
+
+async def node_started(stdout: trio.abc.ReceiveStream, timeout: float = 30) -> bytes:
+    """What an ``hbtrio serve`` subprocess printed on ``stdout`` until it was ready
+    (its "press Ctrl-C" line): the banner with its URLs. Fails if the output ends first."""
+    seen = bytearray()
+    with trio.fail_after(timeout):
+        while b"press Ctrl-C" not in seen:
+            chunk = await stdout.receive_some()
+            assert chunk, f"node output ended: {bytes(seen)!r}"
+            seen += chunk
+    return bytes(seen)

@@ -28,6 +28,7 @@ import httpx
 import trio
 
 import hbtrio
+from helpers import node_started
 from pgserver import free_port
 
 TESTS = str(Path(__file__).parent)
@@ -164,12 +165,7 @@ class Node:
             )
         self.proc = proc
         assert proc.stdout is not None
-        seen = bytearray()
-        with trio.fail_after(60):
-            while b"press Ctrl-C" not in seen:
-                chunk = await proc.stdout.receive_some()
-                assert chunk, f"node {self.index} output ended: {bytes(seen)!r}"
-                seen += chunk
+        seen = await node_started(proc.stdout, 60)
         assert re.search(rb"listening on http://", seen), seen
 
     def signal(self, signum: int) -> None:

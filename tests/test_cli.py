@@ -26,7 +26,7 @@ import trio
 import hbtrio
 from hbtrio._cli import build_parser, format_message, format_table, main
 from hbtrio.http import make_app, run_server
-from helpers import Gate, reap
+from helpers import Gate, node_started, reap
 
 SRC = str(Path(hbtrio.__file__).resolve().parents[1])
 
@@ -287,13 +287,8 @@ async def test_serve_subprocess_stops_on_sigint(tmp_path: Path) -> None:
         env=env,
     )
     assert proc.stdout is not None
-    seen = bytearray()
     try:
-        with trio.fail_after(30):
-            while b"press Ctrl-C" not in seen:
-                chunk = await proc.stdout.receive_some()
-                assert chunk, bytes(seen)
-                seen += chunk
+        seen = await node_started(proc.stdout, 30)
         url = re.search(rb"listening on (http://127\.0\.0\.1:\d+) \(store: (.*)\)", seen)
         assert url is not None, seen
         assert url.group(2).decode() == str(tmp_path / "n.sqlite")
@@ -452,13 +447,8 @@ async def test_serve_finds_device_modules_in_the_current_directory(tmp_path: Pat
         cwd=tmp_path,
     )
     assert proc.stdout is not None and proc.stderr is not None
-    seen = bytearray()
     try:
-        with trio.fail_after(30):
-            while b"press Ctrl-C" not in seen:
-                chunk = await proc.stdout.receive_some()
-                assert chunk, bytes(seen)
-                seen += chunk
+        seen = await node_started(proc.stdout, 30)
         found = re.search(rb"listening on (http://127\.0\.0\.1:\d+)", seen)
         assert found is not None, seen
         url = found.group(1).decode()
@@ -597,13 +587,8 @@ async def test_put_blob_and_spawn_image_against_a_real_node(
         cwd=tmp_path,
     )
     assert proc.stdout is not None
-    seen = bytearray()
     try:
-        with trio.fail_after(30):
-            while b"press Ctrl-C" not in seen:
-                chunk = await proc.stdout.receive_some()
-                assert chunk, bytes(seen)
-                seen += chunk
+        seen = await node_started(proc.stdout, 30)
         found = re.search(rb"listening on (http://127\.0\.0\.1:\d+)", seen)
         assert found is not None, seen
         url = found.group(1).decode()

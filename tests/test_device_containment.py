@@ -27,7 +27,7 @@ import trio.testing
 
 import hbtrio
 import hbtrio.testing
-from helpers import definition, reap
+from helpers import definition, node_started, reap
 
 SRC = str(Path(hbtrio.__file__).resolve().parents[1])
 
@@ -338,12 +338,7 @@ async def test_a_node_outlives_devices_that_exit_or_interrupt(tmp_path: Path) ->
         )
         assert proc.stdout is not None
         try:
-            seen = bytearray()
-            with trio.fail_after(30):
-                while b"press Ctrl-C" not in seen:
-                    chunk = await proc.stdout.receive_some()
-                    assert chunk, bytes(seen)
-                    seen += chunk
+            seen = await node_started(proc.stdout, 30)
             url = seen.split(b"listening on ")[1].split(b" ")[0].decode()
             async with httpx.AsyncClient(base_url=url, timeout=20) as c:
                 for device in ("exits@1.0", "interrupts@1.0", "counter@1.0"):

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import trio
 
-from helpers import reap
+from helpers import node_started, reap
 from lua_kit import LUA, source
 from test_cli import _env, cli
 
@@ -30,13 +30,8 @@ async def serve(cwd: Path) -> AsyncIterator[str]:
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_env(), cwd=cwd,
     )  # fmt: skip
     assert proc.stdout is not None
-    seen = bytearray()
     try:
-        with trio.fail_after(30):
-            while b"press Ctrl-C" not in seen:
-                chunk = await proc.stdout.receive_some()
-                assert chunk, bytes(seen)
-                seen += chunk
+        seen = await node_started(proc.stdout, 30)
         found = re.search(rb"listening on (http://127\.0\.0\.1:\d+)", seen)
         assert found is not None, seen
         yield found.group(1).decode()

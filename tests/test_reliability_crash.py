@@ -49,7 +49,7 @@ import trio
 import hbtrio
 from crash_child import DEVICES, PROCS, body, definition
 from hbtrio.testing import audit_process, replay
-from helpers import reap
+from helpers import node_started, reap
 
 CHILD = Path(__file__).with_name("crash_child.py")
 TESTS = str(Path(__file__).parent)
@@ -324,12 +324,7 @@ async def node(db: Path) -> AsyncIterator[tuple[trio.Process, str]]:
         )
     assert proc.stdout is not None
     try:
-        seen = bytearray()
-        with trio.fail_after(30):
-            while b"press Ctrl-C" not in seen:
-                chunk = await proc.stdout.receive_some()
-                assert chunk, f"node output ended: {bytes(seen)!r}"
-                seen += chunk
+        seen = await node_started(proc.stdout, 30)
         url = re.search(rb"listening on (http://\S+)", seen)
         assert url is not None, seen
         yield proc, url.group(1).decode()
