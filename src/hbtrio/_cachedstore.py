@@ -93,8 +93,13 @@ class CachedStore(Store):
         if start > proc.latest:
             return []
         cache = proc.assignments
+        slots = range(max(start, 0), min(stop, proc.latest + 1))
+        try:
+            return list(map(cache.__getitem__, slots))  # the common case: all of them held
+        except KeyError:
+            pass
         out: list[Message] = []
-        for slot in range(max(start, 0), min(stop, proc.latest + 1)):
+        for slot in slots:
             found = cache.get(slot)
             if found is None:
                 if not out:

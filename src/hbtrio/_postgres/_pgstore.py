@@ -478,7 +478,7 @@ class PostgresStore(CachedStore):
             proc.busy -= 1
         self._assignments_written += len(assignments)
         proc.latest = max(proc.latest, assignments[-1]["slot"])
-        self._memory.keep_run(proc, assignments, [len(row) for row in rows])
+        self._memory.keep_run(proc, assignments, list(map(len, rows)))
 
     async def latest_slot(self, pid: str) -> int:
         proc, claim = await self._lookup(pid)

@@ -228,7 +228,7 @@ def read_assignments(
     run = _decode_run(rows, start)
     check_run(run, rows, pid, start)
     if sizes is not None:
-        sizes.extend(len(row) for row in rows)
+        sizes.extend(map(len, rows))
     return run
 
 

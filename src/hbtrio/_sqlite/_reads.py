@@ -136,7 +136,7 @@ def read_assignments(
         run, rows = _decode_run(blobs, start), blobs
     check_run(run, rows, pid, start)
     if sizes is not None:
-        sizes.extend(len(row) for row in rows)
+        sizes.extend(map(len, rows))
     return run
 
 
