@@ -569,3 +569,81 @@ def test_devices_registry() -> None:
         Devices({"": Counting()})
     with pytest.raises(TypeError):
         Devices({"bad@1.0": type("NotCallable", (), {"compute": 5})()})
+
+
+def test_built_in_families_are_made_on_first_use_and_attached_then(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The WASM and Lua devices cost an engine nothing until a process uses one: each
+    family is made once, on the first `get` of any of its names, and attached to the
+    registry's host then; a name an extra replaces never makes its family's object."""
+
+    class Family:
+        def __init__(self) -> None:
+            self.hosts: list[hbtrio.DeviceHost] = []
+
+        def attach(self, host: hbtrio.DeviceHost) -> None:
+            self.hosts.append(host)
+
+        def compute(self, state: Any, assignment: Any) -> Any:
+            return state
+
+    made: list[Family] = []
+
+    def family() -> dict[str, object]:
+        made.append(Family())
+        return dict.fromkeys(_wasm.NAMES, made[-1])
+
+    monkeypatch.setattr(_wasm, "builtin_devices", family)
+    monkeypatch.setattr(_wasm, "available", lambda: True)
+    mine = Counting()
+    devices = Devices({"stack@1.0": mine})
+    assert "wasm-64@1.0" in devices and "stack@1.0" in devices
+    assert "wasm-64@1.0" in devices.names()
+    assert made == []  # asked about, not made
+    host = hbtrio.DeviceHost(3.0, get_blob=lambda blob_id: trio.sleep(0))  # type: ignore[arg-type]
+    devices.attach(host)
+    assert made == []
+    assert devices.get("stack@1.0").obj is mine  # the extra, not the family
+    assert made == []
+    first = devices.get("wasm-64@1.0")
+    assert [f.hosts for f in made] == [[host]]  # made once, attached at once
+    assert devices.get("wasm-64@1.0") is first and len(made) == 1
+    assert first.obj is made[0]
+    for name in (["unhashable"], 5):
+        assert name not in devices
+        with pytest.raises(UnknownDevice):
+            devices.get(name)
+
+
+def test_a_family_made_before_attach_is_attached_with_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hosts: list[object] = []
+
+    class Family:
+        def attach(self, host: object) -> None:
+            hosts.append(host)
+
+        def compute(self, state: Any, assignment: Any) -> Any:
+            return state
+
+    monkeypatch.setattr(_lua, "builtin_devices", lambda: dict.fromkeys(_lua.NAMES, Family()))
+    monkeypatch.setattr(_lua, "available", lambda: True)
+    devices = Devices(on_failure="record")
+    devices.get("lua@5.3")
+    assert hosts == []
+    host = hbtrio.DeviceHost(None, get_blob=lambda blob_id: trio.sleep(0))  # type: ignore[arg-type]
+    devices.attach(host)
+    assert hosts == [host]
+
+
+def test_a_family_whose_dependencies_are_missing_is_unknown_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_lua, "builtin_devices", dict)
+    monkeypatch.setattr(_lua, "available", lambda: False)
+    devices = Devices()
+    assert "lua@5.3" not in devices and "lua@5.3" not in devices.names()
+    with pytest.raises(UnknownDevice, match="pip install"):
+        devices.get("lua@5.3")

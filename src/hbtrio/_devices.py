@@ -223,7 +223,12 @@ class DeviceHost:
 
 
 class Devices:
-    """Name -> device: the built-in devices, then the extras (which may replace a built-in)."""
+    """Name -> device: the built-in devices, then the extras (which may replace a built-in).
+
+    The WASM and Lua devices are made on first use (`get`), and attached then
+    to the host the registry was attached to: an engine that never runs one
+    pays nothing for them when it opens.
+    """
 
     def __init__(
         self, extra: Mapping[str, object] | None = None, *, on_failure: str | None = None
@@ -232,56 +237,94 @@ class Devices:
         device's own `DeviceInfo.failures`; a definition's ``"on-failure"`` still wins."""
         if on_failure is not None and on_failure not in FAILURE_POLICIES:
             raise ValueError(f"on_failure must be 'stop', 'record' or None, not {on_failure!r}")
-        self._devices: dict[str, DeviceInfo] = {
-            "counter@1.0": DeviceInfo.of("counter@1.0", Counter())
+        self._on_failure = on_failure
+        self._host: DeviceHost | None = None
+        self._devices: dict[str, DeviceInfo] = {}
+        extra = extra or {}
+        # Built-in families not made yet: name -> the family's factory (one device object
+        # under all of its names), for the names no extra replaces.
+        self._lazy: dict[str, Callable[[], dict[str, object]]] = {
+            name: family
+            for names, family in (
+                (_wasm.NAMES, _wasm.builtin_devices),
+                (_lua.NAMES, _lua.builtin_devices),
+            )
+            for name in names
+            if name not in extra
         }
-        builtins = {**_wasm.builtin_devices(), **_lua.builtin_devices()}
-        for name, builtin in builtins.items():
-            if name not in (extra or {}):
-                self._devices[name] = DeviceInfo.of(name, builtin)
-        for name, obj in (extra or {}).items():
+        self._add("counter@1.0", Counter())
+        for name, obj in extra.items():
             if type(name) is not str or not name:
                 raise TypeError(f"device names must be non-empty str, not {name!r}")
             if name == PROCESS_DEVICE:
                 raise ValueError(f"{PROCESS_DEVICE!r} is the engine's own device")
-            self._devices[name] = DeviceInfo.of(name, obj)
-        if on_failure is not None:
-            for name, info in self._devices.items():
-                if info.live:
-                    self._devices[name] = attrs.evolve(info, failures=on_failure)
+            self._add(name, obj)
+
+    def _add(self, name: str, obj: object) -> DeviceInfo:
+        info = DeviceInfo.of(name, obj)
+        if self._on_failure is not None and info.live:
+            info = attrs.evolve(info, failures=self._on_failure)
+        self._devices[name] = info
+        return info
+
+    def _make(self, name: str) -> DeviceInfo | None:
+        """Make the built-in family of ``name`` (``None`` if its dependencies are missing)."""
+        family = self._lazy[name]
+        made = family()
+        for other in [n for n, f in self._lazy.items() if f is family]:
+            del self._lazy[other]
+            if other in made:
+                self._add(other, made[other])
+        if self._host is not None:
+            for obj in {id(o): o for o in made.values()}.values():
+                _attach(name, obj, self._host)
+        return self._devices.get(name)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._devices
+        if type(name) is not str:
+            return False
+        if name in self._devices:
+            return True
+        return name in self._lazy and (
+            _wasm.available() if name in _wasm.NAMES else _lua.available()
+        )
 
     def attach(self, host: DeviceHost) -> None:
-        """Call ``attach(host)`` on each registered device object that has one, once each."""
+        """Call ``attach(host)`` on each registered device object that has one, once each
+        (a built-in made later is attached when it is made)."""
+        self._host = host
         seen: set[int] = set()
         for info in self._devices.values():
             inner = info.obj._device if isinstance(info.obj, _InThread) else info.obj
-            attach = getattr(inner, "attach", None)
-            if attach is None or id(inner) in seen:
-                continue
-            seen.add(id(inner))
-            if not callable(attach):
-                raise TypeError(f"device {info.name!r}: attach is not callable")
-            attach(host)
+            if id(inner) not in seen:
+                seen.add(id(inner))
+                _attach(info.name, inner, host)
 
     def get(self, name: object) -> DeviceInfo:
         """The device registered as ``name``; `UnknownDevice` otherwise."""
         try:
             return self._devices[name]  # type: ignore[index]
         except (KeyError, TypeError):
-            why = (
-                _wasm.MISSING
-                if name in _wasm.NAMES
-                else _lua.MISSING
-                if name in _lua.NAMES
-                else None
-            )
-            raise UnknownDevice(name, why) from None
+            pass
+        info = self._make(name) if type(name) is str and name in self._lazy else None
+        if info is not None:
+            return info
+        why = _wasm.MISSING if name in _wasm.NAMES else _lua.MISSING if name in _lua.NAMES else None
+        raise UnknownDevice(name, why) from None
 
     def names(self) -> list[str]:
-        return sorted(self._devices)
+        return sorted([*self._devices, *(n for n in self._lazy if n in self)])
+
+
+def _attach(name: str, obj: object, host: DeviceHost) -> None:
+    """``obj.attach(host)``, if the device has one."""
+    inner = obj._device if isinstance(obj, _InThread) else obj
+    attach = getattr(inner, "attach", None)
+    if attach is None:
+        return
+    if not callable(attach):
+        raise TypeError(f"device {name!r}: attach is not callable")
+    attach(host)
 
 
 class Counter:
