@@ -266,6 +266,9 @@ async def test_the_engines_own_cancellation_is_still_cancellation(
 _CTRL_C_DEVICE = """
 import signal, sys, trio, hbtrio
 
+# A shell's background job starts with SIGINT ignored, and Python then keeps it so.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 class CtrlC:
     def init(self, process):
         return {"count": 0}
