@@ -73,9 +73,10 @@ CASES: tuple[Case, ...] = (
 )
 
 
-def _env() -> dict[str, str]:
+def _env(src: Path | None = None) -> dict[str, str]:
+    """The environment of a run: hbtrio from ``src`` (default this checkout's ``src/``)."""
     env = dict(os.environ)
-    paths = [str(REPO), str(REPO / "src")]
+    paths = [str(REPO), str(src or REPO / "src")]
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -98,15 +99,24 @@ def hbtrio_available() -> str | None:
     return lines[-1] if lines else f"exit status {proc.returncode}"
 
 
-def run_one(case: Case, impl: str, *, quick: bool, timeout: float) -> dict[str, Any]:
-    """Run one workload once in a subprocess; returns its result line (``ok`` added)."""
+def run_one(
+    case: Case, impl: str, *, quick: bool, timeout: float, src: Path | None = None
+) -> dict[str, Any]:
+    """Run one workload once in a subprocess, with hbtrio from ``src`` (default this
+    checkout's); returns its result line (``ok`` added)."""
     cmd = [sys.executable, "-m", "benchmarks.workloads", case.key, "--impl", impl, *case.args]
     if quick:
         cmd.append("--quick")
     started = time.perf_counter()
     try:
         proc = subprocess.run(
-            cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=timeout, check=False
+            cmd,
+            capture_output=True,
+            text=True,
+            env=_env(src),
+            cwd=REPO,
+            timeout=timeout,
+            check=False,
         )
     except subprocess.TimeoutExpired:
         return {

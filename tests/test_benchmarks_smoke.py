@@ -157,3 +157,46 @@ def test_big_bodies_bench_runs_against_a_baseline_tree(tmp_path: Path) -> None:
     assert all(r["errors"] == 0 and r["small_requests"] > 0 for r in rows.values())
     assert rows["this", "loaded"]["big_posts"] > 0
     assert set(document["ratios_loaded"]) >= {"small_p50_ms", "small_p99_ms"}
+
+
+_IS_CHECKOUT = (REPO / ".git").exists()
+
+
+@pytest.mark.skipif(not (HAVE_ENGINE and _IS_CHECKOUT), reason="needs hbtrio and a git checkout")
+def test_ab_runs_both_trees_interleaved(tmp_path: Path) -> None:
+    out = tmp_path / "ab.json"
+    proc = _run(
+        "benchmarks.ab", "HEAD", "--quick", "--rounds", "2", "--workloads", "w1,w5",
+        "--json", str(out), timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    document = json.loads(out.read_text())
+    runs = document["runs"]
+    # Round by round, case by case, the tree that goes first alternates.
+    order = [(r["round"], r["case"], r["tree"]) for r in runs]
+    assert order == [
+        (1, "w1", "this"), (1, "w1", "ref"), (1, "w5", "ref"), (1, "w5", "this"),
+        (2, "w1", "ref"), (2, "w1", "this"), (2, "w5", "this"), (2, "w5", "ref"),
+    ]  # fmt: skip
+    assert all(r["ok"] and r["check"]["ok"] for r in runs)
+    for row in document["summary"]:
+        assert row["this"]["runs"] == row["ref"]["runs"] == 2
+        assert row["speedup"] > 0
+    table = proc.stdout.splitlines()
+    assert table[0].split()[:5] == ["workload", "unit", "HEAD", "this", "this/ref"]
+    assert [line.split()[0] for line in table[2:]] == ["W1_roundtrip", "W5_dedup"]
+
+
+def test_ab_refuses_a_ref_that_is_not_a_commit_in_one_line() -> None:
+    proc = _run("benchmarks.ab", "no-such-ref-anywhere", "--quick", "--workloads", "w1")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: cannot export 'no-such-ref-anywhere'")
+    assert proc.stderr.count("\n") == 1
+
+
+def test_ab_speedup_reads_every_unit_the_same_way() -> None:
+    from benchmarks.ab import speedup
+
+    assert speedup(2.0, 4.0, "us_per_request") == 2.0  # half the time: twice as fast
+    assert speedup(200.0, 100.0, "requests_per_second") == 2.0
+    assert speedup(5.0, 4.0, "ms") == 0.8
