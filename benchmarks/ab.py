@@ -10,9 +10,10 @@ archive`` into a temporary directory, and each run imports hbtrio either from
 its ``src/`` or from this checkout's: the workloads, the harness and the
 checks are this checkout's in both, so both trees run exactly the same
 benchmark code (they need the same public API). In every round each case runs
-``--reps`` times in one tree, then in the other, the tree that goes first
-alternating from case to case and from round to round, so that the slow and
-fast spells of a shared machine fall on both.
+``--reps`` times in each tree, run by run: this tree then REF, REF then this
+tree, and so on (the tree that goes first alternates from run to run, case
+to case and round to round), so that the slow and fast spells of a shared
+machine, which last seconds, fall on both alike.
 
 The table gives, per case, each tree's median over all its runs, this
 checkout against REF (``1.10x`` is 10% faster, ``0.95x`` 5% slower, whatever
@@ -166,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         progress = Progress(args.rounds * len(cases) * 2 * reps)
         for rnd in range(args.rounds):
             for i, case in enumerate(cases):
-                order = [THIS, "ref"] if (rnd + i) % 2 == 0 else ["ref", THIS]
-                for tree in order:
-                    for rep in range(1, reps + 1):
+                for rep in range(1, reps + 1):
+                    first = (rnd + i + rep) % 2 == 1
+                    for tree in [THIS, "ref"] if first else ["ref", THIS]:
                         name = THIS if tree == THIS else args.ref
                         text = f"round {rnd + 1}/{args.rounds} {case.label} {name} {rep}/{reps}"
                         progress.begin(text)

@@ -166,21 +166,25 @@ _IS_CHECKOUT = (REPO / ".git").exists()
 def test_ab_runs_both_trees_interleaved(tmp_path: Path) -> None:
     out = tmp_path / "ab.json"
     proc = _run(
-        "benchmarks.ab", "HEAD", "--quick", "--rounds", "2", "--workloads", "w1,w5",
-        "--json", str(out), timeout=120,
+        "benchmarks.ab", "HEAD", "--quick", "--rounds", "2", "--reps", "2",
+        "--workloads", "w1,w5", "--json", str(out), timeout=180,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     document = json.loads(out.read_text())
     runs = document["runs"]
-    # Round by round, case by case, the tree that goes first alternates.
-    order = [(r["round"], r["case"], r["tree"]) for r in runs]
+    # Run by run, case by case and round by round, the tree that goes first alternates.
+    order = [(r["round"], r["case"], r["rep"], r["tree"]) for r in runs]
+    this_first = [(1, "w1", 1), (1, "w5", 2), (2, "w1", 2), (2, "w5", 1)]
     assert order == [
-        (1, "w1", "this"), (1, "w1", "ref"), (1, "w5", "ref"), (1, "w5", "this"),
-        (2, "w1", "ref"), (2, "w1", "this"), (2, "w5", "this"), (2, "w5", "ref"),
-    ]  # fmt: skip
+        (rnd, case, rep, tree)
+        for rnd in (1, 2)
+        for case in ("w1", "w5")
+        for rep in (1, 2)
+        for tree in (["this", "ref"] if (rnd, case, rep) in this_first else ["ref", "this"])
+    ]
     assert all(r["ok"] and r["check"]["ok"] for r in runs)
     for row in document["summary"]:
-        assert row["this"]["runs"] == row["ref"]["runs"] == 2
+        assert row["this"]["runs"] == row["ref"]["runs"] == 4
         assert row["speedup"] > 0
     table = proc.stdout.splitlines()
     assert table[0].split()[:5] == ["workload", "unit", "HEAD", "this", "this/ref"]

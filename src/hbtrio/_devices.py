@@ -207,7 +207,8 @@ class DeviceHost:
     opens, before any process boots (once per device object, whatever names
     it is registered under); an exception from ``attach`` fails
     `open_engine`. A device registered with several engines is attached to
-    each, and must keep what it needs per host.
+    each, and must keep what it needs per host. (A built-in WASM or Lua
+    device is made, and attached, when a process first needs it.)
     """
 
     #: The engine's ``slot_timeout`` (``None``: no limit). A device whose calls
