@@ -49,8 +49,9 @@ import trio
 
 from .._exceptions import StoreError
 from .._iothread import _PENDING, _RUNNING, launch, wait_withdrawable
+from .._sqlite._reads import Loaded
 from ._ownership import ELSEWHERE, MINE, MISSING, Lease, OwnerRow, decide
-from ._rows import Loaded, load_process
+from ._rows import load_process
 
 __all__ = ["Claim", "ControlThread", "OwnershipBusy"]
 

@@ -27,11 +27,10 @@ from typing import Any, Final
 
 import psycopg
 
-from .._exceptions import InvalidMessage
 from .._message import Message
 from .._message import decode_trusted as decode
-from .._sqlite._checks import check_assignment, check_blob, check_run
-from .._sqlite._reads import _decode_run
+from .._sqlite._checks import check_blob, check_run
+from .._sqlite._reads import Loaded, _decode_run, loaded
 
 __all__ = [
     "check_fence",
@@ -47,9 +46,6 @@ __all__ = [
 
 Conn = psycopg.Connection[Any]
 
-#: ``(rowid, definition, latest slot, highest result slot, tail, tail's size)``.
-Loaded = tuple[int, Message, int, int, Message | None, int]
-
 _LOAD: Final = (
     "SELECT p.id, p.definition, a.slot, a.assignment,"
     " (SELECT max(slot) FROM results AS r WHERE r.proc = p.id)"
@@ -62,11 +58,8 @@ _LOAD_BY_ID: Final = _LOAD.format(key="id")
 
 
 def load_process(conn: Conn, pid: str, rowid: int | None = None) -> Loaded | None:
-    """What the store keeps in memory about ``pid`` (by its row ID if given), or ``None``.
-
-    The tail (the latest assignment) is kept only while it has no result, and
-    only if it checks (``None`` otherwise: whoever needs it reads it again).
-    """
+    """What the store keeps in memory about ``pid`` (by its row ID if given: `loaded`), or
+    ``None`` if it is not stored."""
     if rowid is None:
         row = conn.execute(_LOAD_BY_PID, (pid,), binary=True).fetchone()
     else:
@@ -74,16 +67,7 @@ def load_process(conn: Conn, pid: str, rowid: int | None = None) -> Loaded | Non
     if row is None:
         return None
     rowid, definition, latest, last, high = row
-    latest = -1 if latest is None else latest
-    high = -1 if high is None else high
-    tail = None
-    if latest > high and last is not None:
-        try:
-            tail = decode(last)
-            check_assignment(tail, pid, latest)
-        except InvalidMessage:
-            tail = None
-    return rowid, decode(definition), latest, high, tail, len(last or b"")
+    return loaded(pid, rowid, definition, latest, last, high)
 
 
 _INSERT_PROCESS: Final = (

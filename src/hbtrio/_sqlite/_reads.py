@@ -29,7 +29,7 @@ from .._message import Message, _adopt_map, _Frozen
 from .._message import decode_trusted as decode
 from ._checks import check_assignment, check_blob, check_run
 
-__all__ = ["load_process", "read_assignments", "read_blob", "read_snapshot"]
+__all__ = ["Loaded", "load_process", "loaded", "read_assignments", "read_blob", "read_snapshot"]
 
 _LOAD_PROCESS: Final = (
     "SELECT id, definition,"
@@ -40,32 +40,48 @@ _LOAD_PROCESS: Final = (
 )
 
 
-def load_process(
-    conn: sqlite3.Connection, pid: str
-) -> tuple[int, Message, int, int, Message | None, int] | None:
-    """``(rowid, definition, latest slot, highest result slot, tail, tail's size)`` of
-    ``pid``, or ``None`` if it is not stored.
+#: ``(rowid, definition, latest slot, highest result slot, tail, tail's size)``.
+Loaded = tuple[int, Message, int, int, Message | None, int]
 
-    ``tail`` is the latest assignment, checked, while it has no result
-    (``None`` otherwise, and when it does not check: whoever needs it reads it
-    again, and reports it).
-    """
+
+def load_process(conn: sqlite3.Connection, pid: str) -> Loaded | None:
+    """What the store keeps in memory about ``pid`` (`loaded`), or ``None`` if it is not
+    stored."""
     # One statement (one step for the I/O thread), subqueries on the keys.
     row = conn.execute(_LOAD_PROCESS, (pid,)).fetchone()
     if row is None:
         return None
     rowid, definition, latest, last, high = row
+    return loaded(pid, rowid, definition, latest, last, high)
+
+
+def loaded(
+    pid: str,
+    rowid: int,
+    definition: bytes,
+    latest: int | None,
+    last: bytes | None,
+    high: int | None,
+) -> Loaded:
+    """A process's row as a store keeps it (SQLite and PostgreSQL read the same columns).
+
+    ``latest`` is its latest assignment slot, ``last`` that assignment's
+    bytes and ``high`` its highest result slot (``None``: none). The tail is
+    the latest assignment, checked, kept while it has no result (``None``
+    otherwise, and when it does not check: whoever needs it reads it again,
+    and reports it).
+    """
     high = -1 if high is None else high
     latest = -1 if latest is None else latest
     # Not computed yet, the latest assignment is read next (its hash chain
     # continues the schedule): keep it rather than come back for it.
     tail = None
-    if latest > high:
+    if latest > high and last is not None:
         try:
             tail = decode(last)
             check_assignment(tail, pid, latest)
         except InvalidMessage:
-            tail = None  # read again, and reported, by whoever needs it
+            tail = None
     return rowid, decode(definition), latest, high, tail, len(last or b"")
 
 
