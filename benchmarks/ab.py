@@ -37,7 +37,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .runner import REPO, Case, Progress, _better, _fmt, _select, run_one
+from .runner import REPO, Case, Progress, _better, _fmt, _select, print_cells, run_one
+from .workloads import _positive
 
 __all__ = ["export", "main", "speedup", "summarize_ab"]
 
@@ -123,18 +124,7 @@ def print_ab(rows: Sequence[dict[str, Any]], ref: str, out: Any = sys.stdout) ->
                 f"{row['ref']['runs']}/{row[THIS]['runs']}",
             ]
         )
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    for n, cells in enumerate(table):
-        print("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip(), file=out)
-        if n == 0:
-            print("  ".join("-" * w for w in widths), file=out)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
-    return value
+    print_cells(table, out)
 
 
 def _parser() -> argparse.ArgumentParser:

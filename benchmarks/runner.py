@@ -228,7 +228,12 @@ def print_table(rows: Sequence[dict[str, Any]], impls: Sequence[str], out: TextI
                 for b in baselines
             ]
         table.append(cells)
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    print_cells(table, out)
+
+
+def print_cells(table: Sequence[Sequence[str]], out: TextIO) -> None:
+    """Rows of cells in aligned columns, the first row a header underlined with dashes."""
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     for n, cells in enumerate(table):
         print("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip(), file=out)
         if n == 0:
