@@ -26,6 +26,7 @@ from hbtrio._postgres import _schema
 from hbtrio._postgres._control import _TAKE
 from hbtrio._postgres._rows import check_fence
 from hbtrio._scheduler import verify_schedule
+from helpers import Gate
 from test_stores import Proc, state
 
 LEASE = 1.0
@@ -514,20 +515,6 @@ async def test_a_worker_whose_process_is_taken_over_ends_and_its_waiters_get_fen
         assert await engine.schedule(pid, {"n": 1}) == 5  # b released it: a takes it
         assert (await engine.now(pid))["count"] == 5
         verify_schedule(pid, await a.get_assignments(pid, 0, 10))
-
-
-class Gate:
-    """``gate@1.0``: each slot adds 1, once the test opens the gate (any Trio run)."""
-
-    def __init__(self) -> None:
-        self.open = trio.Event()
-
-    def init(self, process: hbtrio.Message) -> dict[str, Any]:
-        return {"count": 0}
-
-    async def compute(self, state: hbtrio.Message, assignment: hbtrio.Message) -> dict[str, Any]:
-        await self.open.wait()
-        return {**state, "count": state["count"] + 1}
 
 
 async def test_nowait_reads_of_a_process_held_elsewhere_never_checkpoint(pg_dsn: str) -> None:
