@@ -50,12 +50,12 @@ import trio
 from .._exceptions import StoreError
 from .._iothread import _PENDING, _RUNNING, launch, wait_withdrawable
 from .._sqlite._reads import Loaded
+from ._link import Conn, Link, store_error
 from ._ownership import ELSEWHERE, MINE, MISSING, Lease, OwnerRow, decide
 from ._rows import load_process
 
 __all__ = ["Claim", "ControlThread", "OwnershipBusy"]
 
-Conn = psycopg.Connection[Any]
 
 _CLAIM_READ: Final = (
     "SELECT p.id, o.node, o.epoch, n.url,"
@@ -145,7 +145,7 @@ class ControlThread:
         trust_ownership: bool = False,
     ) -> None:
         self.where = where
-        self._connect = connect
+        self._link = Link(where, connect)
         self.lease = Lease(lease)
         self.url = url
         self.name = name
@@ -159,7 +159,6 @@ class ControlThread:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
-        self._conn: Conn | None = None
         self._lease_reported = False
         #: Counters (written by the thread): heartbeats acknowledged, takeovers made.
         self.heartbeats = 0
@@ -262,14 +261,12 @@ class ControlThread:
 
     def _serve(self, report: Callable[[BaseException | None], None]) -> None:
         try:
-            self._conn = self._connect()
+            conn = self._link.open()
             sent = time.monotonic()
-            self.node = self._register(self._conn)
+            self.node = self._register(conn)
             self.lease.renewed(sent)
         except BaseException as exc:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            self._link.close()
             report(exc)
             return
         report(None)
@@ -289,22 +286,7 @@ class ControlThread:
                     if not self.paused.is_set():
                         self._heartbeat()
         finally:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def _connection(self) -> Conn:
-        conn = self._conn
-        if conn is not None and not conn.closed and not conn.broken:
-            return conn
-        if conn is not None:
-            conn.close()
-            self._conn = None
-        try:
-            self._conn = self._connect()
-        except psycopg.Error as exc:
-            raise StoreError(f"cannot connect to {self.where}: {exc}") from exc
-        return self._conn
+            self._link.close()
 
     def _work(self, job: _Job) -> None:
         with self._lock:
@@ -312,11 +294,9 @@ class ControlThread:
                 return  # withdrawn
             job.state = _RUNNING
         try:
-            job.result = outcome.Value(job.fn(self._connection()))
+            job.result = outcome.Value(job.fn(self._link.get()))
         except psycopg.Error as exc:
-            err = StoreError(f"{self.where}: {exc}".strip())
-            err.__cause__ = exc
-            job.result = outcome.Error(err)
+            job.result = outcome.Error(store_error(self.where, exc))
         except Exception as exc:
             job.result = outcome.Error(exc)
         self._call_soon(trio.lowlevel.reschedule, job.task, job.result)
@@ -347,7 +327,7 @@ class ControlThread:
     def _heartbeat(self) -> None:
         sent = time.monotonic()
         try:
-            conn = self._connection()
+            conn = self._link.get()
             alive = conn.execute(_HEARTBEAT, (self.node,)).fetchone() is not None
             if alive:
                 self.lease.renewed(sent)
@@ -361,8 +341,7 @@ class ControlThread:
                 self.lease.expire()
                 self._report_lease_lost()
         except (psycopg.Error, StoreError):
-            if self._conn is not None and (self._conn.closed or self._conn.broken):
-                self._conn = None
+            pass  # a broken connection is made again at the next heartbeat (`Link.get`)
 
     def _report_lease_lost(self) -> None:
         """Hand the loss of the lease to the event loop, once until it is renewed (any

@@ -42,7 +42,6 @@ PostgreSQL's: reconnecting, the fence, and the transaction of a round.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -54,14 +53,13 @@ import trio
 from .._exceptions import StoreError, StoreFenced
 from .._iothread import READS_PER_BATCH, RoundThread
 from .._iothread import Job as _Job
+from ._link import Conn, Link, store_error
 from ._rows import check_fence
 
 __all__ = ["READS_PER_BATCH", "DataThread", "Job"]
 
 #: Seconds between two attempts to connect while the server cannot be reached.
 _RECONNECT_EVERY: Final = 0.2
-
-Conn = psycopg.Connection[Any]
 #: ``(row ID, epoch, process ID)``: a process a write job writes, under that epoch.
 FencePair = tuple[int, int, str]
 
@@ -96,10 +94,8 @@ class DataThread(RoundThread[None]):
 
     def __init__(self, where: str, owner: object, connect: Callable[[], Conn]) -> None:
         super().__init__(where, owner)
-        self._connect = connect
+        self._link = Link(where, connect, retry_after=_RECONNECT_EVERY)
         self.node = 0
-        self._conn: Conn | None = None
-        self._next_connect = 0.0
         #: Writes refused by the fence (written by the thread).
         self.fenced_jobs = 0
         #: Test hook: called on the thread inside each write transaction, after the fence
@@ -120,42 +116,21 @@ class DataThread(RoundThread[None]):
     # the thread ---------------------------------------------------------------------------------
 
     def _open(self) -> None:
-        self._conn = self._connect()
+        self._link.open()
 
     def _close(self, conn: None) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    def _connection(self) -> Conn:
-        """The connection, made again if the last one broke (`StoreError` if it cannot be)."""
-        conn = self._conn
-        if conn is not None and not conn.closed and not conn.broken:
-            return conn
-        if conn is not None:
-            conn.close()
-            self._conn = None
-        if time.monotonic() < self._next_connect:
-            raise StoreError(f"{self.where}: the connection was lost; connecting again shortly")
-        try:
-            self._conn = self._connect()
-        except psycopg.Error as exc:
-            self._next_connect = time.monotonic() + _RECONNECT_EVERY
-            raise StoreError(f"cannot connect to {self.where}: {exc}") from exc
-        return self._conn
+        self._link.close()
 
     def _error(self, exc: BaseException) -> outcome.Error:
         if isinstance(exc, psycopg.Error):
-            err = StoreError(f"{self.where}: {exc}".strip())
-            err.__cause__ = exc
-            return outcome.Error(err)
+            return outcome.Error(store_error(self.where, exc))
         if isinstance(exc, Exception):
             return outcome.Error(exc)
         raise exc
 
     def _read(self, job: _Job, conn: None) -> outcome.Outcome[Any]:
         try:
-            return outcome.Value(job.fn(self._connection()))
+            return outcome.Value(job.fn(self._link.get()))
         except Exception as exc:
             return self._error(exc)
 
@@ -180,7 +155,7 @@ class DataThread(RoundThread[None]):
         """Run ``jobs`` in one transaction behind the fence; False if the transaction failed
         (every job then has that failure as its result)."""
         try:
-            conn = self._connection()
+            conn = self._link.get()
         except StoreError as exc:
             for j in jobs:
                 j.result = outcome.Error(exc)

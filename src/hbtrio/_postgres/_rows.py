@@ -25,12 +25,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
-import psycopg
-
 from .._message import Message
 from .._message import decode_trusted as decode
 from .._sqlite._checks import check_blob, check_run
 from .._sqlite._reads import Loaded, _decode_run, loaded
+from ._link import Conn
 
 __all__ = [
     "check_fence",
@@ -44,7 +43,6 @@ __all__ = [
     "write_results",
 ]
 
-Conn = psycopg.Connection[Any]
 
 _LOAD: Final = (
     "SELECT p.id, p.definition, a.slot, a.assignment,"
