@@ -71,46 +71,32 @@ async def run(requests: int, fsync: bool) -> None:
                 pid = await client.spawn(owner, {**COUNTER, "bench": clients})
                 pid2 = await client.spawn(owner, {**COUNTER, "bench2": clients})
                 lines.append(f"-- {clients} client(s)")
-                lines.append(
-                    await _case(
+                # In this order: each compute case finds the slots the cases before it
+                # scheduled (pid2's by the forwarded schedule) or computed (pid's).
+                cases = [
+                    (
                         "schedule at the owner",
-                        requests,
-                        clients,
                         lambda i, pid=pid: client.schedule(owner, pid, {"n": 1}),
-                    )
-                )
-                lines.append(
-                    await _case(
+                    ),
+                    (
                         "schedule forwarded by another node",
-                        requests,
-                        clients,
                         lambda i, pid=pid2: client.schedule(other, pid, {"n": 1}),
-                    )
-                )
-                lines.append(
-                    await _case(
+                    ),
+                    (
                         "compute (computed now) at the owner",
-                        requests,
-                        clients,
                         lambda i, pid=pid: client.compute(owner, pid, i + 1),
-                    )
-                )
-                lines.append(
-                    await _case(
+                    ),
+                    (
                         "compute (stored) at another node",
-                        requests,
-                        clients,
                         lambda i, pid=pid: client.compute(other, pid, i + 1),
-                    )
-                )
-                lines.append(
-                    await _case(
+                    ),
+                    (
                         "compute (computed now) forwarded",
-                        requests,
-                        clients,
                         lambda i, pid=pid2: client.compute(other, pid, i + 1),
-                    )
-                )
+                    ),
+                ]
+                for label, call in cases:
+                    lines.append(await _case(label, requests, clients, call))
             print("\n".join(lines))
         finally:
             await client.aclose()
