@@ -57,22 +57,23 @@ async def _store_runs(dsn: str, single: int, batches: int, results: int) -> dict
         first, chain = make_assignment(pid, 0, definition, b"", mid=pid)
         await store.put_process(pid, definition, first)
         slot = 1
-        times = []
-        for _ in range(single):
-            batch, chain = _assignments(pid, slot, 1, chain)
-            start = time.perf_counter()
-            await store.append_assignments(pid, batch)
-            times.append(time.perf_counter() - start)
-            slot += 1
+
+        async def appends(count: int, size: int) -> list[float]:
+            """Seconds each of ``count`` appends of ``size`` assignments took."""
+            nonlocal slot, chain
+            times = []
+            for _ in range(count):
+                batch, chain = _assignments(pid, slot, size, chain)
+                start = time.perf_counter()
+                await store.append_assignments(pid, batch)
+                times.append(time.perf_counter() - start)
+                slot += size
+            return times
+
+        times = await appends(single, 1)
         out["single fenced append, ms (median)"] = statistics.median(times) * 1000
         out["single fenced append, ms (p90)"] = sorted(times)[int(len(times) * 0.9)] * 1000
-        times = []
-        for _ in range(batches):
-            batch, chain = _assignments(pid, slot, 100, chain)
-            start = time.perf_counter()
-            await store.append_assignments(pid, batch)
-            times.append(time.perf_counter() - start)
-            slot += 100
+        times = await appends(batches, 100)
         out["batch of 100 fenced, ms per row (median)"] = statistics.median(times) * 10
         state = freeze({"count": 1, "at-slot": 1})
         await store.append_assignments(pid, _assignments(pid, slot, results - slot + 1, chain)[0])
