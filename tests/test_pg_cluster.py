@@ -122,6 +122,22 @@ async def preload(dsn: str, definition: dict[str, Any], bodies: list[Any]) -> tu
     return pid, {slot: hbtrio.message_id(b) for slot, b in zip(slots, bodies, strict=True)}
 
 
+async def settled(
+    client: Client, node: Node, dsn: str, acked: dict[str, dict[int, str]], pid: str, slots: int
+) -> int:
+    """The end state after a takeover is right: no row of an old epoch committed after its
+    takeover, ``pid`` computes to ``slots`` at ``node``, every process in ``acked`` holds
+    the schedule acknowledged and a whole hash chain, and an audit agrees; the results
+    compared (`audit_all`)."""
+    assert stale_rows(dsn) == 0
+    final = await client.compute(node, pid, slots, wait=60)
+    assert final.status_code == 200 and final.json()["count"] == slots
+    for each in acked:
+        check_schedule(dsn, each, acked[each])
+        await verify_chain(dsn, each)
+    return await audit_all(dsn, list(acked))
+
+
 def schedule_rows(dsn: str, pid: str) -> list[tuple[int, str, int]]:
     """``(slot, message ID, epoch)`` of every stored assignment of ``pid``, in slot order."""
     with psycopg.connect(dsn) as conn:
@@ -408,13 +424,7 @@ async def test_a_paused_owner_gets_nothing_accepted_under_its_stale_epoch(
             return node if node["fenced-writes"] >= 1 else {}
 
         stale_node = await wait_for(fenced, 20, "the old owner's writes to be refused")
-        assert stale_rows(dsn) == 0
-        final = await client.compute(nodes[1], q, slots, wait=60)
-        assert final.status_code == 200 and final.json()["count"] == slots
-        for pid in (p, q):
-            check_schedule(dsn, pid, acked[pid])
-            await verify_chain(dsn, pid)
-        compared = await audit_all(dsn, [p, q])
+        compared = await settled(client, nodes[1], dsn, acked, q, slots)
         figures(
             "SIGSTOP",
             paused_for=f"{LEASE * 1.5:.1f}s",
@@ -469,13 +479,7 @@ async def test_a_partitioned_owner_gets_none_of_its_buffered_writes_accepted(
                 return node if node["fenced-rows"] + node["fenced-writes"] > 0 else {}
 
             old = await wait_for(refused, 30, "the partitioned owner's buffered writes")
-            assert stale_rows(dsn) == 0
-            final = await client.compute(nodes[1], q, slots, wait=60)
-            assert final.status_code == 200 and final.json()["count"] == slots
-            for pid in (p, q):
-                check_schedule(dsn, pid, acked[pid])
-                await verify_chain(dsn, pid)
-            compared = await audit_all(dsn, [p, q])
+            compared = await settled(client, nodes[1], dsn, acked, q, slots)
             figures(
                 "partition",
                 cut_for=f"{LEASE * 2.5:.1f}s",
