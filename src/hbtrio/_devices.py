@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final
 
 import attrs
@@ -272,13 +272,13 @@ class Devices:
         """Make the built-in family of ``name`` (``None`` if its dependencies are missing)."""
         family = self._lazy[name]
         made = family()
+        added = []
         for other in [n for n, f in self._lazy.items() if f is family]:
             del self._lazy[other]
             if other in made:
-                self._add(other, made[other])
+                added.append(self._add(other, made[other]))
         if self._host is not None:
-            for obj in {id(o): o for o in made.values()}.values():
-                _attach(name, obj, self._host)
+            _attach_each(added, self._host)
         return self._devices.get(name)
 
     def __contains__(self, name: object) -> bool:
@@ -294,12 +294,7 @@ class Devices:
         """Call ``attach(host)`` on each registered device object that has one, once each
         (a built-in made later is attached when it is made)."""
         self._host = host
-        seen: set[int] = set()
-        for info in self._devices.values():
-            inner = info.obj._device if isinstance(info.obj, _InThread) else info.obj
-            if id(inner) not in seen:
-                seen.add(id(inner))
-                _attach(info.name, inner, host)
+        _attach_each(self._devices.values(), host)
 
     def get(self, name: object) -> DeviceInfo:
         """The device registered as ``name``; `UnknownDevice` otherwise."""
@@ -317,15 +312,20 @@ class Devices:
         return sorted([*self._devices, *(n for n in self._lazy if n in self)])
 
 
-def _attach(name: str, obj: object, host: DeviceHost) -> None:
-    """``obj.attach(host)``, if the device has one."""
-    inner = obj._device if isinstance(obj, _InThread) else obj
-    attach = getattr(inner, "attach", None)
-    if attach is None:
-        return
-    if not callable(attach):
-        raise TypeError(f"device {name!r}: attach is not callable")
-    attach(host)
+def _attach_each(infos: Iterable[DeviceInfo], host: DeviceHost) -> None:
+    """``attach(host)`` on each device object of ``infos`` that has one, once per object."""
+    seen: set[int] = set()
+    for info in infos:
+        inner = info.obj._device if isinstance(info.obj, _InThread) else info.obj
+        if id(inner) in seen:
+            continue
+        seen.add(id(inner))
+        attach = getattr(inner, "attach", None)
+        if attach is None:
+            continue
+        if not callable(attach):
+            raise TypeError(f"device {info.name!r}: attach is not callable")
+        attach(host)
 
 
 class Counter:
