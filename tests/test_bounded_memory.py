@@ -30,8 +30,9 @@ MiB = 1 << 20
 
 
 def cached(store: SQLiteStore) -> int:
-    """Assignments the store holds in memory right now, all processes together."""
-    return sum(len(p.assignments) for p in store._procs.values())
+    """Assignments the store holds in memory right now, all processes together (those
+    appended and those read ahead from the file)."""
+    return sum(len(p.assignments) + len(p.ahead or ()) for p in store._procs.values())
 
 
 async def test_cached_assignments_never_exceed_the_bound(tmp_path: Path) -> None:
@@ -72,6 +73,74 @@ async def test_cached_assignment_bytes_never_exceed_the_bound(tmp_path: Path) ->
         assert (await engine.now(pid))["count"] == 12
         blobs = [a["body"]["blob"] for a in await store.get_assignments(pid, 1, 13)]
         assert blobs == [bytes([i]) * MiB for i in range(12)]
+
+
+async def test_read_ahead_runs_are_served_from_memory_within_the_bounds(
+    tmp_path: Path,
+) -> None:
+    """A restore reads the assignments after its snapshot in the snapshot's trip, and
+    holds them as one run: the replay's reads come from it, a run counts against
+    the bounds like the assignments it holds, and it goes once its slots are
+    computed."""
+    path = tmp_path / "r.sqlite"
+    async with open_test_engine(SQLiteStore(path), cache_frequency=10) as engine:
+        pids = [await engine.spawn({**COUNTER, "i": i}) for i in range(2)]
+        for pid in pids:
+            await engine.schedule_many(pid, [{"n": k} for k in range(1, 71)])
+            await engine.compute(pid, 40)
+    expected = {pid: await _schedule(path, pid) for pid in pids}
+    store = SQLiteStore(path, max_cached_assignments=50)
+    await store.open()
+    try:
+        first, second = pids
+        found = await store.latest_snapshot(first, 70, read_to=71)
+        assert found is not None and found[0] == 40
+        reads = store.statistics().reads
+        # Read from the run, in chunks and across its end; no trip to the file.
+        assert store.get_assignments_nowait(first, 41, 51) == expected[first][41:51]
+        assert store.get_assignments_nowait(first, 45, 100) == expected[first][45:71]
+        assert store.get_assignments_nowait(first, 70, 71) == expected[first][70:71]
+        with pytest.raises(trio.WouldBlock):
+            store.get_assignments_nowait(first, 40, 41)  # before the run: not held
+        assert store.statistics().reads == reads
+        assert cached(store) <= 50
+        # A second run does not fit beside the first: the older run goes, whole.
+        found = await store.latest_snapshot(second, 70, read_to=71)
+        assert found is not None and found[0] == 40
+        assert cached(store) <= 50
+        for start in (41, 69):
+            with pytest.raises(trio.WouldBlock):
+                store.get_assignments_nowait(first, start, start + 1)
+        assert await store.get_assignments(first, 41, 51) == expected[first][41:51]
+        assert store.get_assignments_nowait(second, 41, 71) == expected[second][41:71]
+        # Computing the run's slots lets it go; what was not computed stays readable.
+        states = [freeze({"count": k, "at-slot": k}) for k in range(41, 60)]
+        store.put_states_nowait(second, 41, states, 10)
+        assert store.get_assignments_nowait(second, 60, 71) == expected[second][60:71]
+        states = [freeze({"count": k, "at-slot": k}) for k in range(60, 71)]
+        store.put_states_nowait(second, 60, states, 10)
+        assert cached(store) == 0
+        assert store.get_result_nowait(second, 70) == states[-1]
+        # The same through results stored one by one.
+        await store.latest_snapshot(first, 70, read_to=71)
+        assert cached(store) == 30  # 41..70, as one run
+        store.put_results_nowait(first, [(k, freeze({"count": k}), None) for k in range(41, 71)])
+        assert cached(store) == 0
+    finally:
+        await store.close()
+
+
+async def _schedule(path: Path, pid: str) -> list[Message]:
+    """The whole schedule of ``pid`` as the file holds it."""
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        latest = await store.latest_slot(pid)
+        assignments = await store.get_assignments(pid, 0, latest + 1)
+    finally:
+        await store.close()
+    verify_schedule(pid, assignments)
+    return assignments
 
 
 async def test_evicted_processes_are_read_again_correctly(tmp_path: Path) -> None:

@@ -50,6 +50,13 @@ def check_bounds(
             raise ValueError(f"{name} must be an int >= 0, not {bound!r}")
 
 
+def _drop_ahead(proc: Proc, computed: int) -> None:
+    """Let ``proc``'s read-ahead go once slot ``computed``, or a later one, is its last."""
+    ahead = proc.ahead
+    if ahead is not None and computed >= proc.ahead_first + len(ahead) - 1:
+        proc.ahead = None
+
+
 class CachedStore(Store):
     """A `Store` that answers the fast path from a `ProcessCache` and writes results behind.
 
@@ -92,13 +99,24 @@ class CachedStore(Store):
             raise trio.WouldBlock
         if start > proc.latest:
             return []
+        start, stop = max(start, 0), min(stop, proc.latest + 1)
+        out: list[Message] = []
+        ahead: list[Message] | None = proc.ahead
+        if ahead is not None:  # a read-ahead from the file: the replay after a restore
+            first = proc.ahead_first
+            if first <= start < first + len(ahead):
+                out = ahead[start - first : stop - first]
+                start += len(out)
+                if start >= stop:
+                    return out
         cache = proc.assignments
-        slots = range(max(start, 0), min(stop, proc.latest + 1))
+        slots = range(start, stop)
         try:
-            return list(map(cache.__getitem__, slots))  # the common case: all of them held
+            held = list(map(cache.__getitem__, slots))  # the common case: all of them held
         except KeyError:
             pass
-        out: list[Message] = []
+        else:
+            return out + held if out else held
         for slot in slots:
             found = cache.get(slot)
             if found is None:
@@ -128,6 +146,8 @@ class CachedStore(Store):
             else:
                 outbox.append((proc, slot, state, None, False))
         proc.result_high = high
+        if proc.ahead is not None:
+            _drop_ahead(proc, high)
         self._behind.added(len(results))
 
     def put_states_nowait(
@@ -140,8 +160,11 @@ class CachedStore(Store):
         proc.pending.update(zip(slots, states, strict=True))
         cache = proc.assignments
         if cache:
-            for slot in slots:
+            # After a restore the dict holds one slot or so (the latest): look only at those.
+            for slot in slots if len(cache) > n else [s for s in cache if first <= s <= last]:
                 cache.pop(slot, None)
+        if proc.ahead is not None:
+            _drop_ahead(proc, last)
         start = (-first) % snapshot_every
         proc.pending_snapshots.update(
             zip(

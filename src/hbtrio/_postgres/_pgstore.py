@@ -593,7 +593,7 @@ class PostgresStore(CachedStore):
 
         found, ahead, sizes = await self._read(read)
         if ahead and self._procs.get(pid) is proc:
-            self._memory.keep_run(proc, ahead, sizes)
+            self._memory.keep_ahead(proc, ahead, sizes)
         return pending if found is None else found
 
     # blobs ----------------------------------------------------------------------------------------

@@ -20,6 +20,14 @@ assignment that already left). A process's assignments are evicted in slot
 order, so what is left of them is always a contiguous run ending at its
 latest slot (``appended_from``).
 
+A read ahead from the file (the assignments after a restored snapshot, read
+in the snapshot's job, up to 4,096 of them) is held apart, as the one list
+the read made (``Proc.ahead``, one entry of the bounds' order; `keep_ahead`):
+the replay that follows takes its chunks from it by slicing. Putting 1,000
+slots one by one into the dict and taking them out again cost more than the
+rest of the replay's event-loop work (a third of it, with the garbage
+collection the per-slot tuples set off).
+
 Blobs are never kept here: each read of one goes to the file.
 
 Everything here runs on the event-loop thread only, and nothing blocks.
@@ -56,6 +64,11 @@ class Proc:
     # the latest one when the process is loaded (the scheduler reads it next).
     # Each stays until its slot's result is stored or the cache evicts it.
     assignments: dict[int, Message] = attrs.field(factory=dict)
+    # Assignments read ahead from the file (below appended_from), consecutive from
+    # ``ahead_first`` on, as one list (`ProcessCache.keep_ahead`); dropped once results
+    # cover the last of them or the cache evicts them.
+    ahead: list[Message] | None = None
+    ahead_first: int = 0
     # Results and snapshots written behind, until their commit lands.
     pending: dict[int, Message] = attrs.field(factory=dict)
     pending_snapshots: dict[int, Message] = attrs.field(factory=dict)
@@ -82,10 +95,12 @@ class ProcessCache:
         self.max_procs = max_procs
         self._pins: dict[str, int] = {}
         # The assignment cache's order: (process, slot, CBOR size) as they came in,
-        # oldest first. Entries whose slot has since left the process's dict (its
-        # result was stored) stay until they reach the front; the bounds count
-        # them, so the cache itself is within them too.
-        self._order: collections.deque[tuple[Proc, int, int]] = collections.deque()
+        # oldest first, or (process, run, CBOR size of the run) for a read-ahead.
+        # Entries whose slot has since left the process's dict (its result was
+        # stored) stay until they reach the front; the bounds count them, so the
+        # cache itself is within them too.
+        self._order: collections.deque[tuple[Proc, int | list[Message], int]] = collections.deque()
+        self._count = 0  # assignments the entries of _order stand for
         self._bytes = 0
         self._max_cached = max_cached
         self._max_cached_bytes = max_cached_bytes
@@ -95,7 +110,7 @@ class ProcessCache:
         self.procs.clear()
         self._pins.clear()
         self._order.clear()
-        self._bytes = 0
+        self._count = self._bytes = 0
 
     def adopt(self, pid: str, proc: Proc) -> Proc:
         """Keep a newly loaded process, evicting others beyond the bound."""
@@ -123,6 +138,7 @@ class ProcessCache:
                 del procs[pid]
                 # Its cached assignments go; entries in the cache's order become stale.
                 proc.assignments.clear()
+                proc.ahead = None
                 excess -= 1
             else:
                 procs.move_to_end(pid)
@@ -131,6 +147,7 @@ class ProcessCache:
         """Keep an assignment in memory until its result is stored, within the bounds."""
         proc.assignments[slot] = assignment
         self._order.append((proc, slot, size))
+        self._count += 1
         self._bytes += size
         self._bound()
 
@@ -138,9 +155,8 @@ class ProcessCache:
         """`keep` for a run of assignments (``sizes[i]`` the CBOR size of ``assignments[i]``),
         skipping slots held already.
 
-        A run of consecutive slots none of which is held (a read-ahead from the
-        file, an append) goes in with C-level loops only: it is on the path of
-        every catch-up from the file, about 1,000 slots at a time.
+        A run of consecutive slots none of which is held (an append) goes in
+        with C-level loops only.
         """
         if len(sizes) != len(assignments):
             raise ValueError("keep_run: one size per assignment")
@@ -154,6 +170,7 @@ class ProcessCache:
         if n and assignments[n - 1]["slot"] == slots[-1] and held.keys().isdisjoint(slots):
             held.update(zip(slots, assignments, strict=False))
             order.extend(zip(itertools.repeat(proc), slots, sizes, strict=False))
+            self._count += n
             self._bytes += sum(sizes[:n])
         else:
             total = 0
@@ -162,18 +179,44 @@ class ProcessCache:
                 if slot not in held:
                     held[slot] = assignment
                     order.append((proc, slot, size))
+                    self._count += 1
                     total += size
             self._bytes += total
+        self._bound()
+
+    def keep_ahead(self, proc: Proc, assignments: list[Message], sizes: Sequence[int]) -> None:
+        """Hold ``assignments``, consecutive and read ahead from the file, as ``proc``'s
+        read-ahead (replacing the one it had), within the bounds; the list is kept as it
+        is, and nobody changes it after (``sizes[i]`` the CBOR size of ``assignments[i]``).
+
+        Costs nothing per slot: one entry in the bounds' order stands for the run.
+        """
+        if len(sizes) != len(assignments):
+            raise ValueError("keep_ahead: one size per assignment")
+        if not assignments:
+            return
+        total = sum(sizes)
+        proc.ahead, proc.ahead_first = assignments, assignments[0]["slot"]
+        self._order.append((proc, assignments, total))
+        self._count += len(assignments)
+        self._bytes += total
         self._bound()
 
     def _bound(self) -> None:
         """Drop the oldest cached assignments while over ``max_cached`` or ``max_cached_bytes``."""
         order = self._order
-        while order and (len(order) > self._max_cached or self._bytes > self._max_cached_bytes):
-            old, old_slot, old_size = order.popleft()
+        while order and (self._count > self._max_cached or self._bytes > self._max_cached_bytes):
+            old, key, old_size = order.popleft()
             self._bytes -= old_size
-            if old.assignments.pop(old_slot, None) is not None and old_slot >= old.appended_from:
-                old.appended_from = old_slot + 1  # the slots below it went before it
+            if type(key) is list:  # a read-ahead
+                self._count -= len(key)
+                if old.ahead is key:
+                    old.ahead = None
+                continue
+            self._count -= 1
+            assert type(key) is int
+            if old.assignments.pop(key, None) is not None and key >= old.appended_from:
+                old.appended_from = key + 1  # the slots below it went before it
 
     def pin(self, pid: str) -> None:
         self._pins[pid] = self._pins.get(pid, 0) + 1

@@ -345,7 +345,7 @@ class SQLiteStore(CachedStore):
         self._reads += 1
         found, ahead, sizes = await self._run(read, write=False)
         if ahead and self._procs.get(pid) is proc:
-            self._memory.keep_run(proc, ahead, sizes)
+            self._memory.keep_ahead(proc, ahead, sizes)
         return pending if found is None else found
 
     # blobs ----------------------------------------------------------------------------------------
