@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import sqlite3
 from functools import partial
@@ -579,6 +580,31 @@ async def test_sqlite_latest_snapshot_reads_what_follows_in_the_same_trip(
     assert await store.latest_snapshot(proc.pid, 25, read_to=100) == (20, state(20))
     assert store.get_assignments_nowait(proc.pid, 21, 100) == proc.assignments[21:36]
     assert store.statistics().reads == reads + 1
+
+
+async def test_sqlite_a_state_that_cannot_be_written_costs_only_its_own_row(
+    sqlite_factory: StoreFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run of states goes to the file encoded in one go; one that cannot be encoded
+    (the engine never hands such a state over) is logged and left out, and every
+    other row of its run is written, with its snapshot flag."""
+    store = await sqlite_factory.open()
+    proc = Proc()
+    await proc.put(store)
+    await store.append_assignments(proc.pid, proc.next(6))
+    states = [state(s) for s in range(1, 7)]
+    states[2] = {"count": object()}  # slot 3
+    with caplog.at_level(logging.ERROR, logger="hbtrio"):
+        store.put_states_nowait(proc.pid, 1, states, 2)
+        await store.flush()
+    assert "slot 3 of process" in caplog.text and "cannot be stored" in caplog.text
+    store = await sqlite_factory.reopen(store)
+    for slot in (1, 2, 4, 5, 6):
+        assert await store.get_result(proc.pid, slot) == state(slot)
+    assert await store.get_result(proc.pid, 3) is None
+    assert await store.latest_snapshot(proc.pid, 6) == (6, state(6))
+    assert await store.latest_snapshot(proc.pid, 5) == (4, state(4))
+    assert await store.latest_snapshot(proc.pid, 3) == (2, state(2))
 
 
 async def test_sqlite_bad_rows_read_ahead_are_left_to_the_callers_own_read(

@@ -76,6 +76,19 @@ def encode_batch(
         if len(entry) == 4:  # a run of states that are their own snapshots
             run_proc, first, states, every = entry
             rowid = run_proc.rowid
+            try:
+                # C-level loops: a catch-up writes thousands of these a second.
+                encoded = list(map(encode_plain, states))
+            except InvalidMessage:
+                pass  # row by row below: every other row is written
+            else:
+                n = len(states)
+                marks = [0] * n
+                start = (-first) % every
+                marks[start::every] = [1] * len(range(start, n, every))
+                slots = range(first, first + n)
+                results.extend(zip(itertools.repeat(rowid), slots, encoded, marks))
+                continue
             for slot, run_state in enumerate(states, first):
                 try:
                     results.append((rowid, slot, encode_plain(run_state), int(slot % every == 0)))
