@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -204,3 +206,50 @@ def test_ab_speedup_reads_every_unit_the_same_way() -> None:
     assert speedup(2.0, 4.0, "us_per_request") == 2.0  # half the time: twice as fast
     assert speedup(200.0, 100.0, "requests_per_second") == 2.0
     assert speedup(5.0, 4.0, "ms") == 0.8
+
+
+def test_instructions_cover_every_case_of_the_suite() -> None:
+    from benchmarks.instructions import SPANS
+    from benchmarks.runner import CASES as RUNNER_CASES
+
+    assert set(SPANS) == {c.name for c in RUNNER_CASES} == CASES
+    for name, span in SPANS.items():
+        assert 1 <= span.opens < span.closes, name
+        assert span.args[0] == span.quick[0] == name.partition("-")[0]
+
+
+def test_instructions_say_in_one_line_what_they_need() -> None:
+    env = {**os.environ, "PATH": "/nonexistent"}  # neither valgrind nor cc on it
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.instructions", "--workloads", "w1"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr == "error: python -m benchmarks.instructions needs valgrind " \
+        "(Debian: apt-get install valgrind)\n"  # fmt: skip
+    proc = _run("benchmarks.instructions", "--workloads", "w9")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: unknown workloads: w9")
+
+
+@pytest.mark.skipif(
+    shutil.which("valgrind") is None or shutil.which("cc") is None,
+    reason="needs valgrind and cc",
+)
+def test_instructions_count_the_timed_span_in_both_trees(tmp_path: Path) -> None:
+    out = tmp_path / "counts.json"
+    proc = _run(
+        "benchmarks.instructions", "HEAD", "--quick", "--workloads", "w1,w6", "--runs", "2",
+        "--json", str(out), timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["case"], r["run"], r["tree"]) for r in runs] == [
+        (case, run, tree) for case in ("w1", "w6") for run in (1, 2) for tree in ("this", "ref")
+    ]
+    assert all(r["ok"] and r["instructions"] > 0 for r in runs), runs
+    # The span alone: 200 requests, far less than the interpreter's start-up (40 million).
+    assert all(r["instructions"] < 20_000_000 for r in runs if r["case"] == "w1")
+    table = proc.stdout.splitlines()
+    assert table[0].split() == ["case", "per", "this", "HEAD", "this/ref", "costliest"]
+    assert [line.split()[0] for line in table[2:]] == ["w1", "w6"]
