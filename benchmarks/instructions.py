@@ -15,13 +15,16 @@ helper library, compiled here from two lines of C against valgrind's
 
 The table gives the fewest instructions per unit (a request, a slot, a
 waiter...) in each tree, this tree against REF (``0.90x``: this tree does
-10% fewer), and how many more the costliest run of each tree took. A count
-repeats to about 1%, or falls in one of two modes: w3 in slot order (trio's
-scheduler picks the order a batch of tasks runs in), w6 (+15% in about one
-run of three), w1 and w3-parked by a few percent (the collector's timing).
-The fewest is the figure to compare. Instructions are not time: cache
+10% fewer), the same for the medians, and how many more the costliest run of
+each tree took. A count repeats to about 1%, or falls in one of two modes:
+w3 in slot order (trio's scheduler picks the order a batch of tasks runs
+in), w6 (whether a full collection falls inside the span), w1 by a few
+percent (the collector's timing). Compare the fewest, or the medians where
+one tree's fewest is its rare mode. Instructions are not time: cache
 misses, the GIL's hand-overs between the event loop and a store's thread,
-and system calls are not in them.
+and system calls are not in them. The workload runs in ``benchmarks._span``,
+which imports no more than ``python -m benchmarks.workloads`` does: the
+collector's passes cost what they cost in a benchmark run.
 
 REF is exported as `benchmarks.ab` exports it, and both trees run this
 checkout's workloads. With ``--impl trio`` the trio baseline runs instead of
@@ -35,14 +38,13 @@ missing.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,8 +157,7 @@ def count(
         f"--callgrind-out-file={stem}.%p",
         sys.executable,
         "-m",
-        "benchmarks.instructions",
-        "--span",
+        "benchmarks._span",
         str(lib),
         str(span.opens),
         str(span.closes),
@@ -204,30 +205,6 @@ def _summary(dump: Path) -> int | None:
     return None
 
 
-def _span(argv: Sequence[str]) -> int:
-    """Inside valgrind: run one workload, with a dump at the calls that open and close
-    its span."""
-    lib, opens, closes, rest = argv[0], int(argv[1]), int(argv[2]), list(argv[3:])
-    if rest[:1] == ["--"]:
-        rest = rest[1:]
-    helper = ctypes.CDLL(lib)
-    from . import workloads
-
-    names = vars(workloads)  # the module's globals: its perf_counter is looked up there
-    clock: Callable[[], float] = names["perf_counter"]
-    calls = 0
-
-    def perf_counter() -> float:
-        nonlocal calls
-        calls += 1
-        if calls in (opens, closes):
-            helper.hbtrio_span()
-        return clock()
-
-    names["perf_counter"] = perf_counter
-    return workloads.main(rest)
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.instructions", description=__doc__.split("\n\n")[0]
@@ -244,9 +221,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Count, print the table; returns the exit status."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--span"]:
-        return _span(argv[1:])
     args = _parser().parse_args(argv)
     if args.ref and args.impl != "hbtrio":
         print("error: --impl trio runs in this tree only (no REF)", file=sys.stderr)
@@ -304,26 +278,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print(runs: list[dict[str, Any]], cases: list[str], ref: str | None, impl: str) -> None:
-    def fewest(case: str, tree: str) -> tuple[float | None, str]:
-        """The fewest instructions per unit of a case in a tree, and how far the most were."""
-        values = [
+    def values(case: str, tree: str) -> list[float]:
+        return [
             float(r["value"]) for r in runs if r["case"] == case and r["tree"] == tree and r["ok"]
         ]
-        if not values:
-            return None, "-"
-        return min(values), f"+{max(values) / min(values) - 1:.0%}"
+
+    def costliest(counts: list[float]) -> str:
+        return f"+{max(counts) / min(counts) - 1:.0%}" if counts else "-"
 
     head = ["case", "per", THIS if impl == "hbtrio" else impl]
-    table = [head + ([ref, "this/ref", "costliest"] if ref else ["costliest"])]
+    table = [head + ([ref, "this/ref", "medians", "costliest"] if ref else ["costliest"])]
     for case in cases:
-        this, this_most = fewest(case, THIS)
-        row = [case, SPANS[case].unit, _fmt(this)]
+        this = values(case, THIS)
+        row = [case, SPANS[case].unit, _fmt(min(this) if this else None)]
         if ref:
-            other, other_most = fewest(case, "ref")
-            ratio = f"{this / other:.3f}x" if this and other else "-"
-            row += [_fmt(other), ratio, f"{this_most}/{other_most}"]
+            other = values(case, "ref")
+            both = bool(this and other)
+            row += [
+                _fmt(min(other) if other else None),
+                f"{min(this) / min(other):.3f}x" if both else "-",
+                f"{statistics.median(this) / statistics.median(other):.3f}x" if both else "-",
+                f"{costliest(this)}/{costliest(other)}",
+            ]
         else:
-            row.append(this_most)
+            row.append(costliest(this))
         table.append(row)
     print_cells(table, sys.stdout)
 

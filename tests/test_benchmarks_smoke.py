@@ -251,5 +251,5 @@ def test_instructions_count_the_timed_span_in_both_trees(tmp_path: Path) -> None
     # The span alone: 200 requests, far less than the interpreter's start-up (40 million).
     assert all(r["instructions"] < 20_000_000 for r in runs if r["case"] == "w1")
     table = proc.stdout.splitlines()
-    assert table[0].split() == ["case", "per", "this", "HEAD", "this/ref", "costliest"]
+    assert table[0].split() == ["case", "per", "this", "HEAD", "this/ref", "medians", "costliest"]
     assert [line.split()[0] for line in table[2:]] == ["w1", "w6"]
