@@ -369,6 +369,46 @@ async def test_crash_in_engine_code_reroutes_then_gives_up(monkeypatch: pytest.M
         assert (await engine.compute(pid2, 10))["count"] == 55
 
 
+async def test_waiters_parked_on_a_busy_worker_reroute_when_it_crashes(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    from hbtrio._worker import GroupWorker
+
+    original = GroupWorker.advance
+    crashes = {"left": 1}
+
+    async def crashing(self: GroupWorker) -> None:
+        if crashes["left"] > 0:
+            crashes["left"] -= 1
+            await trio.sleep(1)  # the later callers join this worker meanwhile
+            raise RuntimeError("bug in the engine")
+        await original(self)
+
+    monkeypatch.setattr(GroupWorker, "advance", crashing)
+    got: dict[int, list[Any]] = {}
+    async with hbtrio.open_engine() as engine:
+        pid = await counter_process(engine, 10)
+
+        async def want(slot: int) -> None:
+            got.setdefault(slot, []).append(await engine.compute(pid, slot))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(want, 10)  # starts the worker, aiming at 10
+            await trio.testing.wait_all_tasks_blocked()
+            assert engine.workers[pid].phase in ("starting", "running")
+            for slot in (4, 10, 7):  # at or below its aim: they park on it
+                nursery.start_soon(want, slot)
+            await trio.testing.wait_all_tasks_blocked()
+            assert engine.workers[pid].waiting == 4  # the first caller too
+        assert {s: [m["count"] for m in v] for s, v in got.items()} == {
+            4: [10],
+            7: [28],
+            10: [55, 55],
+        }
+        assert engine.stats().leader_deaths == 1
+        assert engine.stats().workers_started == 2
+
+
 async def test_idle_eviction_snapshots_and_restores(autojump_clock: trio.testing.MockClock) -> None:
     device = Recording()
     store = hbtrio.MemoryStore()

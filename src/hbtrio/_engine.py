@@ -31,6 +31,7 @@ from typing import Any, Final, NoReturn, final
 import attrs
 import trio
 
+from ._broadcast import _Waiter
 from ._budget import Budget, Limits
 from ._codec import encode
 from ._dedup import Execution, ExecutionInfo
@@ -481,17 +482,18 @@ class Engine:
             except trio.WouldBlock:
                 state = await self._store.get_result(pid, slot)
             if state is None:
-                if worker is not None and not self._bounded and worker.busy_toward(slot):
-                    # Park on the worker from this coroutine (not `_wait_for`: one
-                    # coroutine fewer per parked waiter).
+                if worker is not None and not self._bounded:
+                    # A worker at work toward the slot: park on it from this coroutine
+                    # (not `_wait_for`: one coroutine fewer per parked waiter).
                     try:
-                        state = worker.request(slot)
-                        if state is None:
-                            state = await _wait_task_rescheduled(worker.enter(slot))
+                        joined = worker.join(slot)
+                        if isinstance(joined, _Waiter):
+                            joined = await _wait_task_rescheduled(joined)
                     except (Reroute, LeaderDied) as exc:
                         deaths = 1 if isinstance(exc, LeaderDied) else 0
                         return hand_out(await self._wait_for(pid, slot, None, deaths))
-                    return _Frozen(state) if type(state) is dict else state
+                    if joined is not None:
+                        return _Frozen(joined) if type(joined) is dict else joined
                 return hand_out(await self._wait_for(pid, slot, worker))
             self._cache_hits += 1
         # An answer given without parking: a schedule point now and then (`_yield_due`,

@@ -86,6 +86,7 @@ class Phase(enum.Enum):
 
 _IDLE: Final = Phase.IDLE
 _RUNNING: Final = Phase.RUNNING
+_STARTING: Final = Phase.STARTING
 
 
 class WorkerHost(Protocol):
@@ -255,13 +256,33 @@ class GroupWorker(Driver):
         core = self.core
         return None if core is None else core.slot
 
-    def busy_toward(self, slot: int) -> bool:
-        """Whether this worker is at work toward ``slot`` or beyond (starting or running).
+    def join(self, slot: int) -> Message | _Waiter | None:
+        """Join the work toward ``slot`` if this worker is at it; never blocks.
 
-        Then `serve_now` never computes in the calling task, and `request`
-        answers or parks the caller. Never blocks.
+        At it means: starting or running, and aiming at ``slot`` or beyond (then
+        `serve_now` never computes in the calling task). Returns ``None`` if it
+        is not (nothing changed), the result at once if
+        the worker stands at ``slot``, or else the calling task registered as
+        waiting for ``slot``: park it at once with
+        ``await trio.lowlevel.wait_task_rescheduled(waiter)`` (see
+        `SlotBroadcaster.enter`), the checkpoint that delivers a pending
+        cancellation. Raises `Reroute` if the worker is already past ``slot``.
+        (`request` and `enter` in one call, for the parked waiter's path.)
         """
-        return slot <= self.target and (self.phase is Phase.RUNNING or self.phase is Phase.STARTING)
+        phase = self.phase
+        if slot > self.target or (phase is not _RUNNING and phase is not _STARTING):
+            return None
+        core = self.core
+        if core is not None and phase is _RUNNING:
+            at = core.slot
+            if slot <= at:
+                if slot == at and core.result is not None:
+                    return core.result
+                raise Reroute
+        board = self.board
+        if board is None:
+            board = self.board = SlotBroadcaster()
+        return board.enter(slot)
 
     def info(self) -> WorkerInfo:
         core = self.core
