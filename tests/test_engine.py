@@ -342,7 +342,9 @@ async def test_stop_reroutes_waiters_who_still_succeed(
         assert engine.stats().leader_deaths == 0
 
 
-async def test_crash_in_engine_code_reroutes_then_gives_up(monkeypatch: pytest.MonkeyPatch) -> None:
+def crash_workers(monkeypatch: pytest.MonkeyPatch, *, pause: float = 0.0) -> dict[str, int]:
+    """Make the next ``crashes["left"]`` worker runs raise in engine code, after
+    ``pause`` seconds (if any) of their own; returns ``crashes`` to change."""
     from hbtrio._worker import GroupWorker
 
     original = GroupWorker.advance
@@ -351,10 +353,17 @@ async def test_crash_in_engine_code_reroutes_then_gives_up(monkeypatch: pytest.M
     async def crashing(self: GroupWorker) -> None:
         if crashes["left"] > 0:
             crashes["left"] -= 1
+            if pause:
+                await trio.sleep(pause)
             raise RuntimeError("bug in the engine")
         await original(self)
 
     monkeypatch.setattr(GroupWorker, "advance", crashing)
+    return crashes
+
+
+async def test_crash_in_engine_code_reroutes_then_gives_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    crashes = crash_workers(monkeypatch)
     async with hbtrio.open_engine() as engine:
         pid = await counter_process(engine, 10)
         assert (await engine.compute(pid, 10))["count"] == 55
@@ -372,19 +381,7 @@ async def test_crash_in_engine_code_reroutes_then_gives_up(monkeypatch: pytest.M
 async def test_waiters_parked_on_a_busy_worker_reroute_when_it_crashes(
     monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
 ) -> None:
-    from hbtrio._worker import GroupWorker
-
-    original = GroupWorker.advance
-    crashes = {"left": 1}
-
-    async def crashing(self: GroupWorker) -> None:
-        if crashes["left"] > 0:
-            crashes["left"] -= 1
-            await trio.sleep(1)  # the later callers join this worker meanwhile
-            raise RuntimeError("bug in the engine")
-        await original(self)
-
-    monkeypatch.setattr(GroupWorker, "advance", crashing)
+    crash_workers(monkeypatch, pause=1)  # the later callers join the worker meanwhile
     got: dict[int, list[Any]] = {}
     async with hbtrio.open_engine() as engine:
         pid = await counter_process(engine, 10)

@@ -261,13 +261,13 @@ class GroupWorker(Driver):
 
         At it means: starting or running, and aiming at ``slot`` or beyond (then
         `serve_now` never computes in the calling task). Returns ``None`` if it
-        is not (nothing changed), the result at once if
-        the worker stands at ``slot``, or else the calling task registered as
-        waiting for ``slot``: park it at once with
-        ``await trio.lowlevel.wait_task_rescheduled(waiter)`` (see
-        `SlotBroadcaster.enter`), the checkpoint that delivers a pending
+        is not (nothing changed), the result at once if the worker stands at
+        ``slot``, or else the calling task registered as waiting for ``slot``:
+        park it at once with ``await trio.lowlevel.wait_task_rescheduled(waiter)``
+        (see `SlotBroadcaster.enter`), the checkpoint that delivers a pending
         cancellation. Raises `Reroute` if the worker is already past ``slot``.
-        (`request` and `enter` in one call, for the parked waiter's path.)
+        (`request` and `enter` in one call, for the parked waiter's path: their
+        checks are written out here, one call instead of three; keep them alike.)
         """
         phase = self.phase
         if slot > self.target or (phase is not _RUNNING and phase is not _STARTING):
